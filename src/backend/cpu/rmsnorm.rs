@@ -1,0 +1,48 @@
+//! RMSNorm, plain and fused with the residual add (CPU reference of kernels/rmsnorm.cu).
+//! Statistics in f64-free f32 with a wide accumulator, like transformers' float32 path.
+
+use rayon::prelude::*;
+
+fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = super::dot(x, x);
+    let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * inv);
+    }
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * w`, per row of width `dim`.
+pub fn rmsnorm_fwd(x: &[f32], w: &[f32], dim: usize, eps: f32, out: &mut [f32]) {
+    assert_eq!(w.len(), dim, "rmsnorm: weight length");
+    assert_eq!(x.len(), out.len(), "rmsnorm: in/out sizes");
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, xr)| norm_row(xr, w, eps, o));
+}
+
+/// `residual += delta; out = rmsnorm(residual) * w`.
+pub fn add_rmsnorm_fwd(
+    residual: &mut [f32],
+    delta: &[f32],
+    w: &[f32],
+    dim: usize,
+    eps: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        residual.len(),
+        delta.len(),
+        "add_rmsnorm: residual/delta sizes"
+    );
+    assert_eq!(residual.len(), out.len(), "add_rmsnorm: in/out sizes");
+    residual
+        .par_chunks_mut(dim)
+        .zip(delta.par_chunks(dim))
+        .zip(out.par_chunks_mut(dim))
+        .for_each(|((r, d), o)| {
+            for (ri, di) in r.iter_mut().zip(d) {
+                *ri += di;
+            }
+            norm_row(r, w, eps, o);
+        });
+}

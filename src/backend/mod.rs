@@ -1,0 +1,140 @@
+//! The op set every device implements. Model code (`crate::llama`) is written once against
+//! this trait; `cpu` is the f32 reference, `cuda` the hand-written kernels.
+//!
+//! Layout conventions shared by every backend:
+//! - activations are row-major `[rows, dim]`, one row per token, sequences of a batch stacked
+//!   (`row = b * seq_len + t`);
+//! - weights are `[out, in]` (Hugging Face / PyTorch `nn.Linear` layout), so a projection is
+//!   `y = x W^T`;
+//! - the KV cache of one layer is `[batch, capacity, kv_dim]`.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// Geometry of one attention call: `q_len` new tokens per sequence at positions
+/// `start_pos..start_pos + q_len`, attending causally to cache entries `0..start_pos + q_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub start_pos: usize,
+    /// Rows reserved per sequence in the KV cache.
+    pub capacity: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn kv_len(&self) -> usize {
+        self.start_pos + self.q_len
+    }
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    /// Preconditions every backend relies on.
+    pub fn check(&self) {
+        assert!(
+            self.batch > 0 && self.q_len > 0,
+            "empty attention call {self:?}"
+        );
+        assert!(
+            self.kv_len() <= self.capacity,
+            "KV cache overflow: {self:?}"
+        );
+        assert!(
+            self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads == 0,
+            "query heads must be a multiple of KV heads: {self:?}"
+        );
+    }
+}
+
+pub trait Backend {
+    /// A flat device buffer of f32 values (the CUDA backend stores bf16/f32 per tensor class).
+    type Buf;
+
+    fn name(&self) -> String;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A zero-filled buffer.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// `out[r] = table[ids[r]]`, rows of width `dim`.
+    fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize, out: &mut Self::Buf);
+    /// `out = x / rms(x) * w` per row of width `dim`.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, out: &mut Self::Buf);
+    /// `residual += delta; out = rmsnorm(residual) * w` (the pre-norm block boundary, fused).
+    fn add_rmsnorm(
+        &self,
+        residual: &mut Self::Buf,
+        delta: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        out: &mut Self::Buf,
+    );
+    /// `out[m,n] = (accumulate ? out : 0) + scale * x[m,k] @ w[n,k]^T`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        out: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    );
+    /// `x[r] += bias` per row of width `bias.len()`.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf);
+    /// Rotary embedding (rotate-half convention) in place on `[batch * seq_len, n_heads * head_dim]`,
+    /// token `t` of each sequence at position `start_pos + t`; `inv_freq` has `head_dim / 2` entries.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        batch: usize,
+        seq_len: usize,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &Self::Buf,
+    );
+    /// Writes the new keys/values `[batch * q_len, kv_dim]` into the caches at `start_pos`.
+    fn kv_store(
+        &self,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        shape: AttnShape,
+    );
+    /// Causal grouped-query attention of `q [batch * q_len, q_dim]` against the caches.
+    /// `key_mask` (`[batch, capacity]`, 1 = attend, 0 = padding) hides padded keys.
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        key_mask: Option<&Self::Buf>,
+        out: &mut Self::Buf,
+        shape: AttnShape,
+    );
+    /// `out = silu(gate) * up`, elementwise.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);
+    /// Copies `rows` rows of width `dim`: `dst[dst_row + i] = src[src_rows[i]]`.
+    fn gather_rows(
+        &self,
+        src: &Self::Buf,
+        src_rows: &[u32],
+        dim: usize,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+    );
+}
