@@ -4,4 +4,5 @@
 pub mod backend;
 pub mod llama;
 pub mod model;
+pub mod objectives;
 pub mod util;
