@@ -5,4 +5,5 @@ pub mod backend;
 pub mod llama;
 pub mod model;
 pub mod objectives;
+pub mod train;
 pub mod util;

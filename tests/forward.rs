@@ -286,3 +286,50 @@ fn capture_indices_follow_output_hidden_states() {
     );
     assert!(max_rel(&logits, out.logits.as_ref().unwrap()) < 1e-6);
 }
+
+#[test]
+fn peft_adapter_round_trips_and_reports_bad_files() {
+    use repshield::llama::peft::{load_peft, save_peft};
+    let cfg = tiny_cfg(false, false);
+    let lcfg = LoraConfig {
+        rank: 4,
+        alpha: 16.0,
+        layers: vec![0, 2],
+        modules: vec![LoraModule::Q, LoraModule::Down],
+    };
+    let mut adapter = LoraAdapter::init(&cfg, lcfg, 3);
+    let mut r = Rng::new(5);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = r.normal());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    save_peft(dir.path(), &adapter, "tiny").unwrap();
+    let back = load_peft(dir.path(), &cfg).unwrap();
+    assert_eq!(back.config, adapter.config);
+    for (a, b) in adapter.pairs.iter().zip(&back.pairs) {
+        assert_eq!((a.layer, a.module), (b.layer, b.module));
+        assert_eq!(a.a, b.a);
+        assert_eq!(a.b, b.b);
+    }
+    let cfg_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg_json["target_modules"],
+        serde_json::json!(["down_proj", "q_proj"])
+    );
+    // A shape that disagrees with the model is named.
+    let other = ModelConfig {
+        hidden_size: 40,
+        ..cfg.clone()
+    };
+    let err = format!("{:#}", load_peft(dir.path(), &other).unwrap_err());
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("lora_A"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("adapter_config.json")).unwrap();
+    let err = format!("{:#}", load_peft(dir.path(), &cfg).unwrap_err());
+    assert!(err.contains("adapter_config.json"), "{err}");
+}

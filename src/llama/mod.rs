@@ -5,6 +5,7 @@ pub mod forward;
 pub mod generate;
 pub mod lora;
 pub mod model;
+pub mod peft;
 
 pub use forward::{ForwardOutput, LogitsMode};
 pub use generate::{generate, GenerateOptions, Sampling};

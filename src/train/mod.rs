@@ -1,0 +1,4 @@
+//! Training: data pipeline (JSONL -> templated, masked batches); trainer, optimiser and
+//! checkpoints build on it.
+
+pub mod data;
