@@ -58,17 +58,55 @@ pub trait Backend {
     type Buf;
 
     fn name(&self) -> String;
+    /// Uploads in the device's working precision (bf16 on CUDA): frozen weights, activations.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
-    /// A zero-filled buffer.
+    /// Uploads a tensor that must stay f32 on every device: norm weights, biases, rope
+    /// `inv_freq`, key masks, LoRA factors. Every op accepts either kind of buffer wherever the
+    /// doc says "side tensor"; the CPU stores everything in f32 anyway.
+    fn upload_f32(&self, data: &[f32]) -> Result<Self::Buf> {
+        self.upload(data)
+    }
+    /// A zero-filled buffer in the working precision.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// A zero-filled f32 buffer (logits, captured hidden states that feed losses).
+    fn alloc_f32(&self, len: usize) -> Result<Self::Buf> {
+        self.alloc(len)
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Waits for all queued work (a no-op on the CPU); for timing and error checks.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Index of the largest value of each row of width `width` (the first on ties, like
+    /// `torch.argmax`; NaN never wins). Greedy decoding needs only these, not the logits.
+    fn argmax_rows(&self, x: &Self::Buf, width: usize) -> Result<Vec<u32>> {
+        anyhow::ensure!(
+            width > 0 && self.len(x) % width == 0,
+            "argmax_rows: {} values are not rows of {width}",
+            self.len(x)
+        );
+        Ok(self
+            .download(x)?
+            .chunks_exact(width)
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] || row[best].is_nan() && !v.is_nan() {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
 
     /// `out[r] = table[ids[r]]`, rows of width `dim`.
     fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize, out: &mut Self::Buf);
-    /// `out = x / rms(x) * w` per row of width `dim`.
+    /// `out = x / rms(x) * w` per row of width `dim` (`w` a side tensor).
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, out: &mut Self::Buf);
-    /// `residual += delta; out = rmsnorm(residual) * w` (the pre-norm block boundary, fused).
+    /// `residual += delta; out = rmsnorm(residual) * w` (the pre-norm block boundary, fused;
+    /// `w` a side tensor).
     fn add_rmsnorm(
         &self,
         residual: &mut Self::Buf,
@@ -78,7 +116,8 @@ pub trait Backend {
         eps: f32,
         out: &mut Self::Buf,
     );
-    /// `out[m,n] = (accumulate ? out : 0) + scale * x[m,k] @ w[n,k]^T`.
+    /// `out[m,n] = (accumulate ? out : 0) + scale * x[m,k] @ w[n,k]^T`. Any operand may be an
+    /// f32 buffer (LoRA factors, f32 logits).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -91,10 +130,11 @@ pub trait Backend {
         scale: f32,
         accumulate: bool,
     );
-    /// `x[r] += bias` per row of width `bias.len()`.
+    /// `x[r] += bias` per row of width `bias.len()` (`bias` a side tensor).
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf);
     /// Rotary embedding (rotate-half convention) in place on `[batch * seq_len, n_heads * head_dim]`,
-    /// token `t` of each sequence at position `start_pos + t`; `inv_freq` has `head_dim / 2` entries.
+    /// token `t` of each sequence at position `start_pos + t`; `inv_freq` (a side tensor, best
+    /// uploaded with `upload_f32`: bf16 angles drift at long positions) has `head_dim / 2` entries.
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
@@ -116,7 +156,7 @@ pub trait Backend {
         shape: AttnShape,
     );
     /// Causal grouped-query attention of `q [batch * q_len, q_dim]` against the caches.
-    /// `key_mask` (`[batch, capacity]`, 1 = attend, 0 = padding) hides padded keys.
+    /// `key_mask` (`[batch, capacity]`, 1 = attend, 0 = padding; a side tensor) hides padded keys.
     fn attention(
         &self,
         q: &Self::Buf,
@@ -128,7 +168,8 @@ pub trait Backend {
     );
     /// `out = silu(gate) * up`, elementwise.
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);
-    /// Copies `rows` rows of width `dim`: `dst[dst_row + i] = src[src_rows[i]]`.
+    /// Copies `rows` rows of width `dim`: `dst[dst_row + i] = src[src_rows[i]]`. `src` and `dst`
+    /// may differ in precision (capturing bf16 activations into an f32 buffer).
     fn gather_rows(
         &self,
         src: &Self::Buf,
@@ -137,4 +178,57 @@ pub trait Backend {
         dst: &mut Self::Buf,
         dst_row: usize,
     );
+}
+
+/// The backward op set, for training and attacks. Separate from [`Backend`] so a device can
+/// run inference before its backward kernels exist.
+pub trait BackwardOps: Backend {
+    /// `out[m,n] = (accumulate ? out : 0) + scale * op(a) op(b)`: `op(a)` is `a [m,k]` or, with
+    /// `trans_a`, `a [k,m]` transposed; `op(b)` is `b [k,n]` or, with `trans_b`, `b [n,k]` transposed.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        out: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        scale: f32,
+        accumulate: bool,
+    );
+    /// `dx (+)= d rmsnorm(x) * w / dx` applied to `dy` (norm weights are frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    );
+    /// Gradients of causal attention over whole sequences (`start_pos == 0`,
+    /// `capacity == q_len`, so `k`/`v` are `[batch * q_len, kv_dim]`); writes (`=`) dq, dk, dv.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: Option<&Self::Buf>,
+        out: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        shape: AttnShape,
+    );
+    /// Writes (`=`) `dgate` and `dup` for `out = silu(gate) * up`.
+    fn swiglu_bwd(&self, gate: &Self::Buf, up: &Self::Buf, dout: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf);
+    /// `y += alpha * x`.
+    fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf);
 }

@@ -1,4 +1,5 @@
-//! Forward pass with residual-stream capture.
+//! Forward pass with residual-stream capture, optionally recording the activations the
+//! backward pass needs.
 //!
 //! Hidden-state indices follow transformers' `output_hidden_states`: 0 = token embeddings,
 //! i = output of block i-1 for 1 <= i < L, L = final block's output after the final norm.
@@ -17,10 +18,89 @@ pub enum LogitsMode {
     All,
 }
 
+/// What enters the first block: token ids, or embeddings (`[rows, hidden]`; soft tokens of the
+/// embedding-space attack).
+pub enum Input<'a, B: Backend> {
+    Ids(&'a [u32]),
+    Embeds(&'a B::Buf),
+}
+
 pub struct ForwardOutput<B: Backend> {
     pub logits: Option<B::Buf>,
     /// `(index, [batch * seq_len, hidden])` for each requested hidden-state index, in increasing index order.
     pub hidden: Vec<(usize, B::Buf)>,
+}
+
+/// One block's intermediate tensors. Inference reuses one set for every block; a recording
+/// (training) forward keeps one set per block for the backward pass.
+pub struct LayerActs<B: Backend> {
+    /// Residual stream entering the block (recorded only).
+    pub h_in: Option<B::Buf>,
+    pub xn1: B::Buf,
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
+    pub att: B::Buf,
+    /// Residual stream after the attention half (recorded only).
+    pub h_mid: Option<B::Buf>,
+    pub xn2: B::Buf,
+    pub gate: B::Buf,
+    pub up: B::Buf,
+    pub act: B::Buf,
+    /// Post-RoPE keys and values of the whole sequence, `[batch * seq, kv_dim]` (recorded only).
+    pub k_all: Option<B::Buf>,
+    pub v_all: Option<B::Buf>,
+}
+
+/// Everything the backward pass reads.
+pub struct Activations<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: Vec<LayerActs<B>>,
+    /// Residual after the last block (input of the final norm).
+    pub h_last: B::Buf,
+    /// Final-normed stream (hidden-state index L).
+    pub xn_final: B::Buf,
+    pub used_lora: bool,
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(be: &B, rows: usize, cfg: &crate::model::ModelConfig) -> Result<Self> {
+        let (d, qd, kvd, ff) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        Ok(Self {
+            h_in: None,
+            xn1: be.alloc(rows * d)?,
+            q: be.alloc(rows * qd)?,
+            k: be.alloc(rows * kvd)?,
+            v: be.alloc(rows * kvd)?,
+            att: be.alloc(rows * qd)?,
+            h_mid: None,
+            xn2: be.alloc(rows * d)?,
+            gate: be.alloc(rows * ff)?,
+            up: be.alloc(rows * ff)?,
+            act: be.alloc(rows * ff)?,
+            k_all: None,
+            v_all: None,
+        })
+    }
+}
+
+/// A copy of `src` (`rows` rows of width `dim`).
+pub(crate) fn clone_buf<B: Backend>(
+    be: &B,
+    src: &B::Buf,
+    rows: usize,
+    dim: usize,
+) -> Result<B::Buf> {
+    let mut out = be.alloc(rows * dim)?;
+    let all: Vec<u32> = (0..rows as u32).collect();
+    be.gather_rows(src, &all, dim, &mut out, 0);
+    Ok(out)
 }
 
 impl<B: Backend> Llama<B> {
@@ -35,31 +115,80 @@ impl<B: Backend> Llama<B> {
         capture: &[usize],
         logits: LogitsMode,
     ) -> Result<ForwardOutput<B>> {
+        let (out, _) = self.run(
+            Input::Ids(ids),
+            ids.len(),
+            batch,
+            cache,
+            key_mask,
+            capture,
+            logits,
+            true,
+            false,
+        )?;
+        Ok(out)
+    }
+
+    /// A whole-sequence forward that records activations for [`Llama::backward`].
+    /// `use_lora = false` gives the frozen model's representations (same weights, LoRA skipped).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_train(
+        &self,
+        input: Input<B>,
+        batch: usize,
+        seq: usize,
+        key_mask: Option<&B::Buf>,
+        capture: &[usize],
+        logits: LogitsMode,
+        use_lora: bool,
+    ) -> Result<(ForwardOutput<B>, Activations<B>)> {
+        let mut cache = self.new_cache(batch, seq)?;
+        let (out, acts) = self.run(
+            input,
+            batch * seq,
+            batch,
+            &mut cache,
+            key_mask,
+            capture,
+            logits,
+            use_lora,
+            true,
+        )?;
+        Ok((out, acts.expect("recording forward returns activations")))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        input: Input<B>,
+        rows: usize,
+        batch: usize,
+        cache: &mut KvCache<B>,
+        key_mask: Option<&B::Buf>,
+        capture: &[usize],
+        logits: LogitsMode,
+        use_lora: bool,
+        record: bool,
+    ) -> Result<(ForwardOutput<B>, Option<Activations<B>>)> {
         let cfg = &self.cfg;
         let be = &self.backend;
+        let d = cfg.hidden_size;
         ensure!(
-            batch > 0 && !ids.is_empty() && ids.len() % batch == 0,
-            "forward: {} ids do not split into {batch} sequences",
-            ids.len()
+            batch > 0 && rows > 0 && rows % batch == 0,
+            "forward: {rows} rows do not split into {batch} sequences"
         );
         ensure!(
             batch == cache.batch,
             "forward: batch {batch} but the KV cache holds {}",
             cache.batch
         );
-        let seq = ids.len() / batch;
+        let seq = rows / batch;
         ensure!(
             cache.len + seq <= cache.capacity,
             "forward: {} cached + {seq} new tokens exceed the KV cache capacity {}",
             cache.len,
             cache.capacity
         );
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            anyhow::bail!(
-                "token id {bad} is outside the vocabulary ({})",
-                cfg.vocab_size
-            );
-        }
         for &c in capture {
             ensure!(
                 c <= cfg.num_layers,
@@ -67,13 +196,6 @@ impl<B: Backend> Llama<B> {
                 cfg.num_layers
             );
         }
-        let rows = ids.len();
-        let (d, qd, kvd, ff) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
         let shape = AttnShape {
             batch,
             q_len: seq,
@@ -86,53 +208,115 @@ impl<B: Backend> Llama<B> {
 
         let mut hidden = Vec::new();
         let keep = |idx: usize, buf: &B::Buf, hidden: &mut Vec<(usize, B::Buf)>| -> Result<()> {
-            for _ in capture.iter().filter(|&&c| c == idx) {
-                let mut copy = be.alloc(rows * d)?;
-                let all: Vec<u32> = (0..rows as u32).collect();
-                be.gather_rows(buf, &all, d, &mut copy, 0);
-                hidden.push((idx, copy));
+            if capture.contains(&idx) {
+                hidden.push((idx, clone_buf(be, buf, rows, d)?));
             }
             Ok(())
         };
 
-        let mut x = be.alloc(rows * d)?;
-        be.embedding(&self.embed, ids, d, &mut x);
+        let mut x = match input {
+            Input::Ids(ids) => {
+                ensure!(
+                    ids.len() == rows,
+                    "forward: {} ids for {rows} rows",
+                    ids.len()
+                );
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                    anyhow::bail!(
+                        "token id {bad} is outside the vocabulary ({})",
+                        cfg.vocab_size
+                    );
+                }
+                let mut x = be.alloc(rows * d)?;
+                be.embedding(&self.embed, ids, d, &mut x);
+                x
+            }
+            Input::Embeds(e) => {
+                ensure!(
+                    be.len(e) == rows * d,
+                    "forward: embeddings hold {} values, expected {rows} x {d}",
+                    be.len(e)
+                );
+                clone_buf(be, e, rows, d)?
+            }
+        };
         keep(0, &x, &mut hidden)?;
 
-        let mut xn = be.alloc(rows * d)?;
-        let mut q = be.alloc(rows * qd)?;
-        let mut k = be.alloc(rows * kvd)?;
-        let mut v = be.alloc(rows * kvd)?;
-        let mut att = be.alloc(rows * qd)?;
-        let mut proj = be.alloc(rows * d)?;
-        let mut gate = be.alloc(rows * ff)?;
-        let mut up = be.alloc(rows * ff)?;
-        let mut act = be.alloc(rows * ff)?;
         let max_rank = self
             .layers
             .iter()
             .flat_map(|l| l.lora.iter().flatten())
             .map(|l| l.rank)
             .max()
-            .unwrap_or(0);
-        let mut lora_tmp = be.alloc(rows * max_rank.max(1))?;
-
+            .unwrap_or(1);
+        let mut lora_tmp = be.alloc(rows * max_rank)?;
+        let mut recorded = Vec::new();
+        let mut shared = if record {
+            None
+        } else {
+            Some(LayerActs::new(be, rows, cfg)?)
+        };
+        let mut xn = be.alloc(rows * d)?;
         be.rmsnorm(&x, &self.layers[0].attn_norm, d, cfg.rms_eps, &mut xn);
         for (li, layer) in self.layers.iter().enumerate() {
-            self.project(layer, LoraModule::Q, &xn, &mut q, rows, &mut lora_tmp)?;
-            self.project(layer, LoraModule::K, &xn, &mut k, rows, &mut lora_tmp)?;
-            self.project(layer, LoraModule::V, &xn, &mut v, rows, &mut lora_tmp)?;
+            let mut fresh = if record {
+                Some(LayerActs::new(be, rows, cfg)?)
+            } else {
+                None
+            };
+            let a = fresh
+                .as_mut()
+                .or(shared.as_mut())
+                .expect("one activation set");
+            std::mem::swap(&mut a.xn1, &mut xn);
+            if record {
+                a.h_in = Some(clone_buf(be, &x, rows, d)?);
+            }
+            let lora = |m: LoraModule| {
+                if use_lora {
+                    layer.lora[m as usize].as_ref()
+                } else {
+                    None
+                }
+            };
+            self.project(
+                layer,
+                LoraModule::Q,
+                lora(LoraModule::Q),
+                &a.xn1,
+                &mut a.q,
+                rows,
+                &mut lora_tmp,
+            )?;
+            self.project(
+                layer,
+                LoraModule::K,
+                lora(LoraModule::K),
+                &a.xn1,
+                &mut a.k,
+                rows,
+                &mut lora_tmp,
+            )?;
+            self.project(
+                layer,
+                LoraModule::V,
+                lora(LoraModule::V),
+                &a.xn1,
+                &mut a.v,
+                rows,
+                &mut lora_tmp,
+            )?;
             if let Some(b) = &layer.q_bias {
-                be.add_bias(&mut q, b);
+                be.add_bias(&mut a.q, b);
             }
             if let Some(b) = &layer.k_bias {
-                be.add_bias(&mut k, b);
+                be.add_bias(&mut a.k, b);
             }
             if let Some(b) = &layer.v_bias {
-                be.add_bias(&mut v, b);
+                be.add_bias(&mut a.v, b);
             }
             be.rope(
-                &mut q,
+                &mut a.q,
                 batch,
                 seq,
                 cfg.num_heads,
@@ -141,7 +325,7 @@ impl<B: Backend> Llama<B> {
                 &self.inv_freq,
             );
             be.rope(
-                &mut k,
+                &mut a.k,
                 batch,
                 seq,
                 cfg.num_kv_heads,
@@ -149,18 +333,53 @@ impl<B: Backend> Llama<B> {
                 cache.len,
                 &self.inv_freq,
             );
-            be.kv_store(&k, &v, &mut cache.k[li], &mut cache.v[li], shape);
-            be.attention(&q, &cache.k[li], &cache.v[li], key_mask, &mut att, shape);
-            self.project(layer, LoraModule::O, &att, &mut proj, rows, &mut lora_tmp)?;
-            be.add_rmsnorm(&mut x, &proj, &layer.mlp_norm, d, cfg.rms_eps, &mut xn);
-
-            self.project(layer, LoraModule::Gate, &xn, &mut gate, rows, &mut lora_tmp)?;
-            self.project(layer, LoraModule::Up, &xn, &mut up, rows, &mut lora_tmp)?;
-            be.swiglu(&gate, &up, &mut act);
+            be.kv_store(&a.k, &a.v, &mut cache.k[li], &mut cache.v[li], shape);
+            be.attention(
+                &a.q,
+                &cache.k[li],
+                &cache.v[li],
+                key_mask,
+                &mut a.att,
+                shape,
+            );
+            let mut proj = be.alloc(rows * d)?;
+            self.project(
+                layer,
+                LoraModule::O,
+                lora(LoraModule::O),
+                &a.att,
+                &mut proj,
+                rows,
+                &mut lora_tmp,
+            )?;
+            be.add_rmsnorm(&mut x, &proj, &layer.mlp_norm, d, cfg.rms_eps, &mut a.xn2);
+            if record {
+                a.h_mid = Some(clone_buf(be, &x, rows, d)?);
+            }
+            self.project(
+                layer,
+                LoraModule::Gate,
+                lora(LoraModule::Gate),
+                &a.xn2,
+                &mut a.gate,
+                rows,
+                &mut lora_tmp,
+            )?;
+            self.project(
+                layer,
+                LoraModule::Up,
+                lora(LoraModule::Up),
+                &a.xn2,
+                &mut a.up,
+                rows,
+                &mut lora_tmp,
+            )?;
+            be.swiglu(&a.gate, &a.up, &mut a.act);
             self.project(
                 layer,
                 LoraModule::Down,
-                &act,
+                lora(LoraModule::Down),
+                &a.act,
                 &mut proj,
                 rows,
                 &mut lora_tmp,
@@ -173,6 +392,11 @@ impl<B: Backend> Llama<B> {
             if li + 1 < cfg.num_layers {
                 keep(li + 1, &x, &mut hidden)?;
             }
+            if let Some(mut a) = fresh {
+                a.k_all = Some(clone_buf(be, &cache.k[li], rows, cfg.kv_dim())?);
+                a.v_all = Some(clone_buf(be, &cache.v[li], rows, cfg.kv_dim())?);
+                recorded.push(a);
+            }
         }
         // xn now holds the final-normed stream: hidden-state index L.
         keep(cfg.num_layers, &xn, &mut hidden)?;
@@ -181,7 +405,7 @@ impl<B: Backend> Llama<B> {
         let logits = match logits {
             LogitsMode::None => None,
             LogitsMode::All => {
-                let mut out = be.alloc(rows * cfg.vocab_size)?;
+                let mut out = be.alloc_f32(rows * cfg.vocab_size)?;
                 be.matmul(
                     &xn,
                     self.lm_head(),
@@ -198,7 +422,7 @@ impl<B: Backend> Llama<B> {
                 let last: Vec<u32> = (0..batch).map(|b| (b * seq + seq - 1) as u32).collect();
                 let mut xl = be.alloc(batch * d)?;
                 be.gather_rows(&xn, &last, d, &mut xl, 0);
-                let mut out = be.alloc(batch * cfg.vocab_size)?;
+                let mut out = be.alloc_f32(batch * cfg.vocab_size)?;
                 be.matmul(
                     &xl,
                     self.lm_head(),
@@ -212,32 +436,33 @@ impl<B: Backend> Llama<B> {
                 Some(out)
             }
         };
-        Ok(ForwardOutput { logits, hidden })
+        let acts = record.then(|| Activations {
+            batch,
+            seq,
+            layers: recorded,
+            h_last: x,
+            xn_final: xn,
+            used_lora: use_lora,
+        });
+        Ok((ForwardOutput { logits, hidden }, acts))
     }
 
-    /// `out = x W^T (+ scale * (x A^T) B^T when a LoRA pair is attached)`.
-    fn project(
+    /// `out = x W^T (+ scale * (x A^T) B^T when a LoRA pair is given)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn project(
         &self,
         layer: &DeviceLayer<B>,
         m: LoraModule,
+        lora: Option<&super::model::DeviceLora<B>>,
         x: &B::Buf,
         out: &mut B::Buf,
         rows: usize,
         tmp: &mut B::Buf,
     ) -> Result<()> {
         let (fan_in, fan_out) = m.dims(&self.cfg);
-        let w = match m {
-            LoraModule::Q => &layer.q,
-            LoraModule::K => &layer.k,
-            LoraModule::V => &layer.v,
-            LoraModule::O => &layer.o,
-            LoraModule::Gate => &layer.gate,
-            LoraModule::Up => &layer.up,
-            LoraModule::Down => &layer.down,
-        };
         let be = &self.backend;
-        be.matmul(x, w, out, rows, fan_out, fan_in, 1.0, false);
-        if let Some(l) = &layer.lora[m as usize] {
+        be.matmul(x, layer.weight(m), out, rows, fan_out, fan_in, 1.0, false);
+        if let Some(l) = lora {
             if be.len(tmp) != rows * l.rank {
                 *tmp = be.alloc(rows * l.rank)?;
             }

@@ -1,13 +1,15 @@
 //! The Llama-family transformer, written once against [`crate::backend::Backend`]:
 //! forward with residual capture, LoRA, KV cache and generation.
 
+pub mod backward;
 pub mod forward;
 pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod peft;
 
-pub use forward::{ForwardOutput, LogitsMode};
+pub use backward::LoraGrads;
+pub use forward::{Activations, ForwardOutput, Input, LogitsMode};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use lora::{LoraAdapter, LoraConfig, LoraModule};
 pub use model::{KvCache, Llama};

@@ -29,6 +29,20 @@ pub struct DeviceLayer<B: Backend> {
     pub lora: [Option<DeviceLora<B>>; 7],
 }
 
+impl<B: Backend> DeviceLayer<B> {
+    pub fn weight(&self, m: LoraModule) -> &B::Buf {
+        match m {
+            LoraModule::Q => &self.q,
+            LoraModule::K => &self.k,
+            LoraModule::V => &self.v,
+            LoraModule::O => &self.o,
+            LoraModule::Gate => &self.gate,
+            LoraModule::Up => &self.up,
+            LoraModule::Down => &self.down,
+        }
+    }
+}
+
 pub struct Llama<B: Backend> {
     pub backend: B,
     pub cfg: ModelConfig,
@@ -38,16 +52,20 @@ pub struct Llama<B: Backend> {
     /// `None` when tied to `embed`.
     pub lm_head: Option<B::Buf>,
     pub inv_freq: B::Buf,
+    /// `-inv_freq`: RoPE is a rotation, so its backward is the same op at the negated angle.
+    pub inv_freq_neg: B::Buf,
 }
 
 impl<B: Backend> Llama<B> {
     pub fn new(backend: B, cfg: &ModelConfig, w: &ModelWeights) -> Result<Self> {
         let up = |t: &crate::model::HostTensor| backend.upload(&t.data);
+        // Norm weights and biases stay f32 on every device.
+        let side = |t: &crate::model::HostTensor| backend.upload_f32(&t.data);
         let mut layers = Vec::with_capacity(w.layers.len());
         for l in &w.layers {
-            let opt = |t: &Option<crate::model::HostTensor>| t.as_ref().map(up).transpose();
+            let opt = |t: &Option<crate::model::HostTensor>| t.as_ref().map(side).transpose();
             layers.push(DeviceLayer {
-                attn_norm: up(&l.attn_norm)?,
+                attn_norm: side(&l.attn_norm)?,
                 q: up(&l.q)?,
                 k: up(&l.k)?,
                 v: up(&l.v)?,
@@ -55,20 +73,23 @@ impl<B: Backend> Llama<B> {
                 q_bias: opt(&l.q_bias)?,
                 k_bias: opt(&l.k_bias)?,
                 v_bias: opt(&l.v_bias)?,
-                mlp_norm: up(&l.mlp_norm)?,
+                mlp_norm: side(&l.mlp_norm)?,
                 gate: up(&l.gate)?,
                 up: up(&l.up)?,
                 down: up(&l.down)?,
                 lora: Default::default(),
             });
         }
-        let inv_freq = backend.upload(&cfg.rope_inv_freq())?;
+        let inv = cfg.rope_inv_freq();
+        let inv_freq = backend.upload_f32(&inv)?;
+        let inv_freq_neg = backend.upload_f32(&inv.iter().map(|x| -x).collect::<Vec<_>>())?;
         Ok(Self {
             embed: up(&w.embed)?,
-            final_norm: up(&w.final_norm)?,
+            final_norm: side(&w.final_norm)?,
             lm_head: w.lm_head.as_ref().map(up).transpose()?,
             layers,
             inv_freq,
+            inv_freq_neg,
             cfg: cfg.clone(),
             backend,
         })
@@ -96,8 +117,8 @@ impl<B: Backend> Llama<B> {
                 .get_mut(p.layer)
                 .ok_or_else(|| anyhow::anyhow!("LoRA layer {} does not exist", p.layer))?;
             layer.lora[p.module as usize] = Some(DeviceLora {
-                a: self.backend.upload(&p.a)?,
-                b: self.backend.upload(&p.b)?,
+                a: self.backend.upload_f32(&p.a)?,
+                b: self.backend.upload_f32(&p.b)?,
                 rank: r,
                 scale,
             });

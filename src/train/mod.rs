@@ -1,4 +1,6 @@
 //! Training: data pipeline (JSONL -> templated, masked batches); trainer, optimiser and
 //! checkpoints build on it.
 
+pub mod adamw;
 pub mod data;
+pub mod step;

@@ -6,30 +6,16 @@ pub mod embedding;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
+pub mod simd;
 pub mod swiglu;
 
 use super::{AttnShape, Backend};
 use anyhow::Result;
 
-/// Dot product with eight independent accumulators so that LLVM vectorises it.
+/// Dot product, vectorised for the widest instruction set this CPU has (see [`simd`]).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 16];
-    let ca = a.chunks_exact(16);
-    let cb = b.chunks_exact(16);
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    simd::dot(a, b)
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -152,5 +138,77 @@ impl Backend for CpuBackend {
         dst_row: usize,
     ) {
         capture::gather_rows(src, src_rows, dim, dst, dst_row)
+    }
+}
+
+impl super::BackwardOps for CpuBackend {
+    fn gemm(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        out: &mut Vec<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        matmul::gemm_fwd(a, b, out, m, n, k, trans_a, trans_b, scale, accumulate)
+    }
+    fn rmsnorm_bwd(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        dim: usize,
+        eps: f32,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) {
+        rmsnorm::rmsnorm_bwd(x, w, dy, dim, eps, dx, accumulate)
+    }
+    fn attention_bwd(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        key_mask: Option<&Vec<f32>>,
+        out: &Vec<f32>,
+        dout: &Vec<f32>,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        shape: AttnShape,
+    ) {
+        attention::attention_bwd(
+            q,
+            k,
+            v,
+            key_mask.map(|m| m.as_slice()),
+            out,
+            dout,
+            dq,
+            dk,
+            dv,
+            shape,
+        )
+    }
+    fn swiglu_bwd(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dout: &Vec<f32>,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+    ) {
+        swiglu::swiglu_bwd(gate, up, dout, dgate, dup)
+    }
+    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) {
+        assert_eq!(x.len(), y.len(), "axpy: sizes differ");
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += alpha * xi;
+        }
     }
 }

@@ -46,3 +46,36 @@ pub fn add_rmsnorm_fwd(
             norm_row(r, w, eps, o);
         });
 }
+
+/// Backward of `y = rmsnorm(x) * w` with respect to `x` (the weights are frozen):
+/// `dx (+)= r * (w*dy) - x * r^3 / n * sum(w*dy*x)`, `r = 1/sqrt(mean(x^2) + eps)`.
+pub fn rmsnorm_bwd(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dim: usize,
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(w.len(), dim, "rmsnorm_bwd: weight length");
+    assert!(
+        x.len() == dy.len() && x.len() == dx.len(),
+        "rmsnorm_bwd: sizes differ"
+    );
+    dx.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim).zip(dy.par_chunks(dim)))
+        .for_each(|(d, (xr, dyr))| {
+            let n = dim as f32;
+            let r = 1.0 / (super::dot(xr, xr) / n + eps).sqrt();
+            let mut s = 0f32;
+            for i in 0..dim {
+                s += w[i] * dyr[i] * xr[i];
+            }
+            let c = r * r * r * s / n;
+            for i in 0..dim {
+                let g = r * w[i] * dyr[i] - xr[i] * c;
+                d[i] = if accumulate { d[i] + g } else { g };
+            }
+        });
+}

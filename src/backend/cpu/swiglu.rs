@@ -20,3 +20,25 @@ pub fn swiglu_fwd(gate: &[f32], up: &[f32], out: &mut [f32]) {
             }
         });
 }
+
+/// Backward of `out = silu(gate) * up`: `dgate = dout * up * silu'(gate)`, `dup = dout * silu(gate)`.
+pub fn swiglu_bwd(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    let n = gate.len();
+    assert!(
+        up.len() == n && dout.len() == n && dgate.len() == n && dup.len() == n,
+        "swiglu_bwd: sizes differ"
+    );
+    dgate
+        .par_chunks_mut(4096)
+        .zip(dup.par_chunks_mut(4096))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let o = c * 4096;
+            for i in 0..dg.len() {
+                let (g, u, d) = (gate[o + i], up[o + i], dout[o + i]);
+                let s = 1.0 / (1.0 + (-g).exp());
+                dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+                du[i] = d * g * s;
+            }
+        });
+}

@@ -1,0 +1,314 @@
+//! Backward pass, written by hand in reverse order of `forward.rs`. Gradients flow to the LoRA
+//! factors and to the input embeddings; frozen weights get no gradient buffers.
+
+use super::forward::{Activations, LayerActs};
+use super::lora::LoraModule;
+use super::model::{DeviceLayer, Llama};
+use crate::backend::{AttnShape, BackwardOps};
+use anyhow::{ensure, Result};
+
+/// Gradient buffers of every attached LoRA pair, indexed `[layer][module]`; accumulated (`+=`)
+/// across backward calls (gradient accumulation) until [`LoraGrads::zero`].
+pub struct LoraGrads<B: BackwardOps> {
+    pub grads: Vec<[Option<(B::Buf, B::Buf)>; 7]>,
+}
+
+impl<B: BackwardOps> LoraGrads<B> {
+    pub fn new(model: &Llama<B>) -> Result<Self> {
+        let mut grads = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            let mut slot: [Option<(B::Buf, B::Buf)>; 7] = Default::default();
+            for (i, lo) in l.lora.iter().enumerate() {
+                if let Some(lo) = lo {
+                    let (a, b) = (model.backend.len(&lo.a), model.backend.len(&lo.b));
+                    slot[i] = Some((model.backend.alloc_f32(a)?, model.backend.alloc_f32(b)?));
+                }
+            }
+            grads.push(slot);
+        }
+        Ok(Self { grads })
+    }
+
+    pub fn zero(&mut self, be: &B) -> Result<()> {
+        for slot in self.grads.iter_mut().flatten().flatten() {
+            let (na, nb) = (be.len(&slot.0), be.len(&slot.1));
+            *slot = (be.alloc_f32(na)?, be.alloc_f32(nb)?);
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, layer: usize, m: LoraModule) -> Option<&(B::Buf, B::Buf)> {
+        self.grads[layer][m as usize].as_ref()
+    }
+}
+
+impl<B: BackwardOps> Llama<B> {
+    /// Backpropagates gradients with respect to captured hidden states (`d_hidden`, each
+    /// `[rows, hidden]`) and, optionally, to all-position logits (`[rows, vocab]`). LoRA
+    /// gradients are added into `grads`; returns the gradient with respect to the input
+    /// embeddings (hidden-state index 0) when `want_input` is set.
+    pub fn backward(
+        &self,
+        acts: &Activations<B>,
+        d_hidden: &[(usize, &B::Buf)],
+        d_logits: Option<&B::Buf>,
+        key_mask: Option<&B::Buf>,
+        mut grads: Option<&mut LoraGrads<B>>,
+        want_input: bool,
+    ) -> Result<Option<B::Buf>> {
+        let cfg = &self.cfg;
+        let be = &self.backend;
+        let (batch, seq) = (acts.batch, acts.seq);
+        let rows = batch * seq;
+        let (d, qd, kvd, ff) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let nl = cfg.num_layers;
+        ensure!(
+            acts.layers.len() == nl,
+            "backward: activations of {} blocks, model has {nl}",
+            acts.layers.len()
+        );
+        for (i, g) in d_hidden {
+            ensure!(*i <= nl, "backward: hidden-state index {i} > {nl}");
+            ensure!(
+                be.len(g) == rows * d,
+                "backward: gradient of hidden state {i} has the wrong size"
+            );
+        }
+        let grad_of = |idx: usize| {
+            d_hidden
+                .iter()
+                .filter(move |(i, _)| *i == idx)
+                .map(|(_, g)| *g)
+        };
+
+        // Index L and the logits both sit after the final norm.
+        let mut dxn = be.alloc(rows * d)?;
+        if let Some(dl) = d_logits {
+            ensure!(
+                be.len(dl) == rows * cfg.vocab_size,
+                "backward: logits gradient must cover every position"
+            );
+            be.gemm(
+                dl,
+                self.lm_head(),
+                &mut dxn,
+                rows,
+                d,
+                cfg.vocab_size,
+                false,
+                false,
+                1.0,
+                false,
+            );
+        }
+        for g in grad_of(nl) {
+            be.axpy(1.0, g, &mut dxn);
+        }
+        let mut dh = be.alloc(rows * d)?;
+        be.rmsnorm_bwd(
+            &acts.h_last,
+            &self.final_norm,
+            &dxn,
+            d,
+            cfg.rms_eps,
+            &mut dh,
+            false,
+        );
+
+        let shape = AttnShape {
+            batch,
+            q_len: seq,
+            start_pos: 0,
+            capacity: seq,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let mut d_act = be.alloc(rows * ff)?;
+        let mut dgate = be.alloc(rows * ff)?;
+        let mut dup = be.alloc(rows * ff)?;
+        let mut dx = be.alloc(rows * d)?;
+        let mut d_att = be.alloc(rows * qd)?;
+        let mut dq = be.alloc(rows * qd)?;
+        let mut dk = be.alloc(rows * kvd)?;
+        let mut dv = be.alloc(rows * kvd)?;
+        for li in (0..nl).rev() {
+            if li + 1 < nl {
+                for g in grad_of(li + 1) {
+                    be.axpy(1.0, g, &mut dh);
+                }
+            }
+            let layer = &self.layers[li];
+            let a: &LayerActs<B> = &acts.layers[li];
+            let h_in = a.h_in.as_ref().expect("recorded forward");
+            let h_mid = a.h_mid.as_ref().expect("recorded forward");
+            let mut g = grads.as_deref_mut();
+
+            // MLP half: h_out = h_mid + down(silu(gate(xn2)) * up(xn2)).
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::Down,
+                acts.used_lora,
+                &dh,
+                &a.act,
+                &mut d_act,
+                false,
+                &mut g,
+            )?;
+            be.swiglu_bwd(&a.gate, &a.up, &d_act, &mut dgate, &mut dup);
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::Gate,
+                acts.used_lora,
+                &dgate,
+                &a.xn2,
+                &mut dx,
+                false,
+                &mut g,
+            )?;
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::Up,
+                acts.used_lora,
+                &dup,
+                &a.xn2,
+                &mut dx,
+                true,
+                &mut g,
+            )?;
+            be.rmsnorm_bwd(h_mid, &layer.mlp_norm, &dx, d, cfg.rms_eps, &mut dh, true);
+
+            // Attention half: h_mid = h_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::O,
+                acts.used_lora,
+                &dh,
+                &a.att,
+                &mut d_att,
+                false,
+                &mut g,
+            )?;
+            let (k_all, v_all) = (
+                a.k_all.as_ref().expect("recorded"),
+                a.v_all.as_ref().expect("recorded"),
+            );
+            be.attention_bwd(
+                &a.q, k_all, v_all, key_mask, &a.att, &d_att, &mut dq, &mut dk, &mut dv, shape,
+            );
+            be.rope(
+                &mut dq,
+                batch,
+                seq,
+                cfg.num_heads,
+                cfg.head_dim,
+                0,
+                &self.inv_freq_neg,
+            );
+            be.rope(
+                &mut dk,
+                batch,
+                seq,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                0,
+                &self.inv_freq_neg,
+            );
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::Q,
+                acts.used_lora,
+                &dq,
+                &a.xn1,
+                &mut dx,
+                false,
+                &mut g,
+            )?;
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::K,
+                acts.used_lora,
+                &dk,
+                &a.xn1,
+                &mut dx,
+                true,
+                &mut g,
+            )?;
+            self.project_bwd(
+                layer,
+                li,
+                LoraModule::V,
+                acts.used_lora,
+                &dv,
+                &a.xn1,
+                &mut dx,
+                true,
+                &mut g,
+            )?;
+            be.rmsnorm_bwd(h_in, &layer.attn_norm, &dx, d, cfg.rms_eps, &mut dh, true);
+        }
+        for g in grad_of(0) {
+            be.axpy(1.0, g, &mut dh);
+        }
+        Ok(want_input.then_some(dh))
+    }
+
+    /// Backward of `y = x W^T + s (x A^T) B^T`: `dx (+)= dy W + s (dy B) A`,
+    /// `dA += s (dy B)^T x`, `dB += s dy^T (x A^T)`.
+    #[allow(clippy::too_many_arguments)]
+    fn project_bwd(
+        &self,
+        layer: &DeviceLayer<B>,
+        li: usize,
+        m: LoraModule,
+        use_lora: bool,
+        dy: &B::Buf,
+        x: &B::Buf,
+        dx: &mut B::Buf,
+        accumulate: bool,
+        grads: &mut Option<&mut LoraGrads<B>>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let (fan_in, fan_out) = m.dims(&self.cfg);
+        let rows = be.len(x) / fan_in;
+        be.gemm(
+            dy,
+            layer.weight(m),
+            dx,
+            rows,
+            fan_in,
+            fan_out,
+            false,
+            false,
+            1.0,
+            accumulate,
+        );
+        let Some(l) = layer.lora[m as usize].as_ref().filter(|_| use_lora) else {
+            return Ok(());
+        };
+        let r = l.rank;
+        let mut t = be.alloc(rows * r)?;
+        be.gemm(dy, &l.b, &mut t, rows, r, fan_out, false, false, 1.0, false);
+        if let Some(g) = grads.as_deref_mut() {
+            if let Some((ga, gb)) = g.grads[li][m as usize].as_mut() {
+                be.gemm(&t, x, ga, r, fan_in, rows, true, false, l.scale, true);
+                let mut u = be.alloc(rows * r)?;
+                be.matmul(x, &l.a, &mut u, rows, r, fan_in, 1.0, false);
+                be.gemm(dy, &u, gb, fan_out, r, rows, true, false, l.scale, true);
+            }
+        }
+        be.gemm(&t, &l.a, dx, rows, fan_in, r, false, false, l.scale, true);
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! One micro-batch of an objective: forwards of the tuned and frozen model, the loss and its
+//! gradient with respect to the captured representations and logits, and the backward pass
+//! into the LoRA gradients.
+
+use super::data::{MaskMode, TokenBatch};
+use crate::backend::BackwardOps;
+use crate::llama::{Activations, Input, Llama, LogitsMode, LoraGrads};
+use crate::objectives::circuit_breaker::{circuit_breaker_loss, CircuitBreakerConfig};
+use crate::objectives::kl::kl_retain;
+use crate::objectives::repbend::{repbend_loss, RepBendConfig};
+use crate::objectives::triplet::{triplet_loss, TripletConfig};
+use crate::objectives::Reps;
+use anyhow::Result;
+use serde::Serialize;
+
+/// Every term of one evaluation, unweighted, plus the weighted total.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LossTerms {
+    pub terms: Vec<(String, f64)>,
+    pub total: f64,
+}
+
+impl LossTerms {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.terms.iter().find(|t| t.0 == name).map(|t| t.1)
+    }
+    /// Running sum (for gradient accumulation: divide by the count afterwards).
+    pub fn add(&mut self, other: &LossTerms) {
+        if self.terms.is_empty() {
+            self.terms = other.terms.iter().map(|(n, _)| (n.clone(), 0.0)).collect();
+        }
+        for ((_, a), (_, b)) in self.terms.iter_mut().zip(&other.terms) {
+            *a += b;
+        }
+        self.total += other.total;
+    }
+    pub fn scale(&mut self, s: f64) {
+        self.terms.iter_mut().for_each(|t| t.1 *= s);
+        self.total *= s;
+    }
+    /// The first non-finite term, for a clear NaN report.
+    pub fn non_finite(&self) -> Option<&str> {
+        if !self.total.is_finite() {
+            return Some(self.terms.iter().find(|t| !t.1.is_finite()).map_or("total", |t| t.0.as_str()));
+        }
+        self.terms.iter().find(|t| !t.1.is_finite()).map(|t| t.0.as_str())
+    }
+}
+
+/// One set's tuned forward (recorded) and frozen forward, captured at `indices`.
+struct SetPass<B: BackwardOps> {
+    acts: Activations<B>,
+    key_mask: B::Buf,
+    tuned: Vec<f64>,
+    orig: Vec<f64>,
+    tuned_logits: Option<Vec<f32>>,
+    orig_logits: Option<Vec<f32>>,
+}
+
+fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for (_, h) in hidden {
+        out.extend(be.download(h)?.into_iter().map(|x| x as f64));
+    }
+    Ok(out)
+}
+
+fn run_set<B: BackwardOps>(
+    model: &Llama<B>,
+    tb: &TokenBatch,
+    indices: &[usize],
+    orig_indices: &[usize],
+    logits: bool,
+) -> Result<SetPass<B>> {
+    let be = &model.backend;
+    let key_mask = be.upload_f32(&tb.attention_mask)?;
+    let mode = if logits { LogitsMode::All } else { LogitsMode::None };
+    let (out, acts) =
+        model.forward_train(Input::Ids(&tb.input_ids), tb.batch, tb.seq, Some(&key_mask), indices, mode, true)?;
+    let (orig_out, _) =
+        model.forward_train(Input::Ids(&tb.input_ids), tb.batch, tb.seq, Some(&key_mask), orig_indices, mode, false)?;
+    let dl = |o: &Option<B::Buf>| o.as_ref().map(|b| be.download(b)).transpose();
+    Ok(SetPass {
+        tuned: stack(be, &out.hidden)?,
+        orig: stack(be, &orig_out.hidden)?,
+        tuned_logits: dl(&out.logits)?,
+        orig_logits: dl(&orig_out.logits)?,
+        acts,
+        key_mask,
+    })
+}
+
+/// Backpropagates `grad` (f64, `[n_idx, rows, dim]` for `indices`) through a set's activations.
+fn backward_set<B: BackwardOps>(
+    model: &Llama<B>,
+    pass: &SetPass<B>,
+    indices: &[usize],
+    grad: Option<&[f64]>,
+    d_logits: Option<&[f32]>,
+    grads: &mut LoraGrads<B>,
+) -> Result<()> {
+    let be = &model.backend;
+    let mut bufs = Vec::new();
+    if let Some(g) = grad {
+        let slab = g.len() / indices.len().max(1);
+        for (k, &i) in indices.iter().enumerate() {
+            let v: Vec<f32> = g[k * slab..(k + 1) * slab].iter().map(|&x| x as f32).collect();
+            bufs.push((i, be.upload_f32(&v)?));
+        }
+    }
+    let refs: Vec<(usize, &B::Buf)> = bufs.iter().map(|(i, b)| (*i, b)).collect();
+    let dl = d_logits.map(|d| be.upload_f32(d)).transpose()?;
+    model.backward(&pass.acts, &refs, dl.as_ref(), Some(&pass.key_mask), Some(grads), false)?;
+    Ok(())
+}
+
+fn f64_mask(tb: &TokenBatch, mode: MaskMode) -> Vec<f64> {
+    tb.mask(mode)
+}
+
+/// KL retain term on `retain`: value, and its backward into `grads` when `grads` is given.
+fn retain_kl<B: BackwardOps>(
+    model: &Llama<B>,
+    retain: &TokenBatch,
+    temperature: f64,
+    weight: f64,
+    grads: Option<&mut LoraGrads<B>>,
+) -> Result<f64> {
+    let all: [usize; 0] = [];
+    let pass = run_set(model, retain, &all, &all, true)?;
+    let mask: Vec<f64> = retain.attention_mask.iter().map(|&m| m as f64).collect();
+    let (zo, zt) = (pass.orig_logits.as_ref().unwrap(), pass.tuned_logits.as_ref().unwrap());
+    let vocab = model.cfg.vocab_size;
+    let mut dlog = grads.is_some().then(|| vec![0f32; zt.len()]);
+    let kl = kl_retain(zo, zt, &mask, retain.batch, vocab, temperature, 1.0, dlog.as_deref_mut());
+    if let (Some(g), Some(d)) = (grads, dlog.as_mut()) {
+        d.iter_mut().for_each(|x| *x *= weight as f32);
+        backward_set(model, &pass, &all, None, Some(d), g)?;
+    }
+    Ok(kl)
+}
+
+/// CRL triplet: benign set B, harmful set H, retain set R.
+#[allow(clippy::too_many_arguments)]
+pub fn triplet_step<B: BackwardOps>(
+    model: &Llama<B>,
+    cfg: &TripletConfig,
+    mask: MaskMode,
+    targets: &[usize],
+    benign: &TokenBatch,
+    harmful: &TokenBatch,
+    retain: &TokenBatch,
+    mut grads: Option<&mut LoraGrads<B>>,
+) -> Result<LossTerms> {
+    let c = &model.cfg;
+    let all: Vec<usize> = (0..=c.num_layers).collect();
+    let d = c.hidden_size;
+    let h = run_set(model, harmful, &all, targets, false)?;
+    let b = run_set(model, benign, &all, &all, false)?;
+    let (bm, hm) = (f64_mask(benign, mask), f64_mask(harmful, mask));
+    let (terms, g) = triplet_loss(
+        cfg,
+        Reps::new(&b.tuned, &all, benign.batch, benign.seq, d),
+        Reps::new(&b.orig, &all, benign.batch, benign.seq, d),
+        &bm,
+        Reps::new(&h.tuned, &all, harmful.batch, harmful.seq, d),
+        Reps::new(&h.orig, targets, harmful.batch, harmful.seq, d),
+        &hm,
+        targets,
+        grads.is_some(),
+    );
+    if let (Some(gr), Some(g)) = (grads.as_deref_mut(), g) {
+        backward_set(model, &b, &all, Some(&g.benign), None, gr)?;
+        drop(b);
+        backward_set(model, &h, &all, Some(&g.harmful), None, gr)?;
+    }
+    drop(h);
+    let kl = retain_kl(model, retain, cfg.temperature, cfg.w_kl, grads)?;
+    Ok(LossTerms {
+        terms: vec![("benign".into(), terms.benign), ("harmful".into(), terms.harmful), ("kl".into(), kl)],
+        total: terms.total + cfg.w_kl * kl,
+    })
+}
+
+/// RepBend: safe set S (benign pairs + refusals), unsafe set U, retain set R.
+#[allow(clippy::too_many_arguments)]
+pub fn repbend_step<B: BackwardOps>(
+    model: &Llama<B>,
+    cfg: &RepBendConfig,
+    mask: MaskMode,
+    targets: &[usize],
+    safe: &TokenBatch,
+    unsafe_: &TokenBatch,
+    retain: &TokenBatch,
+    mut grads: Option<&mut LoraGrads<B>>,
+) -> Result<LossTerms> {
+    let c = &model.cfg;
+    let all: Vec<usize> = (0..=c.num_layers).collect();
+    let d = c.hidden_size;
+    let s = run_set(model, safe, &all, &all, false)?;
+    let u = run_set(model, unsafe_, targets, targets, false)?;
+    let (sm, um) = (f64_mask(safe, mask), f64_mask(unsafe_, mask));
+    let (terms, g) = repbend_loss(
+        cfg,
+        Reps::new(&s.tuned, &all, safe.batch, safe.seq, d),
+        Reps::new(&s.orig, &all, safe.batch, safe.seq, d),
+        &sm,
+        Reps::new(&u.tuned, targets, unsafe_.batch, unsafe_.seq, d),
+        Reps::new(&u.orig, targets, unsafe_.batch, unsafe_.seq, d),
+        &um,
+        &unsafe_.last_prompt_index,
+        targets,
+        grads.is_some(),
+    );
+    if let (Some(gr), Some(g)) = (grads.as_deref_mut(), g) {
+        backward_set(model, &s, &all, Some(&g.safe), None, gr)?;
+        backward_set(model, &u, targets, Some(&g.unsafe_), None, gr)?;
+    }
+    drop((s, u));
+    let kl = retain_kl(model, retain, cfg.temperature, cfg.epsilon, grads)?;
+    Ok(LossTerms {
+        terms: vec![
+            ("safe_dist".into(), terms.safe_dist),
+            ("unsafe_dist".into(), terms.unsafe_dist),
+            ("unsafe_cos".into(), terms.unsafe_cos),
+            ("kl".into(), kl),
+        ],
+        total: terms.total + cfg.epsilon * kl,
+    })
+}
+
+/// Circuit Breakers: retain set R (benign pairs + retain chat), circuit-breaker set C (harmful).
+#[allow(clippy::too_many_arguments)]
+pub fn circuit_breaker_step<B: BackwardOps>(
+    model: &Llama<B>,
+    cfg: &CircuitBreakerConfig,
+    step: usize,
+    max_steps: usize,
+    targets: &[usize],
+    retain: &TokenBatch,
+    harmful: &TokenBatch,
+    grads: Option<&mut LoraGrads<B>>,
+) -> Result<LossTerms> {
+    let c = &model.cfg;
+    let all: Vec<usize> = (0..=c.num_layers).collect();
+    let d = c.hidden_size;
+    let r = run_set(model, retain, &all, &all, false)?;
+    let h = run_set(model, harmful, targets, targets, false)?;
+    let rm = f64_mask(retain, MaskMode::All);
+    let hm = f64_mask(harmful, MaskMode::All);
+    let (terms, g) = circuit_breaker_loss(
+        cfg,
+        step,
+        max_steps,
+        Reps::new(&r.tuned, &all, retain.batch, retain.seq, d),
+        Reps::new(&r.orig, &all, retain.batch, retain.seq, d),
+        &rm,
+        Reps::new(&h.tuned, targets, harmful.batch, harmful.seq, d),
+        Reps::new(&h.orig, targets, harmful.batch, harmful.seq, d),
+        &hm,
+        targets,
+        grads.is_some(),
+    );
+    if let (Some(gr), Some(g)) = (grads, g) {
+        backward_set(model, &r, &all, Some(&g.retain), None, gr)?;
+        backward_set(model, &h, targets, Some(&g.cb), None, gr)?;
+    }
+    Ok(LossTerms {
+        terms: vec![
+            ("retain".into(), terms.retain),
+            ("cb".into(), terms.cb),
+            ("c_retain".into(), terms.c_retain),
+            ("c_cb".into(), terms.c_cb),
+        ],
+        total: terms.total,
+    })
+}

@@ -1,0 +1,370 @@
+//! Backward ops and the whole model's backward pass against central finite differences.
+//! The CPU engine is f32: losses are accumulated in f64 and the step is 1e-3 (ops) or 1e-2
+//! (whole model), so the tolerance is |numeric - analytic| <= 2e-2 * max|analytic| (ops) and
+//! 3e-2 (model), far below the size of any real mistake (a wrong sign or a missing term is O(1)).
+
+use repshield::backend::cpu::attention::{attention_bwd, attention_fwd, kv_store};
+use repshield::backend::cpu::matmul::gemm_fwd;
+use repshield::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
+use repshield::backend::cpu::rope::rope_fwd;
+use repshield::backend::cpu::swiglu::{swiglu_bwd, swiglu_fwd};
+use repshield::backend::cpu::CpuBackend;
+use repshield::backend::AttnShape;
+use repshield::llama::{Input, Llama, LogitsMode, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
+use repshield::model::{ModelConfig, ModelWeights, RopeScaling};
+use repshield::util::Rng;
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal()).collect()
+}
+
+fn weighted_sum(out: &[f32], r: &[f32]) -> f64 {
+    out.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+/// Checks `grad` against central differences of `f` at every element of `x`.
+fn check(name: &str, x: &[f32], grad: &[f32], h: f32, tol: f64, f: impl Fn(&[f32]) -> f64) {
+    let gmax = grad.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    assert!(gmax > 0.0, "{name}: all-zero gradient");
+    let mut xp = x.to_vec();
+    let mut worst = 0f64;
+    for i in 0..x.len() {
+        xp[i] = x[i] + h;
+        let fp = f(&xp);
+        xp[i] = x[i] - h;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        let num = (fp - fm) / (2.0 * h as f64);
+        worst = worst.max((num - grad[i] as f64).abs() / gmax);
+    }
+    assert!(
+        worst < tol,
+        "{name}: max |numeric - analytic| / max|grad| = {worst}"
+    );
+}
+
+#[test]
+fn rmsnorm_backward() {
+    for &(rows, dim) in &[(3, 8), (2, 37)] {
+        let (x, w, r) = (randn(rows * dim, 1), randn(dim, 2), randn(rows * dim, 3));
+        let f = |x: &[f32]| {
+            let mut y = vec![0f32; x.len()];
+            rmsnorm_fwd(x, &w, dim, 1e-5, &mut y);
+            weighted_sum(&y, &r)
+        };
+        let mut dx = vec![f32::NAN; x.len()];
+        rmsnorm_bwd(&x, &w, &r, dim, 1e-5, &mut dx, false);
+        check("rmsnorm", &x, &dx, 1e-3, 2e-2, f);
+        // accumulate adds onto what is there
+        let mut acc = vec![1.0f32; x.len()];
+        rmsnorm_bwd(&x, &w, &r, dim, 1e-5, &mut acc, true);
+        for (a, d) in acc.iter().zip(&dx) {
+            assert!((a - 1.0 - d).abs() < 1e-6);
+        }
+    }
+}
+
+#[test]
+fn swiglu_backward() {
+    let n = 53;
+    let (g, u, r) = (randn(n, 4), randn(n, 5), randn(n, 6));
+    let mut dg = vec![f32::NAN; n];
+    let mut du = vec![f32::NAN; n];
+    swiglu_bwd(&g, &u, &r, &mut dg, &mut du);
+    let fg = |g: &[f32]| {
+        let mut o = vec![0f32; n];
+        swiglu_fwd(g, &u, &mut o);
+        weighted_sum(&o, &r)
+    };
+    let fu = |u: &[f32]| {
+        let mut o = vec![0f32; n];
+        swiglu_fwd(&g, u, &mut o);
+        weighted_sum(&o, &r)
+    };
+    check("swiglu gate", &g, &dg, 1e-3, 2e-2, fg);
+    check("swiglu up", &u, &du, 1e-3, 2e-2, fu);
+}
+
+#[test]
+fn rope_backward_is_the_transpose() {
+    let (seq, heads, hd) = (5, 3, 8);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let neg: Vec<f32> = inv.iter().map(|x| -x).collect();
+    let (x, y) = (
+        randn(2 * seq * heads * hd, 7),
+        randn(2 * seq * heads * hd, 8),
+    );
+    let mut rx = x.clone();
+    rope_fwd(&mut rx, seq, heads, hd, 3, &inv);
+    let mut rty = y.clone();
+    rope_fwd(&mut rty, seq, heads, hd, 3, &neg);
+    let (a, b) = (weighted_sum(&rx, &y), weighted_sum(&x, &rty));
+    assert!(
+        (a - b).abs() < 1e-4 * a.abs().max(1.0),
+        "<Rx,y> = {a}, <x,R^T y> = {b}"
+    );
+    assert!(
+        (weighted_sum(&rx, &rx) - weighted_sum(&x, &x)).abs() < 1e-3,
+        "rotation keeps norms"
+    );
+}
+
+#[test]
+fn gemm_transposes_match_naive() {
+    let (m, n, k) = (5, 7, 9);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (a, b, init) = (randn(m * k, 10), randn(k * n, 11), randn(m * n, 12));
+        let mut out = init.clone();
+        gemm_fwd(&a, &b, &mut out, m, n, k, ta, tb, 0.5, true);
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for t in 0..k {
+                    let av = if ta { a[t * m + i] } else { a[i * k + t] };
+                    let bv = if tb { b[j * k + t] } else { b[t * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                let want = init[i * n + j] as f64 + 0.5 * s;
+                assert!(
+                    (out[i * n + j] as f64 - want).abs() < 1e-4,
+                    "ta={ta} tb={tb}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_backward_with_gqa_and_padding() {
+    let s = AttnShape {
+        batch: 2,
+        q_len: 6,
+        start_pos: 0,
+        capacity: 6,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+    };
+    let (qn, kn) = (
+        s.batch * s.q_len * s.q_dim(),
+        s.batch * s.q_len * s.kv_dim(),
+    );
+    let (q, k, v, r) = (randn(qn, 13), randn(kn, 14), randn(kn, 15), randn(qn, 16));
+    let mut mask = vec![1f32; 12];
+    mask[6] = 0.0; // second sequence left-padded by two
+    mask[7] = 0.0;
+    let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
+        let (mut kc, mut vc) = (vec![0f32; kn], vec![0f32; kn]);
+        kv_store(k, v, &mut kc, &mut vc, s);
+        let mut o = vec![0f32; qn];
+        attention_fwd(q, &kc, &vc, Some(&mask), &mut o, s);
+        o
+    };
+    let out = fwd(&q, &k, &v);
+    let (mut dq, mut dk, mut dv) = (vec![f32::NAN; qn], vec![f32::NAN; kn], vec![f32::NAN; kn]);
+    attention_bwd(
+        &q,
+        &k,
+        &v,
+        Some(&mask),
+        &out,
+        &r,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        s,
+    );
+    check("attention dq", &q, &dq, 1e-3, 2e-2, |x| {
+        weighted_sum(&fwd(x, &k, &v), &r)
+    });
+    check("attention dk", &k, &dk, 1e-3, 2e-2, |x| {
+        weighted_sum(&fwd(&q, x, &v), &r)
+    });
+    check("attention dv", &v, &dv, 1e-3, 2e-2, |x| {
+        weighted_sum(&fwd(&q, &k, x), &r)
+    });
+    // Padded keys get no gradient.
+    let kvd = s.kv_dim();
+    assert!(dk[6 * kvd..8 * kvd].iter().all(|&g| g == 0.0));
+}
+
+fn tiny_cfg() -> ModelConfig {
+    ModelConfig {
+        arch: "qwen2".into(),
+        vocab_size: 61,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        rms_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+        tie_embeddings: false,
+        qkv_bias: true,
+        max_position: 64,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+#[test]
+fn whole_model_backward_to_lora_and_input_embeddings() {
+    let cfg = tiny_cfg();
+    let w = ModelWeights::random(&cfg, 17);
+    let mut model = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    let lcfg = LoraConfig {
+        rank: 3,
+        alpha: 6.0,
+        layers: vec![0, 1],
+        modules: LoraModule::ALL.to_vec(),
+    };
+    let mut adapter = LoraAdapter::init(&cfg, lcfg, 2);
+    let mut rng = Rng::new(3);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = rng.normal() * 0.3);
+    }
+    model.attach_lora(&adapter).unwrap();
+    let (batch, seq, d) = (2, 5, cfg.hidden_size);
+    let rows = batch * seq;
+    let embeds = randn(rows * d, 4);
+    let mut mask = vec![1f32; rows];
+    mask[5] = 0.0; // pad at the start of sequence 2
+    let capture = [0usize, 1, 2];
+    let r_h: Vec<Vec<f32>> = (0..3).map(|i| randn(rows * d, 20 + i)).collect();
+    let r_logits = randn(rows * cfg.vocab_size, 30);
+    let loss_of = |m: &Llama<CpuBackend>, e: &[f32]| -> f64 {
+        let e = e.to_vec();
+        let (out, _) = m
+            .forward_train(
+                Input::Embeds(&e),
+                batch,
+                seq,
+                Some(&mask),
+                &capture,
+                LogitsMode::All,
+                true,
+            )
+            .unwrap();
+        let mut l = weighted_sum(out.logits.as_ref().unwrap(), &r_logits);
+        for (i, h) in &out.hidden {
+            l += weighted_sum(h, &r_h[*i]);
+        }
+        l
+    };
+    let (_, acts) = model
+        .forward_train(
+            Input::Embeds(&embeds),
+            batch,
+            seq,
+            Some(&mask),
+            &capture,
+            LogitsMode::All,
+            true,
+        )
+        .unwrap();
+    let mut grads = LoraGrads::new(&model).unwrap();
+    let d_hidden: Vec<(usize, &Vec<f32>)> = capture.iter().map(|&i| (i, &r_h[i])).collect();
+    let d_emb = model
+        .backward(
+            &acts,
+            &d_hidden,
+            Some(&r_logits),
+            Some(&mask),
+            Some(&mut grads),
+            true,
+        )
+        .unwrap()
+        .unwrap();
+
+    // Input embeddings (a subset of coordinates keeps the test fast).
+    let gmax = d_emb.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    let h = 1e-2f32;
+    for i in (0..embeds.len()).step_by(7) {
+        let mut e = embeds.clone();
+        e[i] += h;
+        let fp = loss_of(&model, &e);
+        e[i] -= 2.0 * h;
+        let fm = loss_of(&model, &e);
+        let num = (fp - fm) / (2.0 * h as f64);
+        assert!(
+            (num - d_emb[i] as f64).abs() < 3e-2 * gmax,
+            "d embed[{i}]: numeric {num}, analytic {}",
+            d_emb[i]
+        );
+    }
+    assert!(
+        d_emb[5 * d..6 * d].iter().any(|&g| g != 0.0),
+        "the padded row still gets its own hidden-state gradient"
+    );
+
+    // LoRA A and B of a few modules in both layers.
+    for (pi, pair) in adapter.pairs.iter().enumerate().step_by(3) {
+        let (ga, gb) = grads.get(pair.layer, pair.module).unwrap();
+        for (which, g) in [("A", ga), ("B", gb)] {
+            let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            assert!(
+                gmax > 0.0,
+                "layer {} {:?} {which}: zero gradient",
+                pair.layer,
+                pair.module
+            );
+            for i in (0..g.len()).step_by(11) {
+                let mut ad = adapter.clone();
+                let val = |ad: &mut LoraAdapter, delta: f32| {
+                    let p = &mut ad.pairs[pi];
+                    if which == "A" {
+                        p.a[i] += delta
+                    } else {
+                        p.b[i] += delta
+                    }
+                };
+                let mut m2 = Llama::new(CpuBackend, &cfg, &w).unwrap();
+                val(&mut ad, h);
+                m2.attach_lora(&ad).unwrap();
+                let fp = loss_of(&m2, &embeds);
+                val(&mut ad, -2.0 * h);
+                m2.attach_lora(&ad).unwrap();
+                let fm = loss_of(&m2, &embeds);
+                let num = (fp - fm) / (2.0 * h as f64);
+                assert!(
+                    (num - g[i] as f64).abs() < 3e-2 * gmax,
+                    "layer {} {:?} d{which}[{i}]: numeric {num}, analytic {}",
+                    pair.layer,
+                    pair.module,
+                    g[i]
+                );
+            }
+        }
+    }
+
+    // The frozen pass (LoRA skipped) differs from the tuned one and matches a model without LoRA.
+    let plain = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    let (a, _) = plain
+        .forward_train(
+            Input::Embeds(&embeds),
+            batch,
+            seq,
+            Some(&mask),
+            &[2],
+            LogitsMode::None,
+            true,
+        )
+        .unwrap();
+    let (b, _) = model
+        .forward_train(
+            Input::Embeds(&embeds),
+            batch,
+            seq,
+            Some(&mask),
+            &[2],
+            LogitsMode::None,
+            false,
+        )
+        .unwrap();
+    assert_eq!(a.hidden[0].1, b.hidden[0].1);
+}
