@@ -14,7 +14,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -27,13 +33,19 @@ pub struct Moments {
 
 impl Moments {
     pub fn new(n: usize) -> Self {
-        Self { m: vec![0.0; n], v: vec![0.0; n] }
+        Self {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
     }
 }
 
 /// One AdamW update of `p` with gradient `g` at step `t` (1-based).
 pub fn adamw_step(cfg: &AdamWConfig, t: u64, p: &mut [f32], g: &[f32], st: &mut Moments) {
-    assert!(p.len() == g.len() && st.m.len() == p.len() && st.v.len() == p.len(), "adamw: sizes differ");
+    assert!(
+        p.len() == g.len() && st.m.len() == p.len() && st.v.len() == p.len(),
+        "adamw: sizes differ"
+    );
     assert!(t >= 1, "adamw: steps count from 1");
     let bc1 = 1.0 - cfg.beta1.powi(t as i32);
     let bc2 = 1.0 - cfg.beta2.powi(t as i32);
@@ -59,15 +71,25 @@ mod tests {
     ///         p = p * (1 - 0.001) - 0.1 * [1, -1] = [0.899, -1.898].
     #[test]
     fn matches_torch_first_step() {
-        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let mut p = vec![1.0f32, -2.0];
         let mut st = Moments::new(2);
         adamw_step(&cfg, 1, &mut p, &[0.5, -1.5], &mut st);
-        assert!((p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6,
+            "{p:?}"
+        );
         // Step 2 against the closed form.
         adamw_step(&cfg, 2, &mut p, &[0.1, 0.2], &mut st);
         let m = [0.9 * 0.05 + 0.1 * 0.1, 0.9 * -0.15 + 0.1 * 0.2];
-        let v = [0.999 * 2.5e-4 + 0.001 * 0.01, 0.999 * 2.25e-3 + 0.001 * 0.04];
+        let v = [
+            0.999 * 2.5e-4 + 0.001 * 0.01,
+            0.999 * 2.25e-3 + 0.001 * 0.04,
+        ];
         let want: Vec<f64> = [0.899f64, -1.898]
             .iter()
             .enumerate()
@@ -77,6 +99,9 @@ mod tests {
                 p0 * (1.0 - 0.001) - 0.1 * mh / (vh.sqrt() + 1e-8)
             })
             .collect();
-        assert!((p[0] as f64 - want[0]).abs() < 1e-5 && (p[1] as f64 - want[1]).abs() < 1e-5, "{p:?} vs {want:?}");
+        assert!(
+            (p[0] as f64 - want[0]).abs() < 1e-5 && (p[1] as f64 - want[1]).abs() < 1e-5,
+            "{p:?} vs {want:?}"
+        );
     }
 }

@@ -2,5 +2,7 @@
 //! checkpoints build on it.
 
 pub mod adamw;
+pub mod commands;
 pub mod data;
 pub mod step;
+pub mod trainer;

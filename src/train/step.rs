@@ -41,9 +41,17 @@ impl LossTerms {
     /// The first non-finite term, for a clear NaN report.
     pub fn non_finite(&self) -> Option<&str> {
         if !self.total.is_finite() {
-            return Some(self.terms.iter().find(|t| !t.1.is_finite()).map_or("total", |t| t.0.as_str()));
+            return Some(
+                self.terms
+                    .iter()
+                    .find(|t| !t.1.is_finite())
+                    .map_or("total", |t| t.0.as_str()),
+            );
         }
-        self.terms.iter().find(|t| !t.1.is_finite()).map(|t| t.0.as_str())
+        self.terms
+            .iter()
+            .find(|t| !t.1.is_finite())
+            .map(|t| t.0.as_str())
     }
 }
 
@@ -74,11 +82,29 @@ fn run_set<B: BackwardOps>(
 ) -> Result<SetPass<B>> {
     let be = &model.backend;
     let key_mask = be.upload_f32(&tb.attention_mask)?;
-    let mode = if logits { LogitsMode::All } else { LogitsMode::None };
-    let (out, acts) =
-        model.forward_train(Input::Ids(&tb.input_ids), tb.batch, tb.seq, Some(&key_mask), indices, mode, true)?;
-    let (orig_out, _) =
-        model.forward_train(Input::Ids(&tb.input_ids), tb.batch, tb.seq, Some(&key_mask), orig_indices, mode, false)?;
+    let mode = if logits {
+        LogitsMode::All
+    } else {
+        LogitsMode::None
+    };
+    let (out, acts) = model.forward_train(
+        Input::Ids(&tb.input_ids),
+        tb.batch,
+        tb.seq,
+        Some(&key_mask),
+        indices,
+        mode,
+        true,
+    )?;
+    let (orig_out, _) = model.forward_train(
+        Input::Ids(&tb.input_ids),
+        tb.batch,
+        tb.seq,
+        Some(&key_mask),
+        orig_indices,
+        mode,
+        false,
+    )?;
     let dl = |o: &Option<B::Buf>| o.as_ref().map(|b| be.download(b)).transpose();
     Ok(SetPass {
         tuned: stack(be, &out.hidden)?,
@@ -104,13 +130,23 @@ fn backward_set<B: BackwardOps>(
     if let Some(g) = grad {
         let slab = g.len() / indices.len().max(1);
         for (k, &i) in indices.iter().enumerate() {
-            let v: Vec<f32> = g[k * slab..(k + 1) * slab].iter().map(|&x| x as f32).collect();
+            let v: Vec<f32> = g[k * slab..(k + 1) * slab]
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
             bufs.push((i, be.upload_f32(&v)?));
         }
     }
     let refs: Vec<(usize, &B::Buf)> = bufs.iter().map(|(i, b)| (*i, b)).collect();
     let dl = d_logits.map(|d| be.upload_f32(d)).transpose()?;
-    model.backward(&pass.acts, &refs, dl.as_ref(), Some(&pass.key_mask), Some(grads), false)?;
+    model.backward(
+        &pass.acts,
+        &refs,
+        dl.as_ref(),
+        Some(&pass.key_mask),
+        Some(grads),
+        false,
+    )?;
     Ok(())
 }
 
@@ -129,10 +165,22 @@ fn retain_kl<B: BackwardOps>(
     let all: [usize; 0] = [];
     let pass = run_set(model, retain, &all, &all, true)?;
     let mask: Vec<f64> = retain.attention_mask.iter().map(|&m| m as f64).collect();
-    let (zo, zt) = (pass.orig_logits.as_ref().unwrap(), pass.tuned_logits.as_ref().unwrap());
+    let (zo, zt) = (
+        pass.orig_logits.as_ref().unwrap(),
+        pass.tuned_logits.as_ref().unwrap(),
+    );
     let vocab = model.cfg.vocab_size;
     let mut dlog = grads.is_some().then(|| vec![0f32; zt.len()]);
-    let kl = kl_retain(zo, zt, &mask, retain.batch, vocab, temperature, 1.0, dlog.as_deref_mut());
+    let kl = kl_retain(
+        zo,
+        zt,
+        &mask,
+        retain.batch,
+        vocab,
+        temperature,
+        1.0,
+        dlog.as_deref_mut(),
+    );
     if let (Some(g), Some(d)) = (grads, dlog.as_mut()) {
         d.iter_mut().for_each(|x| *x *= weight as f32);
         backward_set(model, &pass, &all, None, Some(d), g)?;
@@ -177,7 +225,11 @@ pub fn triplet_step<B: BackwardOps>(
     drop(h);
     let kl = retain_kl(model, retain, cfg.temperature, cfg.w_kl, grads)?;
     Ok(LossTerms {
-        terms: vec![("benign".into(), terms.benign), ("harmful".into(), terms.harmful), ("kl".into(), kl)],
+        terms: vec![
+            ("benign".into(), terms.benign),
+            ("harmful".into(), terms.harmful),
+            ("kl".into(), kl),
+        ],
         total: terms.total + cfg.w_kl * kl,
     })
 }

@@ -1,0 +1,440 @@
+//! `repshield train` and `repshield loss`.
+
+use super::data::{read_jsonl, Encoder, Layout, MaskMode, TokenBatch};
+use super::step::LossTerms;
+use super::trainer::{objective_step, Method, TrainConfig, Trainer};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::llama::peft::load_peft;
+use crate::llama::{Input, Llama, LogitsMode, LoraGrads, LoraModule};
+use crate::model::{self, LoadedModel};
+use crate::objectives::distance::cos_sim;
+use crate::objectives::kl::kl_retain;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// .gguf file, Hugging Face directory, or `smollm2`.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// TOML file with any TrainConfig field; command-line options override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub rank: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Comma-separated hidden-state indices of the harmful term.
+    #[arg(long, value_delimiter = ',')]
+    pub target_layers: Option<Vec<usize>>,
+    #[arg(long)]
+    pub max_prompt: Option<usize>,
+    #[arg(long)]
+    pub max_response: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    #[arg(long)]
+    pub benign: Option<PathBuf>,
+    #[arg(long)]
+    pub refusal: Option<PathBuf>,
+    #[arg(long)]
+    pub harmful: Option<PathBuf>,
+    #[arg(long)]
+    pub retain: Option<PathBuf>,
+    /// Continue from `<out>/checkpoint`.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (saving a checkpoint) after this many steps of this run.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Held-out harmful pairs and benign chat for the final summary.
+    #[arg(long, default_value = "data/heldout/harmful_qa.jsonl")]
+    pub heldout_harmful: PathBuf,
+    #[arg(long, default_value = "data/heldout/retain_chat.jsonl")]
+    pub heldout_benign: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl TrainArgs {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_toml(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(
+            method,
+            steps,
+            batch,
+            grad_accum,
+            rank,
+            alpha,
+            max_prompt,
+            max_response,
+            seed,
+            save_every,
+            benign,
+            refusal,
+            harmful,
+            retain
+        );
+        if self.lr.is_some() {
+            c.lr = self.lr;
+        }
+        if self.target_layers.is_some() {
+            c.target_layers = self.target_layers.clone();
+        }
+        Ok(c)
+    }
+}
+
+fn cpu_only(device: &str) -> Result<()> {
+    match device {
+        "cpu" | "auto" => Ok(()),
+        other => bail!("--device {other}: training runs on the CPU in this build (the CUDA backward kernels are not written yet)"),
+    }
+}
+
+pub fn cmd_train(a: &TrainArgs) -> Result<()> {
+    cpu_only(&a.device)?;
+    let cfg = a.config()?;
+    let m = model::load_model(&a.model)?;
+    let model = Llama::new(CpuBackend, &m.config, &m.weights)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C kills the process as usual.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to abort)");
+        });
+    }
+    let mut tr = Trainer::new(model, &m.tokenizer, &a.model, cfg.clone(), &a.out, a.resume)?;
+    tr.stop_after = a.stop_after;
+    eprintln!(
+        "training {:?} on {} ({} LoRA pairs, rank {}, target indices {:?}), {} steps from step {}; writing {}",
+        cfg.method,
+        m.source.display(),
+        tr.adapter.pairs.len(),
+        cfg.rank,
+        cfg.targets(&m.config),
+        cfg.steps,
+        tr.state.step,
+        a.out.display()
+    );
+    let outcome = tr.run(&stop)?;
+    if outcome.interrupted {
+        println!(
+            "stopped at step {}; resume with the same command plus --resume",
+            outcome.steps_done
+        );
+        return Ok(());
+    }
+    println!(
+        "finished {} steps; adapter in {} (PEFT format), metrics in {}/metrics.jsonl",
+        outcome.steps_done,
+        a.out.display(),
+        a.out.display()
+    );
+    if let (Some(f), Some(l)) = (outcome.first_total, outcome.last_total) {
+        println!("loss: first step {f:.4} -> last step {l:.4}");
+    }
+    let s = summary(&tr.model, &m, &cfg, &a.heldout_harmful, &a.heldout_benign)?;
+    println!(
+        "held-out: cos(tuned, original) of harmful representations at target indices = {:.3}; KL(original || tuned) on benign chat = {:.4} nats/token",
+        s.harmful_cos, s.benign_kl
+    );
+    Ok(())
+}
+
+pub struct Summary {
+    pub harmful_cos: f64,
+    pub benign_kl: f64,
+}
+
+/// Mean cosine similarity between tuned and original harmful representations (response
+/// tokens, target indices) and mean per-token KL(original || tuned) at T = 1 on benign chat.
+pub fn summary(
+    model: &Llama<CpuBackend>,
+    m: &LoadedModel,
+    c: &TrainConfig,
+    harmful: &Path,
+    benign: &Path,
+) -> Result<Summary> {
+    let targets = c.targets(&m.config);
+    let enc = Encoder::new(
+        &m.tokenizer,
+        Layout {
+            max_prompt: c.max_prompt,
+            max_response: c.max_response,
+        },
+    );
+    let hs = read_jsonl(harmful, true)?;
+    let bs = read_jsonl(benign, true)?;
+    let d = m.config.hidden_size;
+    let (mut cos_sum, mut cos_n) = (0.0, 0.0);
+    let (mut kl_sum, mut kl_n) = (0.0, 0.0);
+    for chunk in hs.chunks(8) {
+        let tb = enc.batch(chunk)?;
+        let mask = model.backend.upload_f32(&tb.attention_mask)?;
+        let (t, _) = model.forward_train(
+            Input::Ids(&tb.input_ids),
+            tb.batch,
+            tb.seq,
+            Some(&mask),
+            &targets,
+            LogitsMode::None,
+            true,
+        )?;
+        let (o, _) = model.forward_train(
+            Input::Ids(&tb.input_ids),
+            tb.batch,
+            tb.seq,
+            Some(&mask),
+            &targets,
+            LogitsMode::None,
+            false,
+        )?;
+        let rm = tb.mask(MaskMode::ResponseAll);
+        for ((_, ht), (_, ho)) in t.hidden.iter().zip(&o.hidden) {
+            for (r, &w) in rm.iter().enumerate() {
+                if w > 0.0 {
+                    let a: Vec<f64> = ht[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect();
+                    let b: Vec<f64> = ho[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect();
+                    cos_sum += cos_sim(&a, &b);
+                    cos_n += 1.0;
+                }
+            }
+        }
+    }
+    for chunk in bs.chunks(8) {
+        let tb = enc.batch(chunk)?;
+        let mask = model.backend.upload_f32(&tb.attention_mask)?;
+        let (t, _) = model.forward_train(
+            Input::Ids(&tb.input_ids),
+            tb.batch,
+            tb.seq,
+            Some(&mask),
+            &[],
+            LogitsMode::All,
+            true,
+        )?;
+        let (o, _) = model.forward_train(
+            Input::Ids(&tb.input_ids),
+            tb.batch,
+            tb.seq,
+            Some(&mask),
+            &[],
+            LogitsMode::All,
+            false,
+        )?;
+        let rm = tb.mask(MaskMode::ResponseAll);
+        // kl_retain with batch = 1 and T = 1 returns the sum over masked tokens.
+        kl_sum += kl_retain(
+            o.logits.as_ref().unwrap(),
+            t.logits.as_ref().unwrap(),
+            &rm,
+            1,
+            m.config.vocab_size,
+            1.0,
+            1.0,
+            None,
+        );
+        kl_n += rm.iter().sum::<f64>();
+    }
+    ensure!(
+        cos_n > 0.0 && kl_n > 0.0,
+        "held-out sets produced no response tokens"
+    );
+    Ok(Summary {
+        harmful_cos: cos_sum / cos_n,
+        benign_kl: kl_sum / kl_n,
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LossArgs {
+    #[arg(long, value_enum)]
+    pub method: Method,
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter directory (default: a fresh adapter, B = 0).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub benign: Option<PathBuf>,
+    #[arg(long)]
+    pub harmful: Option<PathBuf>,
+    #[arg(long)]
+    pub retain: Option<PathBuf>,
+    /// Pre-tokenised inputs: int64 `{benign,harmful,retain}/{input_ids,attention_mask,response_mask,last_prompt_index}`.
+    #[arg(long)]
+    pub batch: Option<PathBuf>,
+    /// Optimiser step (Circuit Breakers' coefficient schedule).
+    #[arg(long, default_value_t = 0)]
+    pub step: usize,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads one set of a `--batch` file (right-padded rows, positions 0..T-1).
+pub fn read_batch_set(st: &safetensors::SafeTensors, path: &Path, set: &str) -> Result<TokenBatch> {
+    let get = |name: &str| -> Result<(Vec<usize>, Vec<i64>)> {
+        let full = format!("{set}/{name}");
+        let t = st
+            .tensor(&full)
+            .with_context(|| format!("{}: missing tensor {full}", path.display()))?;
+        ensure!(
+            t.dtype() == safetensors::Dtype::I64,
+            "{}: tensor {full} must be int64",
+            path.display()
+        );
+        Ok((
+            t.shape().to_vec(),
+            t.data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        ))
+    };
+    let (shape, ids) = get("input_ids")?;
+    ensure!(
+        shape.len() == 2,
+        "{}: {set}/input_ids must be [batch, seq]",
+        path.display()
+    );
+    let (batch, seq) = (shape[0], shape[1]);
+    let (s2, am) = get("attention_mask")?;
+    let (s3, rm) = get("response_mask")?;
+    let (s4, last) = get("last_prompt_index")?;
+    ensure!(
+        s2 == shape && s3 == shape && s4 == [batch],
+        "{}: {set} tensors disagree in shape",
+        path.display()
+    );
+    let prompt_mask: Vec<f32> = am
+        .iter()
+        .zip(&rm)
+        .map(|(&a, &r)| (a != 0 && r == 0) as u8 as f32)
+        .collect();
+    Ok(TokenBatch {
+        batch,
+        seq,
+        input_ids: ids.iter().map(|&x| x as u32).collect(),
+        attention_mask: am.iter().map(|&x| x as f32).collect(),
+        prompt_mask,
+        response_mask: rm.iter().map(|&x| x as f32).collect(),
+        last_prompt_index: last.iter().map(|&x| x as usize).collect(),
+    })
+}
+
+pub fn cmd_loss(a: &LossArgs) -> Result<()> {
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_toml(p)?,
+        None => TrainConfig::default(),
+    };
+    c.method = a.method;
+    let m = model::load_model(&a.model)?;
+    let mut model = Llama::new(CpuBackend, &m.config, &m.weights)?;
+    let adapter = match &a.adapter {
+        Some(dir) => load_peft(dir, &m.config)?,
+        None => crate::llama::LoraAdapter::init(
+            &m.config,
+            crate::llama::LoraConfig {
+                rank: c.rank,
+                alpha: c.alpha,
+                layers: c.lora_layers(&m.config),
+                modules: LoraModule::ALL.to_vec(),
+            },
+            c.seed,
+        ),
+    };
+    model.attach_lora(&adapter)?;
+    let (benign, harmful, retain) = if let Some(p) = &a.batch {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: corrupt safetensors", p.display()))?;
+        (
+            read_batch_set(&st, p, "benign")?,
+            read_batch_set(&st, p, "harmful")?,
+            read_batch_set(&st, p, "retain")?,
+        )
+    } else {
+        let enc = Encoder::new(
+            &m.tokenizer,
+            Layout {
+                max_prompt: c.max_prompt,
+                max_response: c.max_response,
+            },
+        );
+        let need = |o: &Option<PathBuf>, n: &str| {
+            o.clone()
+                .with_context(|| format!("--{n} FILE (or --batch FILE) is required"))
+        };
+        (
+            enc.batch(&read_jsonl(&need(&a.benign, "benign")?, true)?)?,
+            enc.batch(&read_jsonl(&need(&a.harmful, "harmful")?, true)?)?,
+            enc.batch(&read_jsonl(&need(&a.retain, "retain")?, true)?)?,
+        )
+    };
+    let targets = c.targets(&m.config);
+    let mut grads = LoraGrads::new(&model)?;
+    let terms: LossTerms = objective_step(
+        &model,
+        &c,
+        a.step,
+        &targets,
+        &benign,
+        &harmful,
+        &retain,
+        Some(&mut grads),
+    )?;
+    let norms = lora_grad_norms(&model, &grads)?;
+    if a.json {
+        let mut o = serde_json::Map::new();
+        o.insert("method".into(), serde_json::to_value(c.method)?);
+        o.insert("loss".into(), terms.total.into());
+        for (n, v) in terms.terms.iter().chain(&norms) {
+            o.insert(n.clone(), (*v).into());
+        }
+        println!("{}", serde_json::Value::Object(o));
+    } else {
+        println!("method {:?}, target indices {:?}", c.method, targets);
+        println!("{:<16} {:>14}", "loss", format!("{:.6}", terms.total));
+        for (n, v) in terms.terms.iter().chain(&norms) {
+            println!("{n:<16} {v:>14.6}");
+        }
+    }
+    Ok(())
+}
+
+fn lora_grad_norms(
+    model: &Llama<CpuBackend>,
+    grads: &LoraGrads<CpuBackend>,
+) -> Result<Vec<(String, f64)>> {
+    super::trainer::grad_norms(model, grads)
+}
