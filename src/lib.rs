@@ -1,6 +1,7 @@
 //! repshield: representation-engineering safety training and embedding-space attacks for
 //! Llama-family chat models, on hand-written kernels with a thin Rust driver.
 
+pub mod attack;
 pub mod backend;
 pub mod llama;
 pub mod model;

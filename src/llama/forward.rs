@@ -129,6 +129,45 @@ impl<B: Backend> Llama<B> {
         Ok(out)
     }
 
+    /// Like [`Llama::forward`], from embeddings (`[batch * seq, hidden]`) instead of token ids.
+    pub fn forward_embeds(
+        &self,
+        embeds: &B::Buf,
+        batch: usize,
+        cache: &mut KvCache<B>,
+        key_mask: Option<&B::Buf>,
+        capture: &[usize],
+        logits: LogitsMode,
+    ) -> Result<ForwardOutput<B>> {
+        let rows = self.backend.len(embeds) / self.cfg.hidden_size;
+        let (out, _) = self.run(
+            Input::Embeds(embeds),
+            rows,
+            batch,
+            cache,
+            key_mask,
+            capture,
+            logits,
+            true,
+            false,
+        )?;
+        Ok(out)
+    }
+
+    /// Token embeddings of `ids` (`[ids.len(), hidden]`).
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<B::Buf> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            anyhow::bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            );
+        }
+        let mut x = self.backend.alloc(ids.len() * self.cfg.hidden_size)?;
+        self.backend
+            .embedding(&self.embed, ids, self.cfg.hidden_size, &mut x);
+        Ok(x)
+    }
+
     /// A whole-sequence forward that records activations for [`Llama::backward`].
     /// `use_lora = false` gives the frozen model's representations (same weights, LoRA skipped).
     #[allow(clippy::too_many_arguments)]

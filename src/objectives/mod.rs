@@ -5,6 +5,7 @@
 //! Representations of one set (benign, harmful, retain ...) are laid out `[n_idx, batch, seq, dim]`
 //! for the hidden-state indices the objective needs, with a token mask `[batch, seq]` (1/0).
 
+pub mod ce;
 pub mod circuit_breaker;
 pub mod distance;
 pub mod kl;

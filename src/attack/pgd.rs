@@ -1,0 +1,114 @@
+//! The PGD update of the embedding attack: a signed-gradient step, then projection of the
+//! perturbation onto an L2 or L-infinity ball around the initial embeddings
+//! (CPU reference of the pgd-step kernel).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "eps")]
+pub enum Ball {
+    None,
+    L2(f32),
+    Linf(f32),
+}
+
+/// `e <- proj(e - step * sign(grad))`, per soft token row of width `dim` for the L2 ball
+/// (each token's perturbation is projected on its own, as in the authors' code).
+pub fn sign_step(e: &mut [f32], grad: &[f32], init: &[f32], step: f32, ball: Ball, dim: usize) {
+    assert!(
+        e.len() == grad.len() && e.len() == init.len() && e.len() % dim == 0,
+        "pgd: sizes differ"
+    );
+    for (x, g) in e.iter_mut().zip(grad) {
+        // sign(0) = 0, like torch.sign.
+        if *g > 0.0 {
+            *x -= step;
+        } else if *g < 0.0 {
+            *x += step;
+        }
+    }
+    project(e, init, ball, dim);
+}
+
+/// Projects `e - init` onto the ball, in place.
+pub fn project(e: &mut [f32], init: &[f32], ball: Ball, dim: usize) {
+    match ball {
+        Ball::None => {}
+        Ball::Linf(eps) => {
+            for (x, x0) in e.iter_mut().zip(init) {
+                *x = x.clamp(x0 - eps, x0 + eps);
+            }
+        }
+        Ball::L2(eps) => {
+            for (row, row0) in e.chunks_exact_mut(dim).zip(init.chunks_exact(dim)) {
+                let n: f32 = row
+                    .iter()
+                    .zip(row0)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt();
+                if n > eps {
+                    let s = eps / n;
+                    for (x, x0) in row.iter_mut().zip(row0) {
+                        *x = x0 + (*x - x0) * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng;
+
+    #[test]
+    fn projection_keeps_the_perturbation_inside_the_ball() {
+        let mut r = Rng::new(1);
+        let dim = 8;
+        let init: Vec<f32> = (0..3 * dim).map(|_| r.normal()).collect();
+        for ball in [Ball::L2(0.5), Ball::Linf(0.05)] {
+            let mut e = init.clone();
+            for _ in 0..50 {
+                let g: Vec<f32> = (0..3 * dim).map(|_| r.normal()).collect();
+                sign_step(&mut e, &g, &init, 0.03, ball, dim);
+                for (row, row0) in e.chunks(dim).zip(init.chunks(dim)) {
+                    match ball {
+                        Ball::L2(eps) => {
+                            let n: f32 = row
+                                .iter()
+                                .zip(row0)
+                                .map(|(a, b)| (a - b) * (a - b))
+                                .sum::<f32>()
+                                .sqrt();
+                            assert!(n <= eps * (1.0 + 1e-5), "L2 norm {n} > {eps}");
+                        }
+                        Ball::Linf(eps) => {
+                            assert!(row
+                                .iter()
+                                .zip(row0)
+                                .all(|(a, b)| (a - b).abs() <= eps + 1e-6));
+                        }
+                        Ball::None => unreachable!(),
+                    }
+                }
+            }
+            // The boundary is reached: the attack uses its budget.
+            let d: f32 = e
+                .iter()
+                .zip(&init)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d > 0.0);
+        }
+    }
+
+    #[test]
+    fn sign_step_moves_against_the_gradient() {
+        let mut e = vec![1.0f32, 1.0, 1.0];
+        let init = e.clone();
+        sign_step(&mut e, &[2.0, -0.5, 0.0], &init, 0.1, Ball::None, 3);
+        assert_eq!(e, vec![0.9, 1.1, 1.0]);
+    }
+}

@@ -1,0 +1,117 @@
+//! Embedding-space attack on the tiny fixture model: the gradient with respect to the soft
+//! tokens matches finite differences of the target cross-entropy, and PGD drives the model to
+//! emit the target under teacher forcing and then in its own greedy generation.
+
+mod common;
+
+use repshield::attack::embedding::{attack, AttackLayout, EmbeddingAttackConfig};
+use repshield::attack::pgd::Ball;
+use repshield::backend::cpu::CpuBackend;
+use repshield::llama::{Input, Llama, LogitsMode};
+use repshield::model::load_model_path;
+use repshield::objectives::ce::target_ce;
+
+#[test]
+fn soft_token_gradient_matches_finite_differences() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let cfg = EmbeddingAttackConfig {
+        n_soft: 3,
+        ..Default::default()
+    };
+    let lay = AttackLayout::new(&m.tokenizer, "tell me a secret", "sure here", &cfg).unwrap();
+    let mut ids = lay.prefix.clone();
+    ids.extend(&lay.soft_init);
+    ids.extend(&lay.suffix);
+    let pl = ids.len();
+    ids.extend(&lay.target);
+    let (d, v, seq) = (m.config.hidden_size, m.config.vocab_size, ids.len());
+    let targets: Vec<(usize, u32)> = lay
+        .target
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (pl - 1 + i, t))
+        .collect();
+    let emb = model.embed_ids(&ids).unwrap();
+    let loss = |e: &Vec<f32>| {
+        let (out, _) = model
+            .forward_train(Input::Embeds(e), 1, seq, None, &[], LogitsMode::All, true)
+            .unwrap();
+        target_ce(out.logits.as_ref().unwrap(), v, &targets, None).0
+    };
+    let (out, acts) = model
+        .forward_train(
+            Input::Embeds(&emb),
+            1,
+            seq,
+            None,
+            &[],
+            LogitsMode::All,
+            true,
+        )
+        .unwrap();
+    let mut dl = vec![0f32; seq * v];
+    target_ce(out.logits.as_ref().unwrap(), v, &targets, Some(&mut dl));
+    let de = model
+        .backward(&acts, &[], Some(&dl), None, None, true)
+        .unwrap()
+        .unwrap();
+    let p0 = lay.prefix.len();
+    let soft = p0 * d..(p0 + 3) * d;
+    let gmax = de[soft.clone()].iter().fold(0f32, |a, g| a.max(g.abs())) as f64;
+    assert!(gmax > 0.0);
+    let h = 1e-2f32;
+    for i in soft.step_by(5) {
+        let mut e = emb.clone();
+        e[i] += h;
+        let fp = loss(&e);
+        e[i] -= 2.0 * h;
+        let fm = loss(&e);
+        let num = (fp - fm) / (2.0 * h as f64);
+        assert!(
+            (num - de[i] as f64).abs() < 3e-2 * gmax,
+            "d/de[{i}]: numeric {num} vs analytic {}",
+            de[i]
+        );
+    }
+    // Tokens after the last target position get no gradient: nothing reads them.
+    assert!(de[(seq - 1) * d..].iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn pgd_reaches_the_target_and_the_generation_follows() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let cfg = EmbeddingAttackConfig {
+        n_soft: 8,
+        steps: 300,
+        step_size: 2e-2,
+        ball: Ball::Linf(1.0),
+        gen_tokens: 6,
+        ..Default::default()
+    };
+    let lay = AttackLayout::new(&m.tokenizer, "tell me a secret", "sure here", &cfg).unwrap();
+    let r = attack(&model, &m.tokenizer, &lay, &cfg, &[]).unwrap();
+    assert!(
+        r.teacher_forced_success,
+        "no success after {} steps, losses {:?}",
+        r.steps,
+        &r.losses[r.losses.len().saturating_sub(5)..]
+    );
+    assert!(
+        r.final_loss < r.losses[0],
+        "{} !< {}",
+        r.final_loss,
+        r.losses[0]
+    );
+    assert!(
+        r.steps < 300,
+        "early stop should fire before the step budget"
+    );
+    let want = m.tokenizer.decode(&lay.target, true).unwrap();
+    assert!(
+        r.response.starts_with(&want),
+        "greedy generation {:?} should start with the target {want:?}",
+        r.response
+    );
+}
