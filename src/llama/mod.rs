@@ -5,6 +5,7 @@ pub mod backward;
 pub mod forward;
 pub mod generate;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod peft;
 

@@ -248,3 +248,64 @@ impl ModelConfig {
         }
     }
 }
+
+impl ModelConfig {
+    /// The config as a Hugging Face `config.json` (what `repshield merge` writes and what the
+    /// transformers side of a benchmark builds its model from).
+    pub fn to_hf_json(&self) -> Value {
+        let arch_class = match self.arch.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch_class],
+            "model_type": self.arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position,
+            "hidden_act": "silu",
+        });
+        if let Some(b) = self.bos_token_id {
+            v["bos_token_id"] = b.into();
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => v["eos_token_id"] = (*one).into(),
+            many => v["eos_token_id"] = many.into(),
+        }
+        if self.arch == "llama" {
+            v["attention_bias"] = self.qkv_bias.into();
+        }
+        if self.arch == "mistral" {
+            v["sliding_window"] = Value::Null;
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            }) => {
+                v["rope_scaling"] = serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position,
+                })
+            }
+            Some(RopeScaling::Linear { factor }) => {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            None => {}
+        }
+        v
+    }
+}
