@@ -311,6 +311,7 @@ pub fn asr_table(records: &[AttackRecord]) -> String {
     }
     if configs.len() > 1 {
         let mut ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        ids.sort_unstable();
         ids.dedup();
         let n = ids.len();
         let any_kw = ids

@@ -1,0 +1,85 @@
+//! `eval` end to end on the tiny fixture model: the report's numbers are computed (not
+//! placeholders), a model evaluated against itself has zero KL and identical separation, and a
+//! baseline comparison prints deltas.
+
+mod common;
+
+use repshield::attack::commands::AttackKind;
+use repshield::eval::{read_report, run_eval, EvalArgs};
+use repshield::llama::peft::save_peft;
+use repshield::llama::{LoraAdapter, LoraConfig, LoraModule};
+use repshield::model::load_model_path;
+use repshield::util::Rng;
+
+fn args(out: &std::path::Path) -> EvalArgs {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    EvalArgs {
+        model: common::fixture("tiny-llama").display().to_string(),
+        adapter: None,
+        out: out.to_path_buf(),
+        baseline: None,
+        behaviors: root.join("data/harmbench_val.jsonl"),
+        limit: 2,
+        attacks: vec![AttackKind::Direct, AttackKind::Prefill],
+        embedding_steps: 2,
+        embedding_step_size: 1e-3,
+        gen_tokens: 4,
+        edgy: root.join("data/edgy_benign.jsonl"),
+        edgy_limit: 3,
+        heldout_benign: root.join("data/heldout/retain_chat.jsonl"),
+        heldout_harmful: root.join("data/heldout/harmful_qa.jsonl"),
+    }
+}
+
+#[test]
+fn report_and_baseline_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_dir = dir.path().join("base");
+    let base = run_eval(&args(&base_dir)).unwrap();
+    assert_eq!(base.asr["direct"].n, 2);
+    assert_eq!(base.over_refusal_n, 3);
+    assert_eq!(
+        base.benign_kl, 0.0,
+        "no adapter: the evaluated model is the original"
+    );
+    assert!(base.benign_ppl > 1.0 && base.benign_ppl.is_finite());
+    for l in &base.separation {
+        assert!(
+            (l.drift_harmful - 1.0).abs() < 1e-9
+                && (l.centroid_cos_tuned - l.centroid_cos_original).abs() < 1e-12
+        );
+    }
+    assert_eq!(read_report(&base_dir).unwrap(), base);
+    assert!(base_dir.join("attacks.jsonl").is_file() && base_dir.join("report.md").is_file());
+
+    // An adapter that changes the model: KL > 0, drift < 1, and deltas against the baseline.
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let lcfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        layers: vec![0, 1],
+        modules: LoraModule::ALL.to_vec(),
+    };
+    let mut ad = LoraAdapter::init(&m.config, lcfg, 3);
+    let mut r = Rng::new(4);
+    for p in &mut ad.pairs {
+        p.b.iter_mut().for_each(|x| *x = r.normal() * 0.1);
+    }
+    let adir = dir.path().join("adapter");
+    save_peft(&adir, &ad, "tiny").unwrap();
+    let mut a = args(&dir.path().join("tuned"));
+    a.adapter = Some(adir);
+    a.baseline = Some(base_dir);
+    let tuned = run_eval(&a).unwrap();
+    assert!(tuned.benign_kl > 0.0);
+    assert!(tuned
+        .separation
+        .iter()
+        .skip(1)
+        .any(|l| l.drift_harmful < 0.9999));
+    let md = std::fs::read_to_string(dir.path().join("tuned/report.md")).unwrap();
+    assert!(
+        md.contains("against the baseline") && md.contains("(+"),
+        "{md}"
+    );
+}
