@@ -281,7 +281,7 @@ pub fn repbend_step<B: BackwardOps>(
     })
 }
 
-/// Circuit Breakers: retain set R (benign pairs + retain chat), circuit-breaker set C (harmful).
+/// Circuit Breakers: retain set R (the retain-chat batch), circuit-breaker set C (harmful).
 #[allow(clippy::too_many_arguments)]
 pub fn circuit_breaker_step<B: BackwardOps>(
     model: &Llama<B>,
