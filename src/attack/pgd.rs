@@ -16,7 +16,7 @@ pub enum Ball {
 /// (each token's perturbation is projected on its own, as in the authors' code).
 pub fn sign_step(e: &mut [f32], grad: &[f32], init: &[f32], step: f32, ball: Ball, dim: usize) {
     assert!(
-        e.len() == grad.len() && e.len() == init.len() && e.len() % dim == 0,
+        e.len() == grad.len() && e.len() == init.len() && e.len().is_multiple_of(dim),
         "pgd: sizes differ"
     );
     for (x, g) in e.iter_mut().zip(grad) {

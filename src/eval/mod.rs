@@ -167,8 +167,9 @@ pub fn separation(
         },
     );
     let d = m.config.hidden_size;
-    // sums[set][idx] = (sum tuned, sum original, drift sum, count)
-    let mut acc: Vec<Vec<(Vec<f64>, Vec<f64>, f64, f64)>> = (0..2)
+    // acc[set][idx] = (sum tuned, sum original, drift sum, count)
+    type Sums = (Vec<f64>, Vec<f64>, f64, f64);
+    let mut acc: Vec<Vec<Sums>> = (0..2)
         .map(|_| {
             indices
                 .iter()

@@ -7,17 +7,23 @@ use super::model::{DeviceLayer, Llama};
 use crate::backend::{AttnShape, BackwardOps};
 use anyhow::{ensure, Result};
 
+/// `(dA, dB)` of each of a block's seven projections that carries LoRA.
+pub type BlockLoraGrads<B> = [Option<(
+    <B as crate::backend::Backend>::Buf,
+    <B as crate::backend::Backend>::Buf,
+)>; 7];
+
 /// Gradient buffers of every attached LoRA pair, indexed `[layer][module]`; accumulated (`+=`)
 /// across backward calls (gradient accumulation) until [`LoraGrads::zero`].
 pub struct LoraGrads<B: BackwardOps> {
-    pub grads: Vec<[Option<(B::Buf, B::Buf)>; 7]>,
+    pub grads: Vec<BlockLoraGrads<B>>,
 }
 
 impl<B: BackwardOps> LoraGrads<B> {
     pub fn new(model: &Llama<B>) -> Result<Self> {
         let mut grads = Vec::with_capacity(model.layers.len());
         for l in &model.layers {
-            let mut slot: [Option<(B::Buf, B::Buf)>; 7] = Default::default();
+            let mut slot: BlockLoraGrads<B> = Default::default();
             for (i, lo) in l.lora.iter().enumerate() {
                 if let Some(lo) = lo {
                     let (a, b) = (model.backend.len(&lo.a), model.backend.len(&lo.b));

@@ -213,7 +213,7 @@ impl<B: Backend> Llama<B> {
         let be = &self.backend;
         let d = cfg.hidden_size;
         ensure!(
-            batch > 0 && rows > 0 && rows % batch == 0,
+            batch > 0 && rows > 0 && rows.is_multiple_of(batch),
             "forward: {rows} rows do not split into {batch} sequences"
         );
         ensure!(

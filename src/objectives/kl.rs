@@ -28,7 +28,7 @@ pub fn kl_retain(
     );
     assert_eq!(tuned.len(), orig.len(), "kl: tuned logits size");
     assert!(
-        batch > 0 && rows % batch == 0,
+        batch > 0 && rows.is_multiple_of(batch),
         "kl: mask rows {rows} not divisible by batch {batch}"
     );
     let t = temperature;

@@ -567,7 +567,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                 .collect();
             bar.set_message(format!("loss {:.4} | {}", terms.total, msg.join(" ")));
             bar.inc(1);
-            if self.state.step % c.save_every == 0 || self.state.step == c.steps {
+            if self.state.step.is_multiple_of(c.save_every) || self.state.step == c.steps {
                 self.save_checkpoint()?;
             }
         }
