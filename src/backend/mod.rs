@@ -9,6 +9,7 @@
 //! - the KV cache of one layer is `[batch, capacity, kv_dim]`.
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 
@@ -47,7 +48,7 @@ impl AttnShape {
             "KV cache overflow: {self:?}"
         );
         assert!(
-            self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads == 0,
+            self.n_kv_heads > 0 && self.n_heads.is_multiple_of(self.n_kv_heads),
             "query heads must be a multiple of KV heads: {self:?}"
         );
     }

@@ -1,0 +1,302 @@
+// Projection GEMM and bias. CPU twin: src/backend/cpu/matmul.rs (and CpuBackend::add_bias);
+// launcher: src/backend/cuda/matmul.rs, which picks the entry point.
+//
+// Contract (all row-major)
+//   x   [M, K]   activations
+//   w   [N, K]   weights in nn.Linear layout, so the product is x w^T
+//   out [M, N]   out = (accumulate ? out : 0) + scale * x w^T      (= or +=, per `accumulate`)
+//   out is bf16 or f32 (out_f32 flag); accumulation is always f32.
+//
+// Entry points
+//   matmul_bf16_128x128, matmul_bf16_64x64
+//       x, w bf16. Tensor cores (mma.sync m16n8k16 bf16 -> f32) fed by a 4-stage cp.async
+//       pipeline. Requires K % 8 == 0 (16-byte chunks) and 16-byte-aligned x, w; any M, N, K
+//       otherwise: rows/columns past M/N and chunks past K are zero-filled by cp.async
+//       (src-size 0) and the epilogue stores only in-bounds elements.
+//       grid = (ceil(N / BN), ceil(M / BM)); block = 256 (128x128) or 128 (64x64) threads;
+//       dynamic shared memory = 4 * (BM + BN) * 40 * 2 bytes (81920 for 128x128: the launcher
+//       raises the function's limit above 48 KiB at load).
+//   matvec_bf16
+//       decode path, M <= 8: one warp per output feature streams its row of w once with 16-byte
+//       loads and serves all M rows of x (bandwidth-bound: w is read exactly once). K % 8 == 0.
+//       grid = ceil(N / 8), block = 256.
+//   matmul_generic
+//       any dtype mix (x_f32, w_f32, out_f32 flags) and any K: 64x64 SIMT tiles, f32 math. For
+//       LoRA factors kept in f32 and shapes the tensor-core path does not take.
+//       grid = (ceil(N / 64), ceil(M / 64)), block = 256.
+//   add_bias_{bf16,f32}
+//       x [rows, width] += bias [width] (side tensor, f32 or bf16).   (+=)
+#include "common.cuh"
+
+namespace {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy that bypasses L1; src_bytes == 0 writes zeros instead.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// d += a b for one m16n8k16 tile: a row-major 16x16, b "col" 16x8 (= 8 rows of w, k-contiguous).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void store_out(void* out, int out_f32, long long i, float v, float scale, int accumulate) {
+  v *= scale;
+  if (out_f32) {
+    float* o = static_cast<float*>(out) + i;
+    *o = accumulate ? *o + v : v;
+  } else {
+    bf16* o = static_cast<bf16*>(out) + i;
+    *o = __float2bfloat16_rn(accumulate ? __bfloat162float(*o) + v : v);
+  }
+}
+
+constexpr int kBK = 32;          // k per pipeline stage: two m16n8k16 steps
+constexpr int kBKP = kBK + 8;    // padded smem row (80 bytes): ldmatrix rows hit distinct banks
+constexpr int kStages = 4;
+
+template <int BM, int BN, int WM, int WN>
+__device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out,
+                                        int out_f32, int M, int N, int K, float scale, int accumulate) {
+  constexpr int WARPS_N = BN / WN;
+  constexpr int THREADS = (BM / WM) * WARPS_N * 32;
+  constexpr int MT = WM / 16, NT = WN / 8;
+  constexpr int CHUNKS_PER_ROW = kBK / 8;
+  static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  static_assert((BM * CHUNKS_PER_ROW) % THREADS == 0 && (BN * CHUNKS_PER_ROW) % THREADS == 0, "tile/threads");
+
+  extern __shared__ uint4 smem_raw[];
+  bf16* As = reinterpret_cast<bf16*>(smem_raw);        // [kStages][BM][kBKP]
+  bf16* Bs = As + kStages * BM * kBKP;                 // [kStages][BN][kBKP]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int block_m = blockIdx.y * BM, block_n = blockIdx.x * BN;
+  const int k_tiles = (K + kBK - 1) / kBK;
+
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
+#pragma unroll
+    for (int i = 0; i < BM * CHUNKS_PER_ROW / THREADS; i++) {
+      const int c = tid + i * THREADS, row = c / CHUNKS_PER_ROW, kc = (c % CHUNKS_PER_ROW) * 8;
+      const int gm = block_m + row, gk = k0 + kc;
+      const bool ok = gm < M && gk < K;
+      cp_async_16(As + (stage * BM + row) * kBKP + kc, ok ? x + (long long)gm * K + gk : x, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BN * CHUNKS_PER_ROW / THREADS; i++) {
+      const int c = tid + i * THREADS, row = c / CHUNKS_PER_ROW, kc = (c % CHUNKS_PER_ROW) * 8;
+      const int gn = block_n + row, gk = k0 + kc;
+      const bool ok = gn < N && gk < K;
+      cp_async_16(Bs + (stage * BN + row) * kBKP + kc, ok ? w + (long long)gn * K + gk : w, ok ? 16 : 0);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+  // Prologue: kStages - 1 tiles in flight. Every iteration commits exactly one group (possibly
+  // empty) so that wait_group<kStages - 2> always means "tile kt has landed".
+#pragma unroll
+  for (int s = 0; s < kStages - 1; s++) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < k_tiles; kt++) {
+    cp_async_wait<kStages - 2>();
+    // Tile kt is visible to all threads, and everyone is done with the stage that the
+    // prefetch below overwrites (it was consumed in iteration kt - 1).
+    __syncthreads();
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
+
+    const int stage = kt % kStages;
+    const bf16* a_st = As + stage * BM * kBKP;
+    const bf16* b_st = Bs + stage * BN * kBKP;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      unsigned a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; i++) {
+        // lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8: the four 8x8
+        // matrices come back in exactly the a0..a3 order of the m16n8k16 A fragment.
+        const int row = warp_m * WM + i * 16 + (lane & 15);
+        ldmatrix_x4(a[i], a_st + row * kBKP + kk + (lane >> 4) * 8);
+      }
+      unsigned b[NT][2];
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        // matrices: (n 0-7, k), (n 0-7, k+8), (n 8-15, k), (n 8-15, k+8) -> b[j], b[j+1]
+        const int nrow = warp_n * WN + j * 8 + (lane & 7) + ((lane >> 4) << 3);
+        unsigned r[4];
+        ldmatrix_x4(r, b_st + nrow * kBKP + kk + ((lane >> 3) & 1) * 8);
+        b[j][0] = r[0];
+        b[j][1] = r[1];
+        b[j + 1][0] = r[2];
+        b[j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++) mma_bf16_16816(acc[i][j], a[i], b[j][0], b[j][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Accumulator fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at (row g + 8, same cols),
+  // g = lane / 4, t = lane % 4.
+#pragma unroll
+  for (int i = 0; i < MT; i++) {
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      const int r0 = block_m + warp_m * WM + i * 16 + (lane >> 2);
+      const int c0 = block_n + warp_n * WN + j * 8 + (lane & 3) * 2;
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int r = r0 + (e >> 1) * 8, c = c0 + (e & 1);
+        if (r < M && c < N) store_out(out, out_f32, (long long)r * N + c, acc[i][j][e], scale, accumulate);
+      }
+    }
+  }
+}
+
+// One warp per output feature n; all m <= 8 rows of x against that row of w.
+__device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                            void* __restrict__ out, int out_f32, int M, int N, int K, float scale,
+                                            int accumulate) {
+  constexpr int MAXM = 8;
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)n * K);
+  const int packs = K >> 3;
+  float acc[MAXM];
+#pragma unroll
+  for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
+  for (int p = lane; p < packs; p += 32) {
+    Pack16<bf16> wp;
+    wp.raw = __ldcs(wr + p);  // streamed once: do not let it evict x from L1
+#pragma unroll
+    for (int i = 0; i < MAXM; i++) {
+      if (i < M) {
+        Pack16<bf16> xp;
+        xp.raw = __ldg(reinterpret_cast<const uint4*>(x + (long long)i * K) + p);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i] = fmaf(xp.get(e), wp.get(e), acc[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MAXM; i++) {
+    if (i < M) {
+      const float v = warp_sum(acc[i]);
+      if (lane == 0) store_out(out, out_f32, (long long)i * N + n, v, scale, accumulate);
+    }
+  }
+}
+
+// 64x64 output tile, 16x16 threads, each 4x4 outputs strided by 16 (conflict-free smem reads).
+__device__ __forceinline__ void gemm_generic(const void* __restrict__ x, int x_f32, const void* __restrict__ w,
+                                             int w_f32, void* __restrict__ out, int out_f32, int M, int N, int K,
+                                             float scale, int accumulate) {
+  constexpr int T = 64, BK = 16;
+  __shared__ float xs[BK][T + 1];
+  __shared__ float ws[BK][T + 1];
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int block_m = blockIdx.y * T, block_n = blockIdx.x * T;
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+    for (int i = 0; i < T * BK / 256; i++) {
+      const int e = threadIdx.x + i * 256, row = e / BK, kk = e % BK;
+      const int gk = k0 + kk, gm = block_m + row, gn = block_n + row;
+      xs[kk][row] = (gm < M && gk < K) ? load_side(x, x_f32, (long long)gm * K + gk) : 0.0f;
+      ws[kk][row] = (gn < N && gk < K) ? load_side(w, w_f32, (long long)gn * K + gk) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk++) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) a[i] = xs[kk][ty + 16 * i], b[i] = ws[kk][tx + 16 * i];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int r = block_m + ty + 16 * i, c = block_n + tx + 16 * j;
+      if (r < M && c < N) store_out(out, out_f32, (long long)r * N + c, acc[i][j], scale, accumulate);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void add_bias_impl(T* __restrict__ x, const void* __restrict__ bias, int bias_f32,
+                                              long long n, int width) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    x[i] = from_f32<T>(to_f32(x[i]) + load_side(bias, bias_f32, i % width));
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256)
+    matmul_bf16_128x128(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out, int out_f32,
+                        int M, int N, int K, float scale, int accumulate) {
+  gemm_tc<128, 128, 64, 32>(x, w, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    matmul_bf16_64x64(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out, int out_f32,
+                      int M, int N, int K, float scale, int accumulate) {
+  gemm_tc<64, 64, 32, 32>(x, w, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    matvec_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out, int out_f32, int M,
+                int N, int K, float scale, int accumulate) {
+  matvec_impl(x, w, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    matmul_generic(const void* __restrict__ x, int x_f32, const void* __restrict__ w, int w_f32,
+                   void* __restrict__ out, int out_f32, int M, int N, int K, float scale, int accumulate) {
+  gemm_generic(x, x_f32, w, w_f32, out, out_f32, M, N, K, scale, accumulate);
+}
+
+#define ADD_BIAS_ENTRY(SUFFIX, T)                                                                    \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      add_bias_##SUFFIX(T* __restrict__ x, const void* __restrict__ bias, int bias_f32, long long n, int width) { \
+    add_bias_impl<T>(x, bias, bias_f32, n, width);                                                   \
+  }
+
+ADD_BIAS_ENTRY(bf16, bf16)
+ADD_BIAS_ENTRY(f32, float)

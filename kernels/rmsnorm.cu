@@ -1,0 +1,77 @@
+// RMSNorm, plain and fused with the residual add (the pre-norm block boundary).
+// CPU twin: src/backend/cpu/rmsnorm.rs; launcher: src/backend/cuda/rmsnorm.rs.
+//
+// Contract (rows of width dim, row-major; T = bf16 or f32 for x/residual/delta/out)
+//   rmsnorm_T:      out = x / sqrt(mean(x^2) + eps) * w                          (out =)
+//   add_rmsnorm_T:  residual += delta (rounded to T); out = rmsnorm(residual) * w  (residual +=, out =)
+//   w [dim] is a side tensor: f32 when w_f32 != 0, else bf16.
+//   The statistics of add_rmsnorm are taken over the residual as stored (rounded to T), so the
+//   normalised row is exactly the norm of what later layers read back.
+// Launch: grid.x = rows, block = 256 threads (a multiple of 32). x and out may not alias.
+#include "common.cuh"
+
+template <typename T, bool kAdd>
+__device__ __forceinline__ void rmsnorm_row(T* __restrict__ x, const T* __restrict__ delta, const void* __restrict__ w,
+                                            int w_f32, T* __restrict__ out, int dim, float eps) {
+  __shared__ float scratch[32];
+  const long long base = (long long)blockIdx.x * dim;
+  T* xr = x + base;
+  T* orow = out + base;
+  constexpr int N = Pack16<T>::N;
+  float ss = 0.0f;
+  if (dim % N == 0) {
+    const int packs = dim / N;
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+      Pack16<T> v = Pack16<T>::load(xr + p * N);
+      if (kAdd) {
+        const Pack16<T> d = Pack16<T>::load(delta + base + p * N);
+#pragma unroll
+        for (int i = 0; i < N; i++) v.set(i, v.get(i) + d.get(i));
+        v.store(xr + p * N);
+      }
+#pragma unroll
+      for (int i = 0; i < N; i++) ss += v.get(i) * v.get(i);
+    }
+  } else {
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+      float v = to_f32(xr[c]);
+      if (kAdd) {
+        const T r = from_f32<T>(v + to_f32(delta[base + c]));
+        xr[c] = r;
+        v = to_f32(r);
+      }
+      ss += v * v;
+    }
+  }
+  ss = block_sum(ss, scratch);
+  const float inv = rsqrtf(ss / (float)dim + eps);
+  // Second pass reads back exactly the elements this thread wrote above: no barrier needed.
+  if (dim % N == 0) {
+    const int packs = dim / N;
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+      const Pack16<T> v = Pack16<T>::load(xr + p * N);
+      Pack16<T> o;
+#pragma unroll
+      for (int i = 0; i < N; i++) o.set(i, load_side(w, w_f32, p * N + i) * (v.get(i) * inv));
+      o.store(orow + p * N);
+    }
+  } else {
+    for (int c = threadIdx.x; c < dim; c += blockDim.x)
+      orow[c] = from_f32<T>(load_side(w, w_f32, c) * (to_f32(xr[c]) * inv));
+  }
+}
+
+#define RMSNORM_ENTRIES(SUFFIX, T)                                                                   \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      rmsnorm_##SUFFIX(const T* __restrict__ x, const void* __restrict__ w, int w_f32, T* __restrict__ out, \
+                       int dim, float eps) {                                                         \
+    rmsnorm_row<T, false>(const_cast<T*>(x), nullptr, w, w_f32, out, dim, eps);                      \
+  }                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      add_rmsnorm_##SUFFIX(T* __restrict__ residual, const T* __restrict__ delta, const void* __restrict__ w, \
+                           int w_f32, T* __restrict__ out, int dim, float eps) {                     \
+    rmsnorm_row<T, true>(residual, delta, w, w_f32, out, dim, eps);                                  \
+  }
+
+RMSNORM_ENTRIES(bf16, bf16)
+RMSNORM_ENTRIES(f32, float)

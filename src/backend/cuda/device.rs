@@ -1,0 +1,516 @@
+//! Context, stream, module cache and buffers of the CUDA backend, and its `Backend` impl (each
+//! op forwards to the launcher in the file named after its kernel file).
+
+use super::ptx::{KERNELS_COMPILED, NOT_COMPILED_REASON, NVCC_VERSION, PTX_ARCH, PTX_MODULES};
+use crate::backend::{AttnShape, Backend};
+use crate::model::ModelConfig;
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Storage type of a device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    BF16,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::BF16 => 2,
+            DType::F32 => 4,
+        }
+    }
+    /// The suffix of kernel entry points for this dtype (`rmsnorm_bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+        }
+    }
+    /// The `is_f32` flag that kernels take for side tensors.
+    pub(super) fn flag(self) -> i32 {
+        (self == DType::F32) as i32
+    }
+}
+
+/// A flat device buffer: `len` elements of `dtype`, in one allocation of its own (so always
+/// 256-byte aligned, which the 16-byte vector paths rely on).
+pub struct CudaBuf {
+    pub(super) data: CudaSlice<u8>,
+    pub(super) dtype: DType,
+    pub(super) len: usize,
+}
+
+impl CudaBuf {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuf({} x {:?})", self.len, self.dtype)
+    }
+}
+
+/// One GPU, set up once per process: context, the stream every op is queued on, and every
+/// kernel of the embedded PTX loaded and looked up.
+pub(super) struct Device {
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) stream: Arc<CudaStream>,
+    /// Every kernel with its parameter signature from the PTX (see `ptx::PtxModule`).
+    functions: HashMap<&'static str, (CudaFunction, &'static str)>,
+    pub(super) sm_count: usize,
+    pub(super) name: String,
+    pub(super) compute_capability: (i32, i32),
+    pub(super) driver_version: i32,
+    /// Flash-decoding partials of attention, grown on demand and reused: every op runs in
+    /// order on one stream, so a later launch cannot overtake an earlier reader.
+    pub(super) attn_scratch: Mutex<Option<CudaSlice<f32>>>,
+}
+
+/// Dynamic shared memory of the 128x128 GEMM tile (4 stages x (128 + 128) rows x 40 bf16).
+pub(super) const GEMM_128_SMEM: u32 = 4 * (128 + 128) * 40 * 2;
+
+fn devices() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+    DEVICES.get_or_init(Default::default)
+}
+
+/// Checks, in order, that kernels were compiled, that a driver can be loaded and that device
+/// `ordinal` exists; nothing here can panic inside cudarc.
+pub(super) fn probe(ordinal: usize) -> Result<()> {
+    if !KERNELS_COMPILED {
+        bail!("CUDA kernels not compiled: {NOT_COMPILED_REASON}");
+    }
+    // SAFETY: only tries to dlopen libcuda; cudarc panics on first use when it is missing,
+    // which is what this check prevents.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine)");
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| anyhow!("CUDA driver present but unusable: {e}"))?;
+    if ordinal >= count.max(0) as usize {
+        bail!("no CUDA device {ordinal}: the driver sees {count} device(s)");
+    }
+    Ok(())
+}
+
+impl Device {
+    fn open(ordinal: usize) -> Result<Self> {
+        probe(ordinal)?;
+        let ctx = CudaContext::new(ordinal)
+            .with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let compute_capability = ctx.compute_capability()?;
+        if compute_capability.0 < 8 {
+            bail!(
+                "{name} has compute capability {}.{}; the kernels need 8.0 or newer (bf16 tensor cores, cp.async)",
+                compute_capability.0,
+                compute_capability.1
+            );
+        }
+        let sm_count =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let mut driver_version = 0;
+        // SAFETY: writes one int; the driver library is loaded (probe).
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        // One stream for everything: ops are ordered, so buffers need no event tracking.
+        // SAFETY: no buffer is ever used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+
+        let mut functions = HashMap::new();
+        for m in PTX_MODULES {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(m.ptx))
+                .map_err(|e| {
+                    anyhow!(
+                        "the CUDA driver ({}) rejected the PTX of kernels/{}.cu (built by nvcc {NVCC_VERSION} \
+                         for {PTX_ARCH}): {e}. A driver older than the nvcc that built the PTX rejects it; \
+                         build with the pinned toolchain (tools/install-cuda-toolchain.sh)",
+                        driver_string(driver_version),
+                        m.name
+                    )
+                })?;
+            for &(entry, signature) in m.entries {
+                let f = module.load_function(entry).with_context(|| {
+                    format!("loading kernel {entry} from kernels/{}.cu", m.name)
+                })?;
+                functions.insert(entry, (f, signature));
+            }
+        }
+        if let Some((f, _)) = functions.get("matmul_bf16_128x128") {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                GEMM_128_SMEM as i32,
+            )
+            .context("raising the shared-memory limit of matmul_bf16_128x128")?;
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            functions,
+            sm_count,
+            name,
+            compute_capability,
+            driver_version,
+            attn_scratch: Mutex::new(None),
+        })
+    }
+}
+
+fn driver_string(v: i32) -> String {
+    if v == 0 {
+        "version unknown".into()
+    } else {
+        format!("CUDA {}.{}", v / 1000, (v % 1000) / 10)
+    }
+}
+
+/// The CUDA backend on one GPU. Cheap to clone: clones share the device, its stream and its
+/// loaded kernels.
+#[derive(Clone)]
+pub struct CudaBackend {
+    pub(super) dev: Arc<Device>,
+    /// Storage of `upload` and `alloc`: bf16 normally; f32 to check kernels against the CPU
+    /// without bf16 rounding.
+    working: DType,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({})", self.name())
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` (0 = first). Errors, never panics, when the kernels were not compiled,
+    /// there is no driver or no such device, or the driver rejects the PTX. The context and
+    /// modules are created once per process and device; later calls share them.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let mut map = devices().lock().unwrap_or_else(|p| p.into_inner());
+        let dev = match map.get(&ordinal) {
+            Some(d) => d.clone(),
+            None => {
+                let d = Arc::new(Device::open(ordinal)?);
+                map.insert(ordinal, d.clone());
+                d
+            }
+        };
+        Ok(Self {
+            dev,
+            working: DType::BF16,
+        })
+    }
+
+    /// The same device with `upload`/`alloc` storing `dtype` (f32: every kernel in full
+    /// precision, for parity checks; bf16: the default).
+    pub fn with_working_dtype(mut self, dtype: DType) -> Self {
+        self.working = dtype;
+        self
+    }
+
+    pub fn working_dtype(&self) -> DType {
+        self.working
+    }
+
+    /// Streaming multiprocessors of the GPU (launchers size grids with it).
+    pub fn sm_count(&self) -> usize {
+        self.dev.sm_count
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok(self.dev.ctx.mem_get_info()?)
+    }
+
+    /// Device memory needed per category (weights, activations, KV cache, scratch) to run `cfg`
+    /// on `batch` sequences of up to `ctx` tokens; see [`super::MemoryPlan`].
+    pub fn memory_plan(cfg: &ModelConfig, batch: usize, ctx: usize) -> String {
+        super::MemoryPlan::new(cfg, batch, ctx).to_string()
+    }
+
+    /// Allocates `len` zeroed elements of `dtype`.
+    pub fn alloc_dtype(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        // Zero-length buffers still get a real allocation so that every buffer has an address.
+        let bytes = (len * dtype.size()).max(16);
+        let data = self
+            .dev
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .with_context(|| format!("allocating {bytes} bytes on {}", self.dev.name))?;
+        Ok(CudaBuf { data, dtype, len })
+    }
+
+    /// Uploads `data` stored as `dtype` (bf16 rounds to nearest even).
+    pub fn upload_dtype(&self, data: &[f32], dtype: DType) -> Result<CudaBuf> {
+        let mut buf = self.alloc_dtype(data.len(), dtype)?;
+        if data.is_empty() {
+            return Ok(buf);
+        }
+        let res = match dtype {
+            DType::F32 => self
+                .dev
+                .stream
+                .memcpy_htod(bytemuck::cast_slice::<f32, u8>(data), &mut buf.data),
+            DType::BF16 => {
+                let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                self.dev
+                    .stream
+                    .memcpy_htod(bytemuck::cast_slice::<half::bf16, u8>(&h), &mut buf.data)
+            }
+        };
+        res.context("copying to the GPU")?;
+        Ok(buf)
+    }
+
+    /// Uploads a small index array (token ids, row lists) for one launch.
+    pub(super) fn upload_u32(&self, data: &[u32]) -> CudaSlice<u32> {
+        self.dev
+            .stream
+            .clone_htod(data)
+            .unwrap_or_else(|e| panic!("copying {} indices to the GPU: {e}", data.len()))
+    }
+
+    /// Launches kernel `name` on the backend's stream after checking `args` against the
+    /// kernel's PTX parameter list (count, and pointer / int / float per position). Launch
+    /// errors are bugs (bad grid, missing kernel), never data conditions, so they panic like a
+    /// failed precondition does on the CPU; faults inside the kernel surface at the next
+    /// `download`/`synchronize` as errors.
+    ///
+    /// # Safety
+    /// The buffers must be large enough for what the kernel reads and writes at this grid:
+    /// every launcher asserts the shapes before calling this.
+    pub(super) unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [Arg<'_>]) {
+        let (f, signature) = self.dev.functions.get(name).unwrap_or_else(|| {
+            panic!("kernel {name} is not in the embedded PTX (stale build of kernels/?)")
+        });
+        let given: String = args.iter().map(Arg::code).collect();
+        assert_eq!(
+            given, *signature,
+            "launcher/kernel signature mismatch for {name} (p = 8-byte pointer or long long, i = int, f = float)"
+        );
+        let mut b = self.dev.stream.launch_builder(f);
+        for a in args.iter_mut() {
+            match a {
+                Arg::In(buf) => b.arg(&buf.data),
+                Arg::Out(buf) => b.arg(&mut buf.data),
+                Arg::U32(ids) => b.arg(&**ids),
+                Arg::U32Out(ids) => b.arg(&mut **ids),
+                Arg::Ptr(p) => b.arg(&*p),
+                Arg::I32(v) => b.arg(&*v),
+                Arg::I64(v) => b.arg(&*v),
+                Arg::F32(v) => b.arg(&*v),
+            };
+        }
+        // SAFETY: argument count and classes match the kernel (checked above); sizes are the
+        // caller's contract.
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            panic!("launching {name}: {e}");
+        }
+    }
+
+    pub(super) fn stream(&self) -> &Arc<CudaStream> {
+        &self.dev.stream
+    }
+
+    /// Device address of a buffer (alignment checks, optional kernel arguments).
+    pub(super) fn addr(&self, buf: &CudaBuf) -> u64 {
+        let (ptr, _sync) = buf.data.device_ptr(&self.dev.stream);
+        ptr
+    }
+
+    pub(super) fn addr_f32(&self, buf: &CudaSlice<f32>) -> u64 {
+        let (ptr, _sync) = buf.device_ptr(&self.dev.stream);
+        ptr
+    }
+}
+
+/// One kernel argument, typed so that `CudaBackend::launch` can check it against the PTX.
+pub(super) enum Arg<'a> {
+    In(&'a CudaBuf),
+    Out(&'a mut CudaBuf),
+    U32(&'a CudaSlice<u32>),
+    U32Out(&'a mut CudaSlice<u32>),
+    /// A raw device address (optional buffers as 0, sub-ranges of scratch).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Arg<'_> {
+    fn code(&self) -> char {
+        match self {
+            Arg::In(_) | Arg::Out(_) | Arg::U32(_) | Arg::U32Out(_) | Arg::Ptr(_) | Arg::I64(_) => {
+                'p'
+            }
+            Arg::I32(_) => 'i',
+            Arg::F32(_) => 'f',
+        }
+    }
+}
+
+/// `x` as a kernel `int`, checked.
+pub(super) fn int(x: usize, what: &str) -> i32 {
+    i32::try_from(x)
+        .unwrap_or_else(|_| panic!("{what} = {x} does not fit a 32-bit kernel argument"))
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+
+    fn name(&self) -> String {
+        let d = &self.dev;
+        format!(
+            "cuda:{} ({}, sm_{}{}, {} SMs, driver {}, {} storage)",
+            d.ctx.ordinal(),
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.sm_count,
+            driver_string(d.driver_version),
+            self.working.suffix()
+        )
+    }
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        self.upload_dtype(data, self.working)
+    }
+    fn upload_f32(&self, data: &[f32]) -> Result<CudaBuf> {
+        self.upload_dtype(data, DType::F32)
+    }
+    fn alloc(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc_dtype(len, self.working)
+    }
+    fn alloc_f32(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc_dtype(len, DType::F32)
+    }
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let stream = &self.dev.stream;
+        let bytes: Vec<u8> = stream
+            .clone_dtoh(&buf.data)
+            .context("copying from the GPU")?;
+        stream
+            .synchronize()
+            .context("CUDA error in a kernel queued before this download")?;
+        let bytes = &bytes[..buf.bytes()];
+        Ok(match buf.dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        })
+    }
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.dev
+            .stream
+            .synchronize()
+            .context("CUDA error in a queued kernel")
+    }
+    fn argmax_rows(&self, x: &CudaBuf, width: usize) -> Result<Vec<u32>> {
+        self.argmax_impl(x, width)
+    }
+
+    fn embedding(&self, table: &CudaBuf, ids: &[u32], dim: usize, out: &mut CudaBuf) {
+        self.embedding_impl(table, ids, dim, out)
+    }
+    fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, dim: usize, eps: f32, out: &mut CudaBuf) {
+        self.rmsnorm_impl(x, w, dim, eps, out)
+    }
+    fn add_rmsnorm(
+        &self,
+        residual: &mut CudaBuf,
+        delta: &CudaBuf,
+        w: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) {
+        self.add_rmsnorm_impl(residual, delta, w, dim, eps, out)
+    }
+    fn matmul(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        self.matmul_impl(x, w, out, m, n, k, scale, accumulate)
+    }
+    fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
+        self.add_bias_impl(x, bias)
+    }
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        batch: usize,
+        seq_len: usize,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &CudaBuf,
+    ) {
+        self.rope_impl(x, batch, seq_len, n_heads, head_dim, start_pos, inv_freq)
+    }
+    fn kv_store(
+        &self,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+        shape: AttnShape,
+    ) {
+        self.kv_store_impl(k, v, k_cache, v_cache, shape)
+    }
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        key_mask: Option<&CudaBuf>,
+        out: &mut CudaBuf,
+        shape: AttnShape,
+    ) {
+        self.attention_impl(q, k_cache, v_cache, key_mask, out, shape)
+    }
+    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) {
+        self.swiglu_impl(gate, up, out)
+    }
+    fn gather_rows(
+        &self,
+        src: &CudaBuf,
+        src_rows: &[u32],
+        dim: usize,
+        dst: &mut CudaBuf,
+        dst_row: usize,
+    ) {
+        self.gather_rows_impl(src, src_rows, dim, dst, dst_row)
+    }
+}

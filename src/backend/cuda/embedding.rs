@@ -1,0 +1,50 @@
+//! Launcher of kernels/embedding.cu (CPU twin: backend/cpu/embedding.rs).
+
+use super::device::{int, Arg, CudaBackend, CudaBuf};
+use cudarc::driver::LaunchConfig;
+
+impl CudaBackend {
+    /// `out[r] = table[ids[r]]`, rows of width `dim`; table and out may differ in dtype.
+    pub(super) fn embedding_impl(
+        &self,
+        table: &CudaBuf,
+        ids: &[u32],
+        dim: usize,
+        out: &mut CudaBuf,
+    ) {
+        assert!(dim > 0, "embedding: dim is 0");
+        assert_eq!(table.len % dim, 0, "embedding: table is not rows of {dim}");
+        assert_eq!(
+            out.len,
+            ids.len() * dim,
+            "embedding: out has the wrong size"
+        );
+        let vocab = table.len / dim;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            panic!("embedding: token id {bad} >= vocab {vocab}");
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let name = match (table.dtype.suffix(), out.dtype.suffix()) {
+            (a, b) if a == b => format!("embedding_{a}"),
+            (a, b) => format!("embedding_{a}_{b}"),
+        };
+        let ids_dev = self.upload_u32(ids);
+        let dim_i = int(dim, "embedding dim");
+        let cfg = LaunchConfig {
+            grid_dim: (int(ids.len(), "embedding rows") as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = [
+            Arg::In(table),
+            Arg::U32(&ids_dev),
+            Arg::I32(dim_i),
+            Arg::Out(out),
+        ];
+        // SAFETY: embedding_*(const TIN* table, const u32* ids, int dim, TOUT* out): sizes checked
+        // above, ids checked against the vocabulary.
+        unsafe { self.launch(&name, cfg, &mut args) };
+    }
+}

@@ -1,0 +1,182 @@
+//! Launcher of kernels/matmul.cu (CPU twin: backend/cpu/matmul.rs and `CpuBackend::add_bias`).
+//! Picks the entry point: the bf16 tensor-core GEMM (two tile sizes), the decode GEMV, or the
+//! SIMT kernel for f32 operands and K not a multiple of 8.
+
+use super::device::{int, Arg, CudaBackend, CudaBuf, DType, GEMM_128_SMEM};
+use cudarc::driver::LaunchConfig;
+
+/// Rows of x up to which the GEMV streams each weight row once for all of them.
+pub const MATVEC_MAX_M: usize = 8;
+
+/// Which kernel `matmul` runs for a shape and operand dtypes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MatmulKernel {
+    TensorCore128,
+    TensorCore64,
+    Matvec,
+    Generic,
+}
+
+impl MatmulKernel {
+    pub fn entry(self) -> &'static str {
+        match self {
+            MatmulKernel::TensorCore128 => "matmul_bf16_128x128",
+            MatmulKernel::TensorCore64 => "matmul_bf16_64x64",
+            MatmulKernel::Matvec => "matvec_bf16",
+            MatmulKernel::Generic => "matmul_generic",
+        }
+    }
+}
+
+impl CudaBackend {
+    /// The kernel `matmul` uses for `[m, k] x [n, k]^T` with these operand dtypes: tensor cores
+    /// need bf16 x and w and 16-byte k-chunks; 128x128 tiles once they fill every SM, else
+    /// 64x64 for more blocks.
+    pub fn matmul_kernel(&self, m: usize, n: usize, k: usize, x: DType, w: DType) -> MatmulKernel {
+        if x != DType::BF16 || w != DType::BF16 || !k.is_multiple_of(8) {
+            MatmulKernel::Generic
+        } else if m <= MATVEC_MAX_M {
+            MatmulKernel::Matvec
+        } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
+            MatmulKernel::TensorCore128
+        } else {
+            MatmulKernel::TensorCore64
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_impl(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        assert_eq!(x.len, m * k, "matmul: x is not [m={m}, k={k}]");
+        assert_eq!(w.len, n * k, "matmul: w is not [n={n}, k={k}]");
+        assert_eq!(out.len, m * n, "matmul: out is not [m={m}, n={n}]");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                self.stream()
+                    .memset_zeros(&mut out.data)
+                    .unwrap_or_else(|e| panic!("matmul: zeroing out: {e}"));
+            }
+            return;
+        }
+        let kernel = self.matmul_kernel(m, n, k, x.dtype, w.dtype);
+        if kernel != MatmulKernel::Generic {
+            // 16-byte cp.async / vector loads: whole-allocation buffers are 256-byte aligned,
+            // and k % 8 == 0 keeps every row on a 16-byte boundary.
+            assert!(
+                self.addr(x).is_multiple_of(16) && self.addr(w).is_multiple_of(16),
+                "matmul: x and w must be 16-byte aligned"
+            );
+        }
+        let (m_i, n_i, k_i) = (int(m, "matmul m"), int(n, "matmul n"), int(k, "matmul k"));
+        let (out_f32, acc_i) = (out.dtype.flag(), accumulate as i32);
+        let name = kernel.entry();
+        let cfg = match kernel {
+            MatmulKernel::TensorCore128 | MatmulKernel::TensorCore64 => {
+                let (tile, threads, smem) = if kernel == MatmulKernel::TensorCore128 {
+                    (128, 256, GEMM_128_SMEM)
+                } else {
+                    (64, 128, 4 * (64 + 64) * 40 * 2)
+                };
+                assert!(
+                    m.div_ceil(tile) < 65536,
+                    "matmul: m = {m} needs more than 65535 row tiles"
+                );
+                LaunchConfig {
+                    grid_dim: (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: smem,
+                }
+            }
+            MatmulKernel::Matvec => LaunchConfig {
+                grid_dim: (n.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            MatmulKernel::Generic => {
+                assert!(
+                    m.div_ceil(64) < 65536,
+                    "matmul: m = {m} needs more than 65535 row tiles"
+                );
+                LaunchConfig {
+                    grid_dim: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            }
+        };
+        let shape = [
+            Arg::I32(m_i),
+            Arg::I32(n_i),
+            Arg::I32(k_i),
+            Arg::F32(scale),
+            Arg::I32(acc_i),
+        ];
+        if kernel == MatmulKernel::Generic {
+            let (x_f32, w_f32) = (x.dtype.flag(), w.dtype.flag());
+            let mut args = [
+                Arg::In(x),
+                Arg::I32(x_f32),
+                Arg::In(w),
+                Arg::I32(w_f32),
+                Arg::Out(out),
+                Arg::I32(out_f32),
+            ]
+            .into_iter()
+            .chain(shape)
+            .collect::<Vec<_>>();
+            // SAFETY: matmul_generic(const void* x, int, const void* w, int, void* out, int,
+            // int M, int N, int K, float scale, int accumulate); sizes checked above.
+            unsafe { self.launch(name, cfg, &mut args) };
+        } else {
+            let mut args = [Arg::In(x), Arg::In(w), Arg::Out(out), Arg::I32(out_f32)]
+                .into_iter()
+                .chain(shape)
+                .collect::<Vec<_>>();
+            // SAFETY: matmul_bf16_* / matvec_bf16(const bf16* x, const bf16* w, void* out, int,
+            // int M, int N, int K, float scale, int accumulate); bf16 operands, k % 8 == 0 and
+            // 16-byte alignment checked above.
+            unsafe { self.launch(name, cfg, &mut args) };
+        }
+    }
+
+    pub(super) fn add_bias_impl(&self, x: &mut CudaBuf, bias: &CudaBuf) {
+        assert!(bias.len > 0, "add_bias: empty bias");
+        assert_eq!(
+            x.len % bias.len,
+            0,
+            "add_bias: rows are not a multiple of the bias"
+        );
+        if x.len == 0 {
+            return;
+        }
+        let name = format!("add_bias_{}", x.dtype.suffix());
+        let (bias_f32, n, width) = (bias.dtype.flag(), x.len as i64, int(bias.len, "bias width"));
+        let blocks = x.len.div_ceil(256).min(self.sm_count() * 16);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = [
+            Arg::Out(x),
+            Arg::In(bias),
+            Arg::I32(bias_f32),
+            Arg::I64(n),
+            Arg::I32(width),
+        ];
+        // SAFETY: add_bias_T(T* x, const void* bias, int, long long n, int width); sizes checked.
+        unsafe { self.launch(&name, cfg, &mut args) };
+    }
+}

@@ -1,0 +1,90 @@
+//! Launcher of kernels/rmsnorm.cu (CPU twin: backend/cpu/rmsnorm.rs).
+
+use super::device::{int, Arg, CudaBackend, CudaBuf};
+use cudarc::driver::LaunchConfig;
+
+/// One block per row: enough threads for one 16-byte pack each, in whole warps, at most 256.
+fn row_config(rows: usize, dim: usize) -> LaunchConfig {
+    let threads = dim.div_ceil(8).next_multiple_of(32).clamp(32, 256) as u32;
+    LaunchConfig {
+        grid_dim: (int(rows, "rmsnorm rows") as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn rmsnorm_impl(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) {
+        assert!(dim > 0, "rmsnorm: dim is 0");
+        assert_eq!(w.len, dim, "rmsnorm: weight length");
+        assert_eq!(x.len, out.len, "rmsnorm: in/out sizes");
+        assert_eq!(x.len % dim, 0, "rmsnorm: x is not rows of {dim}");
+        assert_eq!(x.dtype, out.dtype, "rmsnorm: x and out dtypes differ");
+        let rows = x.len / dim;
+        if rows == 0 {
+            return;
+        }
+        let name = format!("rmsnorm_{}", x.dtype.suffix());
+        let (w_f32, dim_i) = (w.dtype.flag(), int(dim, "rmsnorm dim"));
+        let mut args = [
+            Arg::In(x),
+            Arg::In(w),
+            Arg::I32(w_f32),
+            Arg::Out(out),
+            Arg::I32(dim_i),
+            Arg::F32(eps),
+        ];
+        // SAFETY: rmsnorm_T(const T* x, const void* w, int, T* out, int dim, float eps); sizes
+        // checked above.
+        unsafe { self.launch(&name, row_config(rows, dim), &mut args) };
+    }
+
+    pub(super) fn add_rmsnorm_impl(
+        &self,
+        residual: &mut CudaBuf,
+        delta: &CudaBuf,
+        w: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) {
+        assert!(dim > 0, "add_rmsnorm: dim is 0");
+        assert_eq!(w.len, dim, "add_rmsnorm: weight length");
+        assert_eq!(residual.len, delta.len, "add_rmsnorm: residual/delta sizes");
+        assert_eq!(residual.len, out.len, "add_rmsnorm: in/out sizes");
+        assert_eq!(
+            residual.len % dim,
+            0,
+            "add_rmsnorm: residual is not rows of {dim}"
+        );
+        assert!(
+            residual.dtype == delta.dtype && residual.dtype == out.dtype,
+            "add_rmsnorm: residual, delta and out must share a dtype"
+        );
+        let rows = residual.len / dim;
+        if rows == 0 {
+            return;
+        }
+        let name = format!("add_rmsnorm_{}", residual.dtype.suffix());
+        let (w_f32, dim_i) = (w.dtype.flag(), int(dim, "add_rmsnorm dim"));
+        let mut args = [
+            Arg::Out(residual),
+            Arg::In(delta),
+            Arg::In(w),
+            Arg::I32(w_f32),
+            Arg::Out(out),
+            Arg::I32(dim_i),
+            Arg::F32(eps),
+        ];
+        // SAFETY: add_rmsnorm_T(T* residual, const T* delta, const void* w, int, T* out, int dim,
+        // float eps); sizes checked above.
+        unsafe { self.launch(&name, row_config(rows, dim), &mut args) };
+    }
+}

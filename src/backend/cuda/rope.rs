@@ -1,0 +1,58 @@
+//! Launcher of kernels/rope.cu (CPU twin: backend/cpu/rope.rs).
+
+use super::device::{int, Arg, CudaBackend, CudaBuf};
+use cudarc::driver::LaunchConfig;
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_impl(
+        &self,
+        x: &mut CudaBuf,
+        batch: usize,
+        seq_len: usize,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &CudaBuf,
+    ) {
+        assert_eq!(head_dim % 2, 0, "rope: head_dim {head_dim} is odd");
+        assert_eq!(x.len, batch * seq_len * n_heads * head_dim, "rope: x size");
+        assert_eq!(
+            inv_freq.len,
+            head_dim / 2,
+            "rope: inv_freq must have head_dim/2 entries"
+        );
+        let rows = batch * seq_len;
+        let work = rows * head_dim / 2;
+        if work == 0 {
+            return;
+        }
+        let name = format!("rope_{}", x.dtype.suffix());
+        let rows_i = rows as i64;
+        let (seq_i, heads_i, hd_i) = (
+            int(seq_len, "rope seq_len"),
+            int(n_heads, "rope n_heads"),
+            int(head_dim, "rope head_dim"),
+        );
+        let start_i = int(start_pos + seq_len, "rope position") - seq_i;
+        let inv_f32 = inv_freq.dtype.flag();
+        let cfg = LaunchConfig {
+            grid_dim: (int(work.div_ceil(256), "rope blocks") as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = [
+            Arg::Out(x),
+            Arg::I64(rows_i),
+            Arg::I32(seq_i),
+            Arg::I32(heads_i),
+            Arg::I32(hd_i),
+            Arg::I32(start_i),
+            Arg::In(inv_freq),
+            Arg::I32(inv_f32),
+        ];
+        // SAFETY: rope_T(T* x, long long rows, int seq_len, int n_heads, int head_dim,
+        // int start_pos, const void* inv_freq, int); sizes checked above.
+        unsafe { self.launch(&name, cfg, &mut args) };
+    }
+}

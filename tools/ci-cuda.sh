@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# CI fragment for the CUDA backend, called from .ci/run. Needs no GPU:
+#   1. installs the pinned nvcc (tools/install-cuda-toolchain.sh, idempotent);
+#   2. builds with --features cuda, a missing nvcc being an error, and prints the ptxas
+#      register/stack/spill report of every kernel for sm_80 and sm_90 (ptxas rejecting a
+#      kernel fails the build);
+#   3. lints the CUDA code (it is compiled only with the feature);
+#   4. runs the CUDA test suite: the PTX checks and no-GPU error paths run, every GPU test
+#      prints "skipping: no CUDA driver" and passes.
+# Uses the release profile so the dependencies are shared with `cargo test --release`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CUDA_HOME="$(bash tools/install-cuda-toolchain.sh)"
+export CUDA_HOME
+export REPSHIELD_REQUIRE_NVCC=1 REPSHIELD_PTXAS_REPORT=1
+echo "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep release))"
+
+echo "-- cargo build --release --features cuda"
+cargo build --release --features cuda
+
+# Cargo shows build-script warnings only when the script reruns; the report file is always there.
+report="$(ls -t "${CARGO_TARGET_DIR:-target}"/release/build/repshield-*/out/ptxas-report.txt 2>/dev/null | head -n 1 || true)"
+if [ -z "$report" ]; then
+  echo "ptxas report missing: build.rs did not run ptxas" >&2
+  exit 1
+fi
+echo "-- ptxas report ($report)"
+cat "$report"
+
+echo "-- cargo clippy --features cuda"
+cargo clippy --release --features cuda --all-targets -- -D warnings
+
+echo "-- cargo test --release --features cuda --test cuda_parity"
+# --nocapture: each GPU test's "skipping: no CUDA driver ..." line shows in the log.
+cargo test --release --features cuda --test cuda_parity -- --nocapture
