@@ -3,6 +3,7 @@
 
 pub mod attack;
 pub mod backend;
+pub mod bench;
 pub mod eval;
 pub mod llama;
 pub mod model;

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use repshield::backend::cpu::CpuBackend;
+use repshield::backend::Backend;
 use repshield::llama::{generate, GenerateOptions, Llama, Sampling};
 use repshield::model::{self, Message};
 use std::io::Write;
@@ -40,13 +41,29 @@ enum Cmd {
         /// Path to a .gguf file or Hugging Face directory, or the alias `smollm2`.
         #[arg(long)]
         model: String,
+        /// `cuda` adds the device memory plan (weights, activations, KV cache, scratch).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// Batch and context length the memory plan is made for.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
     },
     /// Chat with a model: the prompt is wrapped in its chat template, tokens stream to stdout.
     Generate {
         #[arg(long)]
         model: String,
+        #[arg(long, required_unless_present = "prompts")]
+        prompt: Option<String>,
+        /// JSONL file of {"prompt": ...}: answer each (greedy) and write {"prompt","response"} to --out.
+        #[arg(long, requires = "out", conflicts_with = "prompt")]
+        prompts: Option<std::path::PathBuf>,
         #[arg(long)]
-        prompt: String,
+        out: Option<std::path::PathBuf>,
+        /// PEFT adapter directory to apply.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         #[arg(long)]
         system: Option<String>,
         #[arg(long, default_value_t = 128)]
@@ -64,6 +81,31 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
+    /// Train a safety LoRA (triplet, RepBend or Circuit Breakers); writes a PEFT adapter.
+    Train(Box<repshield::train::commands::TrainArgs>),
+    /// Fold a LoRA adapter into the weights and write a Hugging Face model directory.
+    Merge {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, value_enum, default_value_t = repshield::llama::merge::SaveDtype::Bf16)]
+        dtype: repshield::llama::merge::SaveDtype,
+    },
+    /// The evaluation suite: ASR per attack, over-refusal, benign KL and perplexity,
+    /// representation separation; report.md + report.json (+ deltas against --baseline).
+    Eval(Box<repshield::eval::EvalArgs>),
+    /// Attack a model (embedding-space PGD, prefilling, direct request) and judge the responses.
+    Attack(Box<repshield::attack::commands::AttackArgs>),
+    /// Accuracy, precision and recall of the refusal keyword judges on human-labelled responses.
+    JudgeCheck(repshield::attack::commands::JudgeCheckArgs),
+    /// Evaluate an objective once on fixed inputs: every term and the gradient norms.
+    Loss(Box<repshield::train::commands::LossArgs>),
+    /// Benchmarks at real model shapes with random weights (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(repshield::bench::BenchCmd),
 }
 
 fn main() {
@@ -82,54 +124,140 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", model::fetch::resolve_model("smollm2")?.display());
             Ok(())
         }
-        Cmd::Info { model } => info(&model),
-        Cmd::Generate {
-            model,
-            prompt,
-            system,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            raw,
-            device,
-        } => {
-            let sampling = if temperature > 0.0 {
-                Sampling::TopP {
-                    temperature,
-                    top_p,
-                    seed,
+        Cmd::Info { model, device, batch, ctx } => {
+            let cfg = info(&model)?;
+            if device != Device::Cpu {
+                println!("\nCUDA memory plan (batch {batch}, context {ctx}):");
+                println!("{}", repshield::backend::cuda::MemoryPlan::new(&cfg, batch, ctx));
+                if let Some(why) = repshield::backend::cuda::unavailable_reason() {
+                    println!("(this machine cannot run it: {why})");
                 }
-            } else {
-                Sampling::Greedy
-            };
-            run_generate(
-                &model,
-                &prompt,
-                system.as_deref(),
-                max_new_tokens,
-                sampling,
-                raw,
-                device,
-            )
-        }
-    }
-}
-
-fn pick_device(device: Device) -> Result<()> {
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Auto => {
-            eprintln!("device: cpu (this build has no CUDA backend)");
+            }
             Ok(())
         }
-        Device::Cuda => {
-            bail!("--device cuda: this build has no CUDA backend (build with --features cuda)")
+        Cmd::Bench(b) => repshield::bench::run(b),
+        Cmd::Merge { model, adapter, out, dtype } => {
+            let mut m = model::load_model(&model)?;
+            let ad = repshield::llama::peft::load_peft(&adapter, &m.config)?;
+            repshield::llama::merge::merge_into(&mut m.weights, &ad)?;
+            repshield::llama::merge::save_hf_dir(&m, &out, dtype)?;
+            println!("merged {} into {}: {}", adapter.display(), m.source.display(), out.display());
+            Ok(())
+        }
+        Cmd::Eval(a) => repshield::eval::run_eval(&a).map(|_| ()),
+        Cmd::Attack(a) => repshield::attack::commands::cmd_attack(&a),
+        Cmd::JudgeCheck(a) => repshield::attack::commands::cmd_judge_check(&a),
+        Cmd::Train(a) => repshield::train::commands::cmd_train(&a),
+        Cmd::Loss(a) => repshield::train::commands::cmd_loss(&a),
+        Cmd::Generate { model, prompt, prompts, out, adapter, system, max_new_tokens, temperature, top_p, seed, raw, device } => {
+            let sampling = if temperature > 0.0 { Sampling::TopP { temperature, top_p, seed } } else { Sampling::Greedy };
+            let g = GenJob { spec: model, system, max_new_tokens, sampling, raw, device, adapter };
+            let cuda = use_cuda(g.device)?;
+            macro_rules! on {
+                ($be:expr) => {
+                    match (prompt, prompts) {
+                        (Some(p), None) => run_generate(&g, &p, $be),
+                        (None, Some(file)) => run_generate_file(&g, &file, out.as_deref().expect("clap requires --out"), $be),
+                        _ => bail!("give either --prompt TEXT or --prompts FILE.jsonl"),
+                    }
+                };
+            }
+            if cuda {
+                #[cfg(feature = "cuda")]
+                return on!(repshield::backend::cuda::CudaBackend::new(0)?);
+            }
+            on!(CpuBackend)
         }
     }
 }
 
-fn info(spec: &str) -> Result<()> {
+struct GenJob {
+    spec: String,
+    system: Option<String>,
+    max_new_tokens: usize,
+    sampling: Sampling,
+    raw: bool,
+    device: Device,
+    adapter: Option<std::path::PathBuf>,
+}
+
+fn load_for_generation<B: Backend>(g: &GenJob, backend: B) -> Result<(model::LoadedModel, Llama<B>, Vec<u32>)> {
+    let t0 = Instant::now();
+    let m = model::load_model(&g.spec)?;
+    let mut llama = Llama::new(backend, &m.config, &m.weights)?;
+    if let Some(dir) = &g.adapter {
+        llama.attach_lora(&repshield::llama::peft::load_peft(dir, &m.config)?)?;
+        eprintln!("adapter: {}", dir.display());
+    }
+    eprintln!("loaded {} in {:.2}s", m.source.display(), t0.elapsed().as_secs_f64());
+    let mut stop = m.config.eos_token_ids.clone();
+    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"] {
+        if let Some(id) = m.tokenizer.token_to_id(t) {
+            stop.push(id);
+        }
+    }
+    Ok((m, llama, stop))
+}
+
+fn prompt_ids(m: &model::LoadedModel, g: &GenJob, prompt: &str) -> Result<Vec<u32>> {
+    if g.raw {
+        return m.tokenizer.encode(prompt, true);
+    }
+    let mut msgs = Vec::new();
+    if let Some(s) = &g.system {
+        msgs.push(Message::new("system", s));
+    }
+    msgs.push(Message::new("user", prompt));
+    m.tokenizer.encode_chat(&msgs, true)
+}
+
+/// Answers every prompt of a JSONL file (resumable: rows already in `out` are kept).
+fn run_generate_file<B: Backend>(g: &GenJob, file: &std::path::Path, out: &std::path::Path, backend: B) -> Result<()> {
+    let prompts = repshield::train::data::read_jsonl(file, false)?;
+    let (m, llama, stop) = load_for_generation(g, backend)?;
+    let done = if out.exists() { repshield::train::data::read_jsonl(out, true).map(|v| v.len()).unwrap_or(0) } else { 0 };
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    bar.set_position(done as u64);
+    let opts = GenerateOptions { max_new_tokens: g.max_new_tokens, sampling: g.sampling.clone(), stop_tokens: stop.clone() };
+    for ex in prompts.iter().skip(done) {
+        let ids = prompt_ids(&m, g, &ex.prompt)?;
+        let toks = generate(&llama, &ids, &opts, |_| Ok(()))?;
+        let toks: Vec<u32> = toks.into_iter().filter(|t| !stop.contains(t)).collect();
+        let response = m.tokenizer.decode(&toks, true)?.trim().to_string();
+        writeln!(f, "{}", serde_json::json!({"prompt": ex.prompt, "response": response})).context("writing output")?;
+        f.flush().ok();
+        bar.inc(1);
+    }
+    bar.finish();
+    eprintln!("wrote {} answers to {}", prompts.len(), out.display());
+    Ok(())
+}
+
+/// `true` when the CUDA backend should run: `--device cuda` insists (an error names why it
+/// cannot), `--device auto` takes it when a GPU and compiled kernels are present.
+fn use_cuda(device: Device) -> Result<bool> {
+    use repshield::backend::cuda::unavailable_reason;
+    match device {
+        Device::Cpu => Ok(false),
+        Device::Cuda => match unavailable_reason() {
+            None => Ok(true),
+            Some(why) => bail!("--device cuda: {why}"),
+        },
+        Device::Auto => match unavailable_reason() {
+            None => {
+                eprintln!("device: cuda");
+                Ok(true)
+            }
+            Some(why) => {
+                eprintln!("device: cpu (CUDA not used: {why})");
+                Ok(false)
+            }
+        },
+    }
+}
+
+fn info(spec: &str) -> Result<model::ModelConfig> {
     let m = model::load_model(spec)?;
     let c = &m.config;
     let params = c.param_count();
@@ -176,43 +304,13 @@ fn info(spec: &str) -> Result<()> {
         params as f64 * 2.0 / (1 << 20) as f64,
         kv_per_tok as f64 * 2.0 / 1024.0
     );
-    Ok(())
+    Ok(m.config)
 }
 
-fn run_generate(
-    spec: &str,
-    prompt: &str,
-    system: Option<&str>,
-    max_new_tokens: usize,
-    sampling: Sampling,
-    raw: bool,
-    device: Device,
-) -> Result<()> {
-    pick_device(device)?;
-    let t0 = Instant::now();
-    let m = model::load_model(spec)?;
-    let llama = Llama::new(CpuBackend, &m.config, &m.weights)?;
-    eprintln!(
-        "loaded {} in {:.2}s",
-        m.source.display(),
-        t0.elapsed().as_secs_f64()
-    );
-    let ids = if raw {
-        m.tokenizer.encode(prompt, true)?
-    } else {
-        let mut msgs = Vec::new();
-        if let Some(s) = system {
-            msgs.push(Message::new("system", s));
-        }
-        msgs.push(Message::new("user", prompt));
-        m.tokenizer.encode_chat(&msgs, true)?
-    };
-    let mut stop = m.config.eos_token_ids.clone();
-    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"] {
-        if let Some(id) = m.tokenizer.token_to_id(t) {
-            stop.push(id);
-        }
-    }
+fn run_generate<B: Backend>(g: &GenJob, prompt: &str, backend: B) -> Result<()> {
+    let (m, llama, stop) = load_for_generation(g, backend)?;
+    let ids = prompt_ids(&m, g, prompt)?;
+    let (max_new_tokens, sampling) = (g.max_new_tokens, g.sampling.clone());
     let opts = GenerateOptions {
         max_new_tokens,
         sampling,

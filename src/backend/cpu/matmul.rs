@@ -82,6 +82,14 @@ pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Work items for `n` output features on the rayon pool: enough for balance on every thread,
 /// few enough that each streams a good run of W.
 fn matvec_block(n: usize) -> usize {
@@ -105,9 +113,8 @@ fn matvec(
     let o = SendPtr(out.as_mut_ptr());
     let run = |j0: usize| {
         let j1 = (j0 + block).min(n);
-        let o = o;
         // SAFETY: this task writes out[i * n + j] for j in j0..j1 only; bounds checked by the caller.
-        unsafe { matvec_range(x, w, o.0, m, n, k, j0, j1, scale, accumulate) }
+        unsafe { matvec_range(x, w, o.get(), m, n, k, j0, j1, scale, accumulate) }
     };
     if n <= block {
         run(0);
@@ -214,12 +221,12 @@ pub(crate) mod avx512 {
             let b1 = _mm512_loadu_ps(bp.add(16));
             let b2 = _mm512_loadu_ps(bp.add(32));
             let b3 = _mm512_loadu_ps(bp.add(48));
-            for i in 0..M {
-                let av = _mm512_set1_ps(*rows[i].add(p));
-                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-                acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
-                acc[i][3] = _mm512_fmadd_ps(av, b3, acc[i][3]);
+            for (ai, row) in acc.iter_mut().zip(rows) {
+                let av = _mm512_set1_ps(*row.add(p));
+                ai[0] = _mm512_fmadd_ps(av, b0, ai[0]);
+                ai[1] = _mm512_fmadd_ps(av, b1, ai[1]);
+                ai[2] = _mm512_fmadd_ps(av, b2, ai[2]);
+                ai[3] = _mm512_fmadd_ps(av, b3, ai[3]);
             }
             bp = bp.add(ldb);
         }
@@ -387,7 +394,8 @@ pub(crate) mod avx512 {
         let panel_len = k * NR;
         let per_phase = (PACK_BYTES / (panel_len * 4)).clamp(1, panels);
         let mut packed = take_scratch(per_phase * panel_len);
-        let k_slices = k.div_ceil(KC);
+        let kc_max = std::env::var("RS_KC").ok().and_then(|v| v.parse().ok()).unwrap_or(KC);
+        let k_slices = k.div_ceil(kc_max);
         let kc = k.div_ceil(k_slices);
         let o = SendPtr(out.as_mut_ptr());
         for phase0 in (0..panels).step_by(per_phase) {
@@ -407,7 +415,6 @@ pub(crate) mod avx512 {
             let m_chunks = m.div_ceil(chunk_rows);
             let packed = &packed;
             (0..np * m_chunks).into_par_iter().for_each(|t| {
-                let o = o;
                 let (pi, mc) = (t / m_chunks, t % m_chunks);
                 let j0 = (phase0 + pi) * NR;
                 let nr = NR.min(n - j0);
@@ -428,7 +435,7 @@ pub(crate) mod avx512 {
                             k,
                             bpanel.add(p0 * NR),
                             NR,
-                            o.0.add(i * n + j0),
+                            o.get().add(i * n + j0),
                             n,
                             nr,
                             scale,
@@ -486,20 +493,20 @@ pub(crate) mod avx512 {
                 for (i, v) in xv.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(x.add(i * k + p));
                 }
-                for r in 0..4 {
-                    let wv = _mm512_loadu_ps(wr[r].add(p));
-                    for i in 0..M {
-                        acc[r][i] = _mm512_fmadd_ps(wv, xv[i], acc[r][i]);
+                for (accr, w_row) in acc.iter_mut().zip(wr) {
+                    let wv = _mm512_loadu_ps(w_row.add(p));
+                    for (a, xi) in accr.iter_mut().zip(xv) {
+                        *a = _mm512_fmadd_ps(wv, xi, *a);
                     }
                 }
                 p += 16;
             }
             if k16 < k {
-                for r in 0..4 {
-                    let wv = _mm512_maskz_loadu_ps(tail, wr[r].add(k16));
-                    for i in 0..M {
+                for (accr, w_row) in acc.iter_mut().zip(wr) {
+                    let wv = _mm512_maskz_loadu_ps(tail, w_row.add(k16));
+                    for (i, a) in accr.iter_mut().enumerate() {
                         let xv = _mm512_maskz_loadu_ps(tail, x.add(i * k + k16));
-                        acc[r][i] = _mm512_fmadd_ps(wv, xv, acc[r][i]);
+                        *a = _mm512_fmadd_ps(wv, xv, *a);
                     }
                 }
             }
@@ -517,62 +524,6 @@ pub(crate) mod avx512 {
                 store(i, j, super::super::simd::x86::dot_avx512(xr, wr));
             }
             j += 1;
-        }
-    }
-}
-
-#[cfg(test)]
-mod fast_path_tests {
-    use super::*;
-    use crate::util::Rng;
-
-    fn naive(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-        let mut o = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                o[i * n + j] = (0..k)
-                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
-                    .sum();
-            }
-        }
-        o
-    }
-
-    /// Every path (matvec, blocked AVX-512, gemm crate) at odd and tile-multiple shapes, with
-    /// `=` and `+=`, outputs poisoned first where they are overwritten.
-    #[test]
-    fn matmul_matches_naive_at_odd_shapes() {
-        let mut r = Rng::new(11);
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 67, 33),
-            (3, 130, 17),
-            (4, 64, 64),
-            (5, 63, 129),
-            (6, 64, 128),
-            (7, 65, 300),
-            (13, 200, 577),
-            (64, 192, 576),
-            (37, 1000, 40),
-        ] {
-            let x: Vec<f32> = (0..m * k).map(|_| r.normal()).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| r.normal()).collect();
-            let want = naive(&x, &w, m, n, k);
-            let mut out = vec![f32::NAN; m * n];
-            matmul_fwd(&x, &w, &mut out, m, n, k, 0.5, false);
-            let base: Vec<f32> = (0..m * n).map(|_| r.normal()).collect();
-            let mut acc = base.clone();
-            matmul_fwd(&x, &w, &mut acc, m, n, k, 0.5, true);
-            let tol = 1e-5 * (k as f64).sqrt() * 4.0;
-            for i in 0..m * n {
-                assert!(
-                    (out[i] as f64 - 0.5 * want[i]).abs() <= tol,
-                    "m={m} n={n} k={k} i={i}: {} vs {}",
-                    out[i],
-                    0.5 * want[i]
-                );
-                assert!((acc[i] as f64 - base[i] as f64 - 0.5 * want[i]).abs() <= tol);
-            }
         }
     }
 }
@@ -654,5 +605,110 @@ pub fn gemm_fwd(
             false,
             gemm::Parallelism::Rayon(0),
         );
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+    use crate::util::Rng;
+
+    fn naive(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut o = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+            }
+        }
+        o
+    }
+
+    /// Every path (matvec, blocked AVX-512, gemm crate) at odd and tile-multiple shapes, with
+    /// `=` and `+=`, outputs poisoned first where they are overwritten.
+    #[test]
+    fn matmul_matches_naive_at_odd_shapes() {
+        let mut r = Rng::new(11);
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 67, 33),
+            (3, 130, 17),
+            (4, 64, 64),
+            (5, 63, 129),
+            (6, 64, 128),
+            (7, 65, 300),
+            (13, 200, 577),
+            (64, 192, 576),
+            (37, 1000, 40),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| r.normal()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| r.normal()).collect();
+            let want = naive(&x, &w, m, n, k);
+            let mut out = vec![f32::NAN; m * n];
+            matmul_fwd(&x, &w, &mut out, m, n, k, 0.5, false);
+            let base: Vec<f32> = (0..m * n).map(|_| r.normal()).collect();
+            let mut acc = base.clone();
+            matmul_fwd(&x, &w, &mut acc, m, n, k, 0.5, true);
+            let tol = 1e-5 * (k as f64).sqrt() * 4.0;
+            for i in 0..m * n {
+                assert!(
+                    (out[i] as f64 - 0.5 * want[i]).abs() <= tol,
+                    "m={m} n={n} k={k} i={i}: {} vs {}",
+                    out[i],
+                    0.5 * want[i]
+                );
+                assert!((acc[i] as f64 - base[i] as f64 - 0.5 * want[i]).abs() <= tol);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tmp_kernel_speed {
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        use super::avx512::*;
+        let kc = 128;
+        let a: Vec<f32> = (0..6 * 576).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..kc * 64).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut c = vec![0f32; 6 * 64];
+        for _ in 0..3 {
+            let reps = 200_000;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                unsafe {
+                    kernel_m(6, kc, a.as_ptr(), 576, b.as_ptr(), 64, c.as_mut_ptr(), 64, 64, 1.0, true)
+                };
+            }
+            let s = t.elapsed().as_secs_f64();
+            println!("kernel 6x64x{kc}: {:.1} GFLOP/s", (reps * 2 * 6 * 64 * kc) as f64 / s / 1e9);
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn gemm_speed() {
+        for (m, n, k) in [(512usize, 576usize, 576usize), (512, 1536, 576), (512, 576, 1536)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut c = vec![0f32; m * n];
+            let mut best = 0f64;
+            let mut pack = f64::INFINITY;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                super::matmul_fwd(&x, &w, &mut c, m, n, k, 1.0, false);
+                let s = t.elapsed().as_secs_f64();
+                best = best.max((2 * m * n * k) as f64 / s / 1e9);
+                let mut buf = vec![0f32; k * 64];
+                let t = std::time::Instant::now();
+                for j in 0..n / 64 {
+                    unsafe { super::avx512::pack_panel(w.as_ptr().add(j * 64 * k), k, 64, k, buf.as_mut_ptr()) };
+                }
+                pack = pack.min(t.elapsed().as_secs_f64());
+            }
+            println!("gemm {m}x{n}x{k}: best {best:.1} GFLOP/s; packing W alone {:.3} ms", pack * 1e3);
+        }
     }
 }

@@ -15,10 +15,20 @@ fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rmsnorm_fwd(x: &[f32], w: &[f32], dim: usize, eps: f32, out: &mut [f32]) {
     assert_eq!(w.len(), dim, "rmsnorm: weight length");
     assert_eq!(x.len(), out.len(), "rmsnorm: in/out sizes");
+    if x.len() <= SERIAL_MAX {
+        out.chunks_mut(dim)
+            .zip(x.chunks(dim))
+            .for_each(|(o, xr)| norm_row(xr, w, eps, o));
+        return;
+    }
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .for_each(|(o, xr)| norm_row(xr, w, eps, o));
 }
+
+/// Up to this many values a call stays on the calling thread (a decode step's single row is
+/// cheaper than waking the pool).
+const SERIAL_MAX: usize = 1 << 13;
 
 /// `residual += delta; out = rmsnorm(residual) * w`.
 pub fn add_rmsnorm_fwd(
@@ -35,16 +45,25 @@ pub fn add_rmsnorm_fwd(
         "add_rmsnorm: residual/delta sizes"
     );
     assert_eq!(residual.len(), out.len(), "add_rmsnorm: in/out sizes");
+    let one = |r: &mut [f32], d: &[f32], o: &mut [f32]| {
+        for (ri, di) in r.iter_mut().zip(d) {
+            *ri += di;
+        }
+        norm_row(r, w, eps, o);
+    };
+    if residual.len() <= SERIAL_MAX {
+        residual
+            .chunks_mut(dim)
+            .zip(delta.chunks(dim))
+            .zip(out.chunks_mut(dim))
+            .for_each(|((r, d), o)| one(r, d, o));
+        return;
+    }
     residual
         .par_chunks_mut(dim)
         .zip(delta.par_chunks(dim))
         .zip(out.par_chunks_mut(dim))
-        .for_each(|((r, d), o)| {
-            for (ri, di) in r.iter_mut().zip(d) {
-                *ri += di;
-            }
-            norm_row(r, w, eps, o);
-        });
+        .for_each(|((r, d), o)| one(r, d, o));
 }
 
 /// Backward of `y = rmsnorm(x) * w` with respect to `x` (the weights are frozen):

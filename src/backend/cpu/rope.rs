@@ -20,21 +20,70 @@ pub fn rope_fwd(
     );
     let row = n_heads * head_dim;
     assert_eq!(x.len() % row, 0, "rope: x is not a whole number of rows");
-    x.par_chunks_mut(row).enumerate().for_each(|(r, xr)| {
-        let pos = (start_pos + r % seq_len) as f32;
-        let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
-        for i in 0..half {
-            let a = inv_freq[i] * pos;
-            cos[i] = a.cos();
-            sin[i] = a.sin();
-        }
-        for h in xr.chunks_exact_mut(head_dim) {
-            let (lo, hi) = h.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (lo[i], hi[i]);
-                lo[i] = a * cos[i] - b * sin[i];
-                hi[i] = b * cos[i] + a * sin[i];
+    TABLE.with(|cell| {
+        let mut table = cell.borrow_mut();
+        table.fill(inv_freq, start_pos, seq_len);
+        let table = &*table;
+        let apply = |r: usize, xr: &mut [f32]| {
+            let t = r % seq_len;
+            let cos = &table.cos[t * half..(t + 1) * half];
+            let sin = &table.sin[t * half..(t + 1) * half];
+            for h in xr.chunks_exact_mut(head_dim) {
+                let (lo, hi) = h.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
             }
+        };
+        if x.len() < 1 << 14 {
+            x.chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, xr)| apply(r, xr));
+        } else {
+            x.par_chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, xr)| apply(r, xr));
         }
     });
+}
+
+/// cos/sin of `inv_freq[i] * pos` for a run of positions. Kept per thread and reused while the
+/// frequencies and positions repeat (q and k of every layer of one forward call share it).
+#[derive(Default)]
+struct AngleTable {
+    inv_freq: Vec<f32>,
+    start: usize,
+    len: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl AngleTable {
+    fn fill(&mut self, inv_freq: &[f32], start: usize, len: usize) {
+        if self.inv_freq == inv_freq && self.start == start && self.len == len {
+            return;
+        }
+        let half = inv_freq.len();
+        self.cos.clear();
+        self.sin.clear();
+        for t in 0..len {
+            let pos = (start + t) as f32;
+            for &f in inv_freq {
+                let a = f * pos;
+                self.cos.push(a.cos());
+                self.sin.push(a.sin());
+            }
+        }
+        debug_assert_eq!(self.cos.len(), len * half);
+        self.inv_freq.clear();
+        self.inv_freq.extend_from_slice(inv_freq);
+        self.start = start;
+        self.len = len;
+    }
+}
+
+thread_local! {
+    static TABLE: std::cell::RefCell<AngleTable> = std::cell::RefCell::new(AngleTable::default());
 }

@@ -139,7 +139,10 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The wide kernels. Every function here requires the instruction set named in its
+/// `target_feature` attribute to be present (see [`level`]).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::missing_safety_doc)]
 pub mod x86 {
     use std::arch::x86_64::*;
 
@@ -261,7 +264,7 @@ pub mod x86 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000_000_1e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
         _mm512_scalef_ps(y, n)
@@ -340,14 +343,7 @@ mod tests {
     #[test]
     fn exp_matches_libm() {
         let mut xs: Vec<f32> = (-2000..1600).map(|i| i as f32 * 0.05).collect();
-        xs.extend([
-            f32::NEG_INFINITY,
-            -104.5,
-            -87.0,
-            0.0,
-            -0.0,
-            1e-8,
-        ]);
+        xs.extend([f32::NEG_INFINITY, -104.5, -87.0, 0.0, -0.0, 1e-8]);
         let mut got = xs.clone();
         let s = exp_shift_sum(&mut got, 0.0);
         let mut want_sum = 0f64;
@@ -366,7 +362,10 @@ mod tests {
         let want = big.map(f32::exp);
         exp_shift_sum(&mut big, 0.0);
         for (g, w) in big.iter().zip(want) {
-            assert!(*g == w || (g - w).abs() <= 4.0 * f32::EPSILON * w, "{g} vs {w}");
+            assert!(
+                *g == w || (g - w).abs() <= 4.0 * f32::EPSILON * w,
+                "{g} vs {w}"
+            );
         }
     }
 
@@ -382,7 +381,6 @@ mod tests {
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             let got = dot(&a, &b) as f64;
             assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "n={n}");
-            assert_eq!(dot_portable(&a, &b) as f32, dot_portable(&a, &b));
 
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);

@@ -12,13 +12,12 @@ pub fn swiglu_fwd(gate: &[f32], up: &[f32], out: &mut [f32]) {
         gate.len() == up.len() && up.len() == out.len(),
         "swiglu: sizes differ"
     );
+    if out.len() <= 4096 {
+        return super::simd::swiglu(gate, up, out);
+    }
     out.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|(o, (g, u))| {
-            for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
-                *oi = silu(gi) * ui;
-            }
-        });
+        .for_each(|(o, (g, u))| super::simd::swiglu(g, u, o));
 }
 
 /// Backward of `out = silu(gate) * up`: `dgate = dout * up * silu'(gate)`, `dup = dout * silu(gate)`.

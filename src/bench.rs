@@ -1,0 +1,730 @@
+//! `repshield bench`: end-to-end throughput at real model shapes with seeded random weights,
+//! the machine's roofline (f32 FMA peak, streaming read bandwidth) measured in place, and an
+//! optional side-by-side run of the same work in PyTorch + transformers
+//! (`tools/bench_transformers.py`).
+//!
+//! FLOPs are model FLOPs: `2 * (matmul parameters touched per token) * tokens` plus causal
+//! attention (`4 * head_dim * n_heads` per visible query/key pair: QK^T and PV). The embedding
+//! gather, norms, RoPE and SwiGLU are not counted.
+
+use crate::backend::cpu::CpuBackend;
+use crate::llama::{generate::argmax, KvCache, Llama, LogitsMode};
+use crate::model::{ModelConfig, ModelWeights, RopeScaling};
+use crate::util::Rng;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Shape names accepted by `--shape`.
+pub const SHAPES: &[&str] = &["smollm2", "llama3-8b", "mistral-7b", "qwen2.5-0.5b"];
+
+/// Model shapes from the Hugging Face `config.json` of each checkpoint (numbers written in, so
+/// benchmarks need no download).
+pub fn shape_config(name: &str) -> Result<ModelConfig> {
+    let base = |arch: &str| ModelConfig {
+        arch: arch.into(),
+        vocab_size: 0,
+        hidden_size: 0,
+        intermediate_size: 0,
+        num_layers: 0,
+        num_heads: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+        rms_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        tie_embeddings: false,
+        qkv_bias: false,
+        max_position: 4096,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    let cfg = match name {
+        // HuggingFaceTB/SmolLM2-135M-Instruct
+        "smollm2" | "smollm2-135m" => ModelConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            rms_eps: 1e-5,
+            rope_theta: 100000.0,
+            tie_embeddings: true,
+            max_position: 8192,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            ..base("llama")
+        },
+        // meta-llama/Meta-Llama-3-8B-Instruct
+        "llama3-8b" => ModelConfig {
+            vocab_size: 128256,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            rms_eps: 1e-5,
+            rope_theta: 500000.0,
+            max_position: 8192,
+            bos_token_id: Some(128000),
+            eos_token_ids: vec![128001, 128009],
+            ..base("llama")
+        },
+        // mistralai/Mistral-7B-Instruct-v0.3
+        "mistral-7b" => ModelConfig {
+            vocab_size: 32768,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            rms_eps: 1e-5,
+            rope_theta: 1000000.0,
+            max_position: 32768,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            ..base("mistral")
+        },
+        // Qwen/Qwen2.5-0.5B-Instruct
+        "qwen2.5-0.5b" => ModelConfig {
+            vocab_size: 151936,
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_layers: 24,
+            num_heads: 14,
+            num_kv_heads: 2,
+            head_dim: 64,
+            rms_eps: 1e-6,
+            rope_theta: 1000000.0,
+            tie_embeddings: true,
+            qkv_bias: true,
+            max_position: 32768,
+            bos_token_id: Some(151643),
+            eos_token_ids: vec![151645],
+            ..base("qwen2")
+        },
+        other => bail!("unknown shape {other:?} (known: {})", SHAPES.join(", ")),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The config as a Hugging Face `config.json` dict, for the transformers side of a comparison.
+pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "model_type": cfg.arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position,
+        "hidden_act": "silu",
+    });
+    if cfg.arch == "llama" {
+        v["attention_bias"] = cfg.qkv_bias.into();
+    }
+    if cfg.arch == "mistral" {
+        v["sliding_window"] = serde_json::Value::Null;
+    }
+    match &cfg.rope_scaling {
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        }) => {
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position,
+            })
+        }
+        Some(RopeScaling::Linear { factor }) => {
+            v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
+        None => {}
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// FLOP and byte counts.
+
+/// Parameters of one layer's seven projections (the matmul work per token).
+pub fn layer_matmul_params(cfg: &ModelConfig) -> usize {
+    let d = cfg.hidden_size;
+    2 * d * cfg.q_dim() + 2 * d * cfg.kv_dim() + 3 * d * cfg.intermediate_size
+}
+
+/// Visible query/key pairs of a causal call: `q_len` queries at `start..start + q_len`.
+pub fn causal_pairs(start: usize, q_len: usize) -> usize {
+    // sum_{t=0}^{q_len-1} (start + t + 1)
+    q_len * start + q_len * (q_len + 1) / 2
+}
+
+/// Model FLOPs of one forward call of `q_len` tokens after `start` cached ones, with logits for
+/// `logit_rows` positions.
+pub fn forward_flops(cfg: &ModelConfig, start: usize, q_len: usize, logit_rows: usize) -> f64 {
+    let mm = 2.0 * (cfg.num_layers * layer_matmul_params(cfg)) as f64 * q_len as f64
+        + 2.0 * (cfg.vocab_size * cfg.hidden_size) as f64 * logit_rows as f64;
+    let attn = 4.0
+        * (cfg.num_layers * cfg.num_heads * cfg.head_dim) as f64
+        * causal_pairs(start, q_len) as f64;
+    mm + attn
+}
+
+/// Bytes a single-token decode step must read at least: every matmul weight once (f32), the
+/// embedding row, the norms and the KV cache up to `kv_len`.
+pub fn decode_bytes(cfg: &ModelConfig, kv_len: usize) -> f64 {
+    let weights = cfg.num_layers * layer_matmul_params(cfg) + cfg.vocab_size * cfg.hidden_size;
+    let kv = 2 * cfg.num_layers * cfg.kv_dim() * kv_len;
+    4.0 * (weights + kv) as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Roofline: f32 FMA peak and read bandwidth, measured on all threads of the rayon pool.
+
+#[derive(Debug, Clone)]
+pub struct Peak {
+    pub gflops: f64,
+    pub threads: usize,
+    /// Instruction set used, e.g. "avx512f (16 x f32x16 FMA chains)".
+    pub isa: &'static str,
+}
+
+/// Independent FMA chains per thread: enough to cover latency x pipes on current x86 cores
+/// (4 cycles x 2 pipes on Zen 4/5 and Golden Cove) with room to spare.
+const FMA_CHAINS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = _mm512_set1_ps(1.0 + i as f32 * 1e-3);
+    }
+    // acc = acc * a + b converges to b / (1 - a): no overflow, no denormals.
+    let a = _mm512_set1_ps(0.999_9);
+    let b = _mm512_set1_ps(1e-4);
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for v in acc {
+        s = _mm512_add_ps(s, v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(1.0); FMA_CHAINS];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = _mm256_set1_ps(1.0 + i as f32 * 1e-3);
+    }
+    let a = _mm256_set1_ps(0.999_9);
+    let b = _mm256_set1_ps(1e-4);
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut out = [0f32; 8];
+    let mut s = _mm256_setzero_ps();
+    for v in acc {
+        s = _mm256_add_ps(s, v);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), s);
+    out.iter().sum()
+}
+
+fn fma_chains_scalar(iters: u64) -> f32 {
+    let mut acc = [1f32; FMA_CHAINS];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = v.mul_add(0.999_9, 1e-4);
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Picks the widest FMA this CPU has: returns (lanes, description, kernel).
+fn fma_kernel() -> (usize, &'static str, fn(u64) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return (16, "avx512f vfmadd (16 chains of f32x16)", |n| unsafe {
+                fma_chains_avx512(n)
+            });
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected at run time.
+            return (8, "avx2 vfmadd (16 chains of f32x8)", |n| unsafe {
+                fma_chains_avx2(n)
+            });
+        }
+    }
+    (1, "scalar f32 mul_add (16 chains)", fma_chains_scalar)
+}
+
+/// Measures the f32 FMA peak: every rayon thread runs independent FMA chains of the widest
+/// vector width at once; best of several trials of ~0.1 s.
+pub fn measure_fma_peak() -> Peak {
+    let (lanes, isa, kernel) = fma_kernel();
+    let threads = rayon::current_num_threads();
+    // Calibrate iterations to ~0.1 s on one thread.
+    let mut iters = 1u64 << 16;
+    loop {
+        let t = Instant::now();
+        std::hint::black_box(kernel(std::hint::black_box(iters)));
+        if t.elapsed().as_secs_f64() > 0.02 {
+            iters = (iters as f64 * 0.1 / t.elapsed().as_secs_f64()) as u64;
+            break;
+        }
+        iters *= 4;
+    }
+    let mut best = 0f64;
+    for _ in 0..5 {
+        // Plain scoped threads, one per rayon thread, released together.
+        let go = std::sync::Barrier::new(threads + 1);
+        let s = std::thread::scope(|sc| {
+            for _ in 0..threads {
+                sc.spawn(|| {
+                    go.wait();
+                    std::hint::black_box(kernel(std::hint::black_box(iters)));
+                });
+            }
+            go.wait();
+            let t = Instant::now();
+            // Scope end joins the threads.
+            t
+        })
+        .elapsed()
+        .as_secs_f64();
+        let flops = (threads as u64 * iters * (FMA_CHAINS * lanes * 2) as u64) as f64;
+        best = best.max(flops / s / 1e9);
+    }
+    Peak {
+        gflops: best,
+        threads,
+        isa,
+    }
+}
+
+/// Streaming read bandwidth (GB/s) over a buffer far larger than the caches, all threads.
+pub fn measure_read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 64 << 20; // 256 MiB of f32
+    let buf: Vec<f32> = (0..n).map(|i| (i % 1024) as f32 * 1e-3 + 1.0).collect();
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let t = Instant::now();
+        // Contiguous runs of 1 MiB per task, like the row blocks a matvec streams.
+        let s: f32 = buf
+            .par_chunks(1 << 18)
+            .map(|c| crate::backend::cpu::simd::dot(c, c))
+            .sum();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+// ---------------------------------------------------------------------------------------------
+// `repshield bench generate`
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Prefill and decode throughput at a model shape with random weights (CPU backend),
+    /// optionally side by side with transformers.
+    Generate(GenerateArgs),
+    /// Only measure this machine's f32 FMA peak and read bandwidth.
+    Peak,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsArg {
+    /// Logits of the last prompt position only (what generation needs).
+    Last,
+    /// Logits of every prompt position (a training-style forward).
+    All,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Model shape: smollm2, llama3-8b, mistral-7b, qwen2.5-0.5b.
+    #[arg(long, default_value = "smollm2")]
+    pub shape: String,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Timed repetitions (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Which prefill logits to compute (the same on both sides).
+    #[arg(long, value_enum, default_value_t = LogitsArg::Last)]
+    pub logits: LogitsArg,
+    /// Seed of the random weights and prompt.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also run tools/bench_transformers.py with this Python interpreter.
+    #[arg(long)]
+    pub compare_python: Option<PathBuf>,
+    /// Path of bench_transformers.py (default: tools/ of this source tree).
+    #[arg(long)]
+    pub script: Option<PathBuf>,
+    /// Attention implementations to try in transformers (the faster one is reported).
+    #[arg(long, default_value = "eager,sdpa")]
+    pub python_attn: String,
+    /// Skip the measurement of the FMA peak and bandwidth.
+    #[arg(long)]
+    pub no_peak: bool,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Generate(a) => bench_generate(&a).map(|_| ()),
+        BenchCmd::Peak => {
+            let p = measure_fma_peak();
+            println!(
+                "f32 FMA peak: {:.1} GFLOP/s on {} threads ({})",
+                p.gflops, p.threads, p.isa
+            );
+            println!("read bandwidth: {:.1} GB/s", measure_read_bandwidth());
+            Ok(())
+        }
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn spread(xs: &[f64]) -> String {
+    let lo = xs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().cloned().fold(0f64, f64::max);
+    format!("min {:.3}s max {:.3}s", lo, hi)
+}
+
+/// Results of one `bench generate` run (our engine; the transformers side as parsed JSON).
+#[derive(Debug, Clone)]
+pub struct GenerateReport {
+    pub prefill_tok_s: f64,
+    pub prefill_gflops: f64,
+    pub decode_tok_s: f64,
+    pub decode_gbs: f64,
+    pub peak: Option<Peak>,
+    pub bandwidth_gbs: Option<f64>,
+    pub python: Option<serde_json::Value>,
+}
+
+pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
+    ensure!(a.prompt_len > 0, "--prompt-len must be positive");
+    ensure!(a.repeats > 0, "--repeats must be positive");
+    let cfg = shape_config(&a.shape)?;
+    let threads = rayon::current_num_threads();
+    let cpu = cpu_model();
+    println!(
+        "# repshield bench generate: shape {} ({:.1} M params), prompt {} tokens, decode {} tokens, {} repeats",
+        a.shape,
+        cfg.param_count() as f64 / 1e6,
+        a.prompt_len,
+        a.decode_tokens,
+        a.repeats
+    );
+    println!("cpu: {cpu}, {threads} rayon threads");
+
+    let (peak, bw) = if a.no_peak {
+        (None, None)
+    } else {
+        let p = measure_fma_peak();
+        let bw = measure_read_bandwidth();
+        println!(
+            "f32 FMA peak: {:.1} GFLOP/s ({}, all {} threads at once, best of 5)",
+            p.gflops, p.isa, p.threads
+        );
+        println!("read bandwidth: {bw:.1} GB/s (256 MiB f32 sum, all threads, best of 4)");
+        (Some(p), Some(bw))
+    };
+
+    let t = Instant::now();
+    let weights = ModelWeights::random(&cfg, a.seed);
+    let model = Llama::new(CpuBackend, &cfg, &weights)?;
+    drop(weights);
+    println!(
+        "random weights (seed {}) built in {:.1}s",
+        a.seed,
+        t.elapsed().as_secs_f64()
+    );
+    let mut rng = Rng::new(a.seed ^ 0x5eed);
+    let prompt: Vec<u32> = (0..a.prompt_len)
+        .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+        .collect();
+    let logits_mode = match a.logits {
+        LogitsArg::Last => LogitsMode::Last,
+        LogitsArg::All => LogitsMode::All,
+    };
+    let logit_rows = match a.logits {
+        LogitsArg::Last => 1,
+        LogitsArg::All => a.prompt_len,
+    };
+    let capacity = a.prompt_len + a.decode_tokens;
+
+    let prefill = |cache: &mut KvCache<CpuBackend>| -> Result<(f64, u32)> {
+        let t = Instant::now();
+        let out = model.forward(&prompt, 1, cache, None, &[], logits_mode)?;
+        let s = t.elapsed().as_secs_f64();
+        let logits = out.logits.context("prefill returned no logits")?;
+        let last = &logits[logits.len() - cfg.vocab_size..];
+        Ok((s, argmax(last)))
+    };
+    // Warm-up: page in the weights, spin up the thread pool, size the buffers.
+    let mut cache = model.new_cache(1, capacity)?;
+    let (_, mut next) = prefill(&mut cache)?;
+    if a.decode_tokens > 0 {
+        model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
+    }
+
+    let mut prefill_s = Vec::new();
+    let mut decode_s = Vec::new();
+    for _ in 0..a.repeats {
+        let mut cache = model.new_cache(1, capacity)?;
+        let (s, tok) = prefill(&mut cache)?;
+        prefill_s.push(s);
+        next = tok;
+        let t = Instant::now();
+        for _ in 0..a.decode_tokens {
+            let out = model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
+            next = argmax(out.logits.as_ref().context("decode returned no logits")?);
+        }
+        decode_s.push(t.elapsed().as_secs_f64());
+    }
+    let pf = median(&prefill_s);
+    let dc = median(&decode_s);
+    let prefill_flops = forward_flops(&cfg, 0, a.prompt_len, logit_rows);
+    let decode_flops: f64 = (0..a.decode_tokens)
+        .map(|i| forward_flops(&cfg, a.prompt_len + i, 1, 1))
+        .sum();
+    let decode_bytes_total: f64 = (0..a.decode_tokens)
+        .map(|i| decode_bytes(&cfg, a.prompt_len + i + 1))
+        .sum();
+    let prefill_tok_s = a.prompt_len as f64 / pf;
+    let prefill_gflops = prefill_flops / pf / 1e9;
+    let decode_tok_s = if a.decode_tokens > 0 {
+        a.decode_tokens as f64 / dc
+    } else {
+        0.0
+    };
+    let decode_gbs = decode_bytes_total / dc / 1e9;
+    println!(
+        "repshield prefill: {prefill_tok_s:.1} tok/s, median {pf:.3}s ({}), {:.1} GFLOP/{pf:.3}s = {prefill_gflops:.1} GFLOP/s{}",
+        spread(&prefill_s),
+        prefill_flops / 1e9,
+        peak.as_ref()
+            .map(|p| format!(" = {:.1}% of peak", 100.0 * prefill_gflops / p.gflops))
+            .unwrap_or_default()
+    );
+    if a.decode_tokens > 0 {
+        println!(
+            "repshield decode:  {decode_tok_s:.1} tok/s, median {dc:.3}s for {} tokens ({}), {:.1} GFLOP/s, weights+KV {:.1} GB/s{}",
+            a.decode_tokens,
+            spread(&decode_s),
+            decode_flops / dc / 1e9,
+            decode_gbs,
+            bw.map(|b| format!(" = {:.0}% of read bandwidth", 100.0 * decode_gbs / b))
+                .unwrap_or_default()
+        );
+    }
+
+    let python = match &a.compare_python {
+        None => None,
+        Some(py) => Some(run_python(py, a, &cfg, threads, logit_rows)?),
+    };
+
+    // Side-by-side markdown table.
+    println!();
+    println!("| metric | repshield (cpu) | transformers | ratio |");
+    println!("|---|---|---|---|");
+    let py_num = |k: &str| {
+        python
+            .as_ref()
+            .and_then(|p| p.get(k))
+            .and_then(|v| v.as_f64())
+    };
+    let py_str = |k: &str| {
+        python
+            .as_ref()
+            .and_then(|p| p.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let row = |name: &str, ours: f64, theirs: Option<f64>, note: String| {
+        match theirs {
+            Some(t) => println!(
+                "| {name} | {ours:.1} | {t:.1}{note} | {:.2}x |",
+                ours / t.max(1e-12)
+            ),
+            None => println!("| {name} | {ours:.1} | - | - |"),
+        };
+    };
+    row(
+        &format!("prefill tok/s ({} tokens)", a.prompt_len),
+        prefill_tok_s,
+        py_num("prefill_tok_s"),
+        format!(" ({})", py_str("prefill_attn")),
+    );
+    let peak_note = |tok_s: Option<f64>| match (&peak, tok_s) {
+        (Some(p), Some(ts)) => {
+            let g = prefill_flops / (a.prompt_len as f64 / ts) / 1e9;
+            format!("{:.1} ({:.1}%)", g, 100.0 * g / p.gflops)
+        }
+        _ => "-".into(),
+    };
+    println!(
+        "| prefill GFLOP/s (% of {} peak) | {} | {} | |",
+        peak.as_ref()
+            .map(|p| format!("{:.0} GFLOP/s", p.gflops))
+            .unwrap_or_else(|| "unmeasured".into()),
+        peak_note(Some(prefill_tok_s)),
+        peak_note(py_num("prefill_tok_s"))
+    );
+    if a.decode_tokens > 0 {
+        row(
+            &format!("decode tok/s ({} tokens after the prompt)", a.decode_tokens),
+            decode_tok_s,
+            py_num("decode_tok_s"),
+            format!(" ({}, manual loop)", py_str("decode_attn")),
+        );
+        if let Some(g) = py_num("generate_decode_tok_s") {
+            println!(
+                "| decode tok/s, transformers model.generate | | {g:.1} | {:.2}x |",
+                decode_tok_s / g
+            );
+        }
+    }
+    Ok(GenerateReport {
+        prefill_tok_s,
+        prefill_gflops,
+        decode_tok_s,
+        decode_gbs,
+        peak,
+        bandwidth_gbs: bw,
+        python,
+    })
+}
+
+fn run_python(
+    py: &PathBuf,
+    a: &GenerateArgs,
+    cfg: &ModelConfig,
+    threads: usize,
+    logit_rows: usize,
+) -> Result<serde_json::Value> {
+    let script = a.script.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench_transformers.py")
+    });
+    ensure!(
+        script.is_file(),
+        "transformers benchmark script {} not found (pass --script)",
+        script.display()
+    );
+    println!(
+        "running {} {} (torch threads = {threads}) ...",
+        py.display(),
+        script.display()
+    );
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .arg("--config-json")
+        .arg(hf_config_json(cfg).to_string())
+        .args(["--prompt-len", &a.prompt_len.to_string()])
+        .args(["--decode-tokens", &a.decode_tokens.to_string()])
+        .args(["--repeats", &a.repeats.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--seed", &a.seed.to_string()])
+        .args(["--logits", if logit_rows == 1 { "last" } else { "all" }])
+        .args(["--attn", &a.python_attn])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", py.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} {} failed ({})",
+        py.display(),
+        script.display(),
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("bench_transformers.py printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_str(line).context("parsing bench_transformers.py output")?;
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+    println!(
+        "transformers {} (torch {}, {} threads, {}): prefill {:.1} tok/s ({} attention), decode {:.1} tok/s ({} attention, manual loop), model.generate decode {:.1} tok/s",
+        v["transformers"].as_str().unwrap_or("?"),
+        v["torch"].as_str().unwrap_or("?"),
+        v["threads"],
+        v["cpu_capability"].as_str().unwrap_or("?"),
+        f("prefill_tok_s"),
+        v["prefill_attn"].as_str().unwrap_or("?"),
+        f("decode_tok_s"),
+        v["decode_attn"].as_str().unwrap_or("?"),
+        f("generate_decode_tok_s"),
+    );
+    if let Some(runs) = v["runs"].as_array() {
+        for r in runs {
+            let g = |k: &str| r.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+            println!(
+                "  transformers {:>5}: prefill {:.1} tok/s, decode {:.1} tok/s, generate decode {:.1} tok/s",
+                r["attn_implementation"].as_str().unwrap_or("?"),
+                g("prefill_tok_s"),
+                g("decode_tok_s"),
+                g("generate_decode_tok_s")
+            );
+        }
+    }
+    Ok(v)
+}
+
+/// `lscpu`'s model name (from /proc/cpuinfo), or "unknown".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
