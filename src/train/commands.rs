@@ -1,15 +1,12 @@
 //! `repshield train` and `repshield loss`.
 
-use super::data::{read_jsonl, Encoder, Layout, MaskMode, TokenBatch};
+use super::data::{read_jsonl, Encoder, Layout, TokenBatch};
 use super::step::LossTerms;
 use super::trainer::{objective_step, Method, TrainConfig, Trainer};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
 use crate::llama::peft::load_peft;
-use crate::llama::{Input, Llama, LogitsMode, LoraGrads, LoraModule};
+use crate::llama::{Llama, LoraGrads, LoraModule};
 use crate::model::{self, LoadedModel};
-use crate::objectives::distance::cos_sim;
-use crate::objectives::kl::kl_retain;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,93 +181,14 @@ pub fn summary(
     benign: &Path,
 ) -> Result<Summary> {
     let targets = c.targets(&m.config);
-    let enc = Encoder::new(
-        &m.tokenizer,
-        Layout {
-            max_prompt: c.max_prompt,
-            max_response: c.max_response,
-        },
-    );
     let hs = read_jsonl(harmful, true)?;
     let bs = read_jsonl(benign, true)?;
-    let d = m.config.hidden_size;
-    let (mut cos_sum, mut cos_n) = (0.0, 0.0);
-    let (mut kl_sum, mut kl_n) = (0.0, 0.0);
-    for chunk in hs.chunks(8) {
-        let tb = enc.batch(chunk)?;
-        let mask = model.backend.upload_f32(&tb.attention_mask)?;
-        let (t, _) = model.forward_train(
-            Input::Ids(&tb.input_ids),
-            tb.batch,
-            tb.seq,
-            Some(&mask),
-            &targets,
-            LogitsMode::None,
-            true,
-        )?;
-        let (o, _) = model.forward_train(
-            Input::Ids(&tb.input_ids),
-            tb.batch,
-            tb.seq,
-            Some(&mask),
-            &targets,
-            LogitsMode::None,
-            false,
-        )?;
-        let rm = tb.mask(MaskMode::ResponseAll);
-        for ((_, ht), (_, ho)) in t.hidden.iter().zip(&o.hidden) {
-            for (r, &w) in rm.iter().enumerate() {
-                if w > 0.0 {
-                    let a: Vec<f64> = ht[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect();
-                    let b: Vec<f64> = ho[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect();
-                    cos_sum += cos_sim(&a, &b);
-                    cos_n += 1.0;
-                }
-            }
-        }
-    }
-    for chunk in bs.chunks(8) {
-        let tb = enc.batch(chunk)?;
-        let mask = model.backend.upload_f32(&tb.attention_mask)?;
-        let (t, _) = model.forward_train(
-            Input::Ids(&tb.input_ids),
-            tb.batch,
-            tb.seq,
-            Some(&mask),
-            &[],
-            LogitsMode::All,
-            true,
-        )?;
-        let (o, _) = model.forward_train(
-            Input::Ids(&tb.input_ids),
-            tb.batch,
-            tb.seq,
-            Some(&mask),
-            &[],
-            LogitsMode::All,
-            false,
-        )?;
-        let rm = tb.mask(MaskMode::ResponseAll);
-        // kl_retain with batch = 1 and T = 1 returns the sum over masked tokens.
-        kl_sum += kl_retain(
-            o.logits.as_ref().unwrap(),
-            t.logits.as_ref().unwrap(),
-            &rm,
-            1,
-            m.config.vocab_size,
-            1.0,
-            1.0,
-            None,
-        );
-        kl_n += rm.iter().sum::<f64>();
-    }
-    ensure!(
-        cos_n > 0.0 && kl_n > 0.0,
-        "held-out sets produced no response tokens"
-    );
+    let sep = crate::eval::separation(model, m, &hs, &bs, &targets)?;
+    let harmful_cos = sep.iter().map(|l| l.drift_harmful).sum::<f64>() / sep.len().max(1) as f64;
+    let (benign_kl, _) = crate::eval::benign_kl_ppl(model, m, &bs)?;
     Ok(Summary {
-        harmful_cos: cos_sum / cos_n,
-        benign_kl: kl_sum / kl_n,
+        harmful_cos,
+        benign_kl,
     })
 }
 
