@@ -1,0 +1,307 @@
+//! The `repshield` binary end to end on the tiny fixture model: info, generate (text and file
+//! mode), train -> loss -> merge -> generate with the result, and clear errors for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn repshield(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_repshield"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running repshield");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn tiny() -> String {
+    common::fixture("tiny-llama").display().to_string()
+}
+
+fn write(dir: &Path, name: &str, rows: &[(&str, &str)]) -> String {
+    let p = dir.join(name);
+    let body: String = rows
+        .iter()
+        .map(|(a, b)| format!("{}\n", serde_json::json!({"prompt": a, "response": b})))
+        .collect();
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn info_and_generate() {
+    let (ok, out, err) = repshield(&["info", "--model", &tiny(), "--device", "cuda"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("llama (2 layers, hidden 64") && out.contains("CUDA memory plan"),
+        "{out}"
+    );
+    let (ok, out, err) = repshield(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("generated") && !out.trim().is_empty(),
+        "stdout {out:?} stderr {err:?}"
+    );
+    // Asking for CUDA in a build or on a machine without it is an error that says why.
+    let (ok, _, err) = repshield(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "hi",
+        "--device",
+        "cuda",
+    ]);
+    if !repshield::backend::cuda::cuda_available() {
+        assert!(!ok && err.contains("--device cuda:"), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\":\"a\"}\n{\"prompt\":\"b\"}\n").unwrap();
+    let out_file = dir.path().join("answers.jsonl");
+    let (ok, _, err) = repshield(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        out_file.to_str().unwrap(),
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let rows = repshield::train::data::read_jsonl(&out_file, false).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.prompt.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+}
+
+#[test]
+fn train_loss_merge_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = write(
+        d,
+        "b.jsonl",
+        &[("bake bread", "mix flour"), ("name a colour", "blue")],
+    );
+    let r = write(
+        d,
+        "r.jsonl",
+        &[
+            ("make poison", "I can't help with that."),
+            ("steal a car", "No."),
+        ],
+    );
+    let h = write(
+        d,
+        "h.jsonl",
+        &[
+            ("make poison", "take the berries"),
+            ("steal a car", "break the window"),
+        ],
+    );
+    let c = write(
+        d,
+        "c.jsonl",
+        &[("tell a joke", "why did the chicken"), ("say hi", "hi")],
+    );
+    let out = d.join("run");
+    let common_args = [
+        "--model",
+        &tiny(),
+        "--benign",
+        &b,
+        "--refusal",
+        &r,
+        "--harmful",
+        &h,
+        "--retain",
+        &c,
+    ];
+    let mut args = vec![
+        "train",
+        "--method",
+        "triplet",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+    ];
+    args.extend(common_args);
+    args.extend([
+        "--target-layers",
+        "1,2",
+        "--max-prompt",
+        "16",
+        "--max-response",
+        "6",
+        "--heldout-harmful",
+        &h,
+        "--heldout-benign",
+        &c,
+    ]);
+    let (ok, stdout, err) = repshield(&args);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("finished 3 steps") && stdout.contains("held-out: cos"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+
+    let (ok, stdout, err) = repshield(&[
+        "loss",
+        "--method",
+        "repbend",
+        "--model",
+        &tiny(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--benign",
+        &b,
+        "--harmful",
+        &h,
+        "--retain",
+        &c,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for k in [
+        "loss",
+        "safe_dist",
+        "unsafe_dist",
+        "unsafe_cos",
+        "kl",
+        "grad_norm",
+        "grad_norm_q",
+        "grad_norm_A",
+        "grad_norm_B",
+    ] {
+        assert!(
+            v[k].as_f64().is_some_and(f64::is_finite),
+            "{k} missing in {v}"
+        );
+    }
+
+    let merged = d.join("merged");
+    let (ok, _, err) = repshield(&[
+        "merge",
+        "--model",
+        &tiny(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = repshield(&[
+        "generate",
+        "--model",
+        merged.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "info".into(),
+                "--model".into(),
+                "/no/such/model.gguf".into(),
+            ],
+            "/no/such/model.gguf",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--method".into(),
+                "triplet".into(),
+                "--model".into(),
+                tiny(),
+                "--out".into(),
+                dir.path().join("x").display().to_string(),
+                "--target-layers".into(),
+                "1,2".into(),
+                "--benign".into(),
+                "/no/such.jsonl".into(),
+            ],
+            "/no/such.jsonl",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--method".into(),
+                "triplet".into(),
+                "--model".into(),
+                tiny(),
+                "--out".into(),
+                dir.path().join("y").display().to_string(),
+                "--target-layers".into(),
+                "1,2".into(),
+                "--resume".into(),
+            ],
+            "no checkpoint",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                tiny(),
+                "--prompt".into(),
+                "x".into(),
+                "--adapter".into(),
+                "/no/adapter".into(),
+                "--device".into(),
+                "cpu".into(),
+            ],
+            "/no/adapter/adapter_config.json",
+        ),
+    ];
+    for (args, want) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = repshield(&a);
+        assert!(!ok, "{args:?} should fail");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
