@@ -1,7 +1,8 @@
 //! Small shared helpers: a seeded PRNG (reproducible across platforms, no dependency).
 
-/// SplitMix64-seeded xoshiro256** generator.
-#[derive(Debug, Clone)]
+/// SplitMix64-seeded xoshiro256** generator (its state is serialisable, so checkpoints can
+/// resume a random stream exactly).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
     s: [u64; 4],
 }

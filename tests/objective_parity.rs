@@ -161,6 +161,7 @@ fn check_method(method: Method, key: &str) {
         &f.harmful,
         &f.retain,
         Some(&mut grads),
+        None,
     )
     .unwrap();
 

@@ -221,3 +221,71 @@ fn repbend_and_circuit_breakers_run_and_move_their_terms() {
         assert!(rows[0]["grad_norm_q"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn embedding_mining_runs_attacks_uses_them_and_resumes_exactly() {
+    use repshield::train::mining::{MiningConfig, MiningKind};
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mining = MiningConfig {
+        kind: MiningKind::Embedding,
+        every: 2,
+        prob: 0.3,
+        attack_steps: 3,
+        n_soft: 2,
+        target_tokens: 3,
+        success_loss: 1e9, // the tiny model is never "attacked successfully" by a real bar
+        ..Default::default()
+    };
+    let cfg = TrainConfig {
+        steps: 6,
+        max_prompt: 24,
+        mining,
+        ..write_data(tmp.path())
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let full = tmp.path().join("full");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &full, false).unwrap();
+    t.quiet = true;
+    t.run(&stop).unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(full.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let used: u64 = rows
+        .iter()
+        .map(|r| r["mining_rows"].as_u64().unwrap())
+        .sum();
+    assert!(
+        used > 0,
+        "some steps must use attacked harmful representations: {rows:?}"
+    );
+    let per_step: Vec<u64> = rows
+        .iter()
+        .map(|r| r["mining_rows"].as_u64().unwrap())
+        .collect();
+    assert!(
+        per_step.contains(&0),
+        "with prob 0.3 some steps stay clean: {per_step:?}"
+    );
+    assert!(rows[0]["mining_attack_loss"].as_f64().unwrap() > 0.0);
+    assert!(full.join("checkpoint/mining.safetensors").is_file());
+
+    let part = tmp.path().join("part");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &part, false).unwrap();
+    t.quiet = true;
+    t.stop_after = Some(3);
+    t.run(&stop).unwrap();
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg, &part, true).unwrap();
+    t.quiet = true;
+    t.run(&stop).unwrap();
+    let (a, b) = (losses(&full), losses(&part));
+    for (i, (x, y)) in b.iter().zip(&a).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-6 * y.abs(),
+            "step {}: resumed {x} vs uninterrupted {y}",
+            i + 1
+        );
+    }
+}

@@ -5,7 +5,6 @@
 
 use super::pgd::{sign_step, Ball};
 use crate::backend::BackwardOps;
-use crate::llama::generate::argmax;
 use crate::llama::{Input, Llama, LogitsMode};
 use crate::model::{ChatTokenizer, Message};
 use crate::objectives::ce::target_ce;
@@ -99,6 +98,9 @@ pub struct AttackResult {
     pub losses: Vec<f64>,
     /// Greedy continuation after the attacked prompt.
     pub response: String,
+    /// The optimised soft-token embeddings, `[n_soft, hidden]` (hard-negative mining reuses them).
+    #[serde(skip)]
+    pub soft: Vec<f32>,
 }
 
 /// One PGD run on one behaviour. Works with any backend that has the backward ops.
@@ -166,20 +168,25 @@ pub fn attack<B: BackwardOps>(
         );
     }
 
-    // Greedy generation after the attacked prompt.
-    let mut cache = model.new_cache(1, prompt_len + cfg.gen_tokens)?;
-    let e = be.upload(&embeds[..prompt_len * d])?;
-    let mut out = model.forward_embeds(&e, 1, &mut cache, None, &[], LogitsMode::Last)?;
+    // Greedy generation after the attacked prompt (none for mining: gen_tokens = 0).
     let mut gen = Vec::new();
-    for _ in 0..cfg.gen_tokens {
-        let next = argmax(&be.download(out.logits.as_ref().expect("logits"))?);
-        if stop_tokens.contains(&next) {
-            break;
+    if cfg.gen_tokens > 0 {
+        let mut cache = model.new_cache(1, prompt_len + cfg.gen_tokens)?;
+        let e = be.upload(&embeds[..prompt_len * d])?;
+        let mut out = model.forward_embeds(&e, 1, &mut cache, None, &[], LogitsMode::Last)?;
+        for _ in 0..cfg.gen_tokens {
+            let next =
+                be.argmax_rows(out.logits.as_ref().expect("logits"), model.cfg.vocab_size)?[0];
+            if stop_tokens.contains(&next) {
+                break;
+            }
+            gen.push(next);
+            out = model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
         }
-        gen.push(next);
-        out = model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
     }
+    let soft = embeds[p0 * d..(p0 + n) * d].to_vec();
     Ok(AttackResult {
+        soft,
         steps,
         final_loss: *losses.last().expect("at least one step"),
         teacher_forced_success: success,

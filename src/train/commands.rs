@@ -55,6 +55,9 @@ pub struct TrainArgs {
     pub harmful: Option<PathBuf>,
     #[arg(long)]
     pub retain: Option<PathBuf>,
+    /// Adversarial hard-negative mining (embedding-space attack on the harmful prompts).
+    #[arg(long, value_enum)]
+    pub mining: Option<crate::train::mining::MiningKind>,
     /// Continue from `<out>/checkpoint`.
     #[arg(long)]
     pub resume: bool,
@@ -97,6 +100,9 @@ impl TrainArgs {
         );
         if self.lr.is_some() {
             c.lr = self.lr;
+        }
+        if let Some(k) = self.mining {
+            c.mining.kind = k;
         }
         if self.target_layers.is_some() {
             c.target_layers = self.target_layers.clone();
@@ -330,6 +336,7 @@ pub fn cmd_loss(a: &LossArgs) -> Result<()> {
         &harmful,
         &retain,
         Some(&mut grads),
+        None,
     )?;
     let norms = lora_grad_norms(&model, &grads)?;
     if a.json {

@@ -4,5 +4,6 @@
 pub mod adamw;
 pub mod commands;
 pub mod data;
+pub mod mining;
 pub mod step;
 pub mod trainer;

@@ -3,6 +3,7 @@
 //! into the LoRA gradients.
 
 use super::data::{MaskMode, TokenBatch};
+use super::mining::AdvInput;
 use crate::backend::BackwardOps;
 use crate::llama::{Activations, Input, Llama, LogitsMode, LoraGrads};
 use crate::objectives::circuit_breaker::{circuit_breaker_loss, CircuitBreakerConfig};
@@ -73,25 +74,35 @@ fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>>
     Ok(out)
 }
 
+/// `adv` replaces the tuned pass's input with attacked embeddings (hard-negative mining); the
+/// frozen pass always sees the clean tokens.
 fn run_set<B: BackwardOps>(
     model: &Llama<B>,
     tb: &TokenBatch,
     indices: &[usize],
     orig_indices: &[usize],
     logits: bool,
+    adv: Option<&AdvInput>,
 ) -> Result<SetPass<B>> {
     let be = &model.backend;
-    let key_mask = be.upload_f32(&tb.attention_mask)?;
+    let clean_mask = be.upload_f32(&tb.attention_mask)?;
+    let adv_bufs = adv
+        .map(|a| Ok::<_, anyhow::Error>((be.upload(&a.embeds)?, be.upload_f32(&a.key_mask)?)))
+        .transpose()?;
     let mode = if logits {
         LogitsMode::All
     } else {
         LogitsMode::None
     };
+    let (tuned_input, tuned_mask) = match &adv_bufs {
+        Some((e, m)) => (Input::Embeds(e), m),
+        None => (Input::Ids(&tb.input_ids), &clean_mask),
+    };
     let (out, acts) = model.forward_train(
-        Input::Ids(&tb.input_ids),
+        tuned_input,
         tb.batch,
         tb.seq,
-        Some(&key_mask),
+        Some(tuned_mask),
         indices,
         mode,
         true,
@@ -100,7 +111,7 @@ fn run_set<B: BackwardOps>(
         Input::Ids(&tb.input_ids),
         tb.batch,
         tb.seq,
-        Some(&key_mask),
+        Some(&clean_mask),
         orig_indices,
         mode,
         false,
@@ -112,7 +123,10 @@ fn run_set<B: BackwardOps>(
         tuned_logits: dl(&out.logits)?,
         orig_logits: dl(&orig_out.logits)?,
         acts,
-        key_mask,
+        key_mask: match adv_bufs {
+            Some((_, m)) => m,
+            None => clean_mask,
+        },
     })
 }
 
@@ -163,7 +177,7 @@ fn retain_kl<B: BackwardOps>(
     grads: Option<&mut LoraGrads<B>>,
 ) -> Result<f64> {
     let all: [usize; 0] = [];
-    let pass = run_set(model, retain, &all, &all, true)?;
+    let pass = run_set(model, retain, &all, &all, true, None)?;
     let mask: Vec<f64> = retain.attention_mask.iter().map(|&m| m as f64).collect();
     let (zo, zt) = (
         pass.orig_logits.as_ref().unwrap(),
@@ -199,12 +213,13 @@ pub fn triplet_step<B: BackwardOps>(
     harmful: &TokenBatch,
     retain: &TokenBatch,
     mut grads: Option<&mut LoraGrads<B>>,
+    adv: Option<&AdvInput>,
 ) -> Result<LossTerms> {
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let h = run_set(model, harmful, &all, targets, false)?;
-    let b = run_set(model, benign, &all, &all, false)?;
+    let h = run_set(model, harmful, &all, targets, false, adv)?;
+    let b = run_set(model, benign, &all, &all, false, None)?;
     let (bm, hm) = (f64_mask(benign, mask), f64_mask(harmful, mask));
     let (terms, g) = triplet_loss(
         cfg,
@@ -245,12 +260,13 @@ pub fn repbend_step<B: BackwardOps>(
     unsafe_: &TokenBatch,
     retain: &TokenBatch,
     mut grads: Option<&mut LoraGrads<B>>,
+    adv: Option<&AdvInput>,
 ) -> Result<LossTerms> {
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let s = run_set(model, safe, &all, &all, false)?;
-    let u = run_set(model, unsafe_, targets, targets, false)?;
+    let s = run_set(model, safe, &all, &all, false, None)?;
+    let u = run_set(model, unsafe_, targets, targets, false, adv)?;
     let (sm, um) = (f64_mask(safe, mask), f64_mask(unsafe_, mask));
     let (terms, g) = repbend_loss(
         cfg,
@@ -292,12 +308,13 @@ pub fn circuit_breaker_step<B: BackwardOps>(
     retain: &TokenBatch,
     harmful: &TokenBatch,
     grads: Option<&mut LoraGrads<B>>,
+    adv: Option<&AdvInput>,
 ) -> Result<LossTerms> {
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let r = run_set(model, retain, &all, &all, false)?;
-    let h = run_set(model, harmful, targets, targets, false)?;
+    let r = run_set(model, retain, &all, &all, false, None)?;
+    let h = run_set(model, harmful, targets, targets, false, adv)?;
     let rm = f64_mask(retain, MaskMode::All);
     let hm = f64_mask(harmful, MaskMode::All);
     let (terms, g) = circuit_breaker_loss(

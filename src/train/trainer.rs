@@ -5,6 +5,7 @@
 
 use super::adamw::{adamw_step, AdamWConfig, Moments};
 use super::data::{read_jsonl, Encoder, Example, Layout, MaskMode, TokenBatch};
+use super::mining::{AdvInput, Miner, MinerState, MiningConfig, MiningKind};
 use super::step::{circuit_breaker_step, repbend_step, triplet_step, LossTerms};
 use crate::backend::BackwardOps;
 use crate::llama::peft::{load_peft, save_peft, write_atomic};
@@ -59,6 +60,7 @@ pub struct TrainConfig {
     pub repbend: RepBendConfig,
     pub circuit_breakers: CircuitBreakerConfig,
     pub adamw: AdamWConfig,
+    pub mining: MiningConfig,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +88,7 @@ impl Default for TrainConfig {
             repbend: RepBendConfig::default(),
             circuit_breakers: CircuitBreakerConfig::default(),
             adamw: AdamWConfig::default(),
+            mining: MiningConfig::default(),
         }
     }
 }
@@ -219,6 +222,7 @@ pub struct TrainState {
     pub samplers: Vec<Sampler>,
     /// The last logged metrics line, for the summary after a resume.
     pub last_total: Option<f64>,
+    pub miner: MinerState,
 }
 
 pub struct Datasets {
@@ -282,13 +286,14 @@ pub fn objective_step<B: BackwardOps>(
     harmful: &TokenBatch,
     retain: &TokenBatch,
     grads: Option<&mut LoraGrads<B>>,
+    adv: Option<&AdvInput>,
 ) -> Result<LossTerms> {
     match c.method {
         Method::Triplet => triplet_step(
-            model, &c.triplet, c.mask, targets, benign, harmful, retain, grads,
+            model, &c.triplet, c.mask, targets, benign, harmful, retain, grads, adv,
         ),
         Method::Repbend => repbend_step(
-            model, &c.repbend, c.mask, targets, benign, harmful, retain, grads,
+            model, &c.repbend, c.mask, targets, benign, harmful, retain, grads, adv,
         ),
         Method::CircuitBreakers => circuit_breaker_step(
             model,
@@ -299,6 +304,7 @@ pub fn objective_step<B: BackwardOps>(
             retain,
             harmful,
             grads,
+            adv,
         ),
     }
 }
@@ -314,6 +320,7 @@ pub struct Trainer<'a, B: BackwardOps> {
     pub quiet: bool,
     /// Behave as if Ctrl-C arrived after this many steps in this run (tests, time-boxed runs).
     pub stop_after: Option<usize>,
+    pub miner: Miner,
 }
 
 pub struct TrainOutcome {
@@ -321,6 +328,10 @@ pub struct TrainOutcome {
     pub interrupted: bool,
     pub first_total: Option<f64>,
     pub last_total: Option<f64>,
+}
+
+fn c_mining(c: &TrainConfig) -> bool {
+    c.mining.kind != MiningKind::None
 }
 
 fn checkpoint_dir(out: &Path) -> PathBuf {
@@ -385,10 +396,16 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                 model: model_name.to_string(),
                 samplers,
                 last_total: None,
+                miner: Miner::new(config.mining.clone(), config.seed).state,
             };
             (adapter, moments, st)
         };
         model.attach_lora(&adapter)?;
+        let mut miner = Miner::new(state.config.mining.clone(), state.config.seed);
+        miner.state = state.miner.clone();
+        if resume && ck.join("mining.safetensors").is_file() {
+            miner.load(&ck.join("mining.safetensors"))?;
+        }
         Ok(Self {
             model,
             tokenizer,
@@ -399,10 +416,12 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             out: out.to_path_buf(),
             quiet: false,
             stop_after: None,
+            miner,
         })
     }
 
-    fn batches(&mut self) -> Result<(TokenBatch, TokenBatch, TokenBatch)> {
+    /// The next micro-batch of each set, and the indices of the harmful examples in it.
+    fn batches(&mut self) -> Result<(TokenBatch, TokenBatch, TokenBatch, Vec<usize>)> {
         let c = &self.state.config;
         let enc = Encoder::new(
             self.tokenizer,
@@ -411,13 +430,14 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                 max_response: c.max_response,
             },
         );
-        let pick = |s: &mut Sampler, set: &[Example], k: usize| -> Vec<Example> {
-            s.take(k).into_iter().map(|i| set[i].clone()).collect()
+        let pick = |s: &mut Sampler, set: &[Example], k: usize| -> (Vec<Example>, Vec<usize>) {
+            let idx = s.take(k);
+            (idx.iter().map(|&i| set[i].clone()).collect(), idx)
         };
-        let b = pick(&mut self.state.samplers[0], &self.data.benign, c.batch);
-        let h = pick(&mut self.state.samplers[1], &self.data.harmful, c.batch);
-        let r = pick(&mut self.state.samplers[2], &self.data.retain, c.batch);
-        Ok((enc.batch(&b)?, enc.batch(&h)?, enc.batch(&r)?))
+        let (b, _) = pick(&mut self.state.samplers[0], &self.data.benign, c.batch);
+        let (h, hidx) = pick(&mut self.state.samplers[1], &self.data.harmful, c.batch);
+        let (r, _) = pick(&mut self.state.samplers[2], &self.data.retain, c.batch);
+        Ok((enc.batch(&b)?, enc.batch(&h)?, enc.batch(&r)?, hidx))
     }
 
     /// Writes adapter, optimiser moments and state into `out/checkpoint` atomically (a fresh
@@ -435,10 +455,17 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             &self.adapter,
             &self.moments,
         )?;
+        let state = TrainState {
+            miner: self.miner.state.clone(),
+            ..self.state.clone()
+        };
         write_atomic(
             &tmp.join("state.json"),
-            serde_json::to_string_pretty(&self.state)?.as_bytes(),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
+        if c_mining(&self.state.config) {
+            self.miner.save(&tmp.join("mining.safetensors"))?;
+        }
         let old = self.out.join("checkpoint.old");
         if ck.exists() {
             if old.exists() {
@@ -492,8 +519,26 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             let step = self.state.step;
             grads.zero(&self.model.backend)?;
             let mut terms = LossTerms::default();
+            let mut mining_rows = 0;
             for _ in 0..c.grad_accum {
-                let (b, h, r) = self.batches()?;
+                let (b, h, r, hidx) = self.batches()?;
+                let adv = if c_mining(&c) {
+                    let exs: Vec<(usize, &Example)> =
+                        hidx.iter().map(|&i| (i, &self.data.harmful[i])).collect();
+                    if step.is_multiple_of(c.mining.every) {
+                        self.miner.refresh(&self.model, self.tokenizer, &exs)?;
+                    }
+                    self.miner.adversarial_input(
+                        &self.model,
+                        self.tokenizer,
+                        &h,
+                        &exs,
+                        c.max_prompt,
+                    )?
+                } else {
+                    None
+                };
+                mining_rows += adv.as_ref().map_or(0, |a| a.rows);
                 let t = objective_step(
                     &self.model,
                     &c,
@@ -503,6 +548,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                     &h,
                     &r,
                     Some(&mut grads),
+                    adv.as_ref(),
                 )?;
                 if let Some(bad) = t.non_finite() {
                     bar.abandon();
@@ -557,6 +603,12 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                 line.insert(n.clone(), (*v).into());
             }
             line.insert("lr".into(), adam.lr.into());
+            if c_mining(&c) {
+                line.insert("mining_rows".into(), mining_rows.into());
+                if let Some(l) = self.miner.state.running_loss {
+                    line.insert("mining_attack_loss".into(), l.into());
+                }
+            }
             line.insert("seconds".into(), t0.elapsed().as_secs_f64().into());
             writeln!(metrics, "{}", serde_json::Value::Object(line))
                 .context("writing metrics.jsonl")?;
