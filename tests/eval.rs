@@ -51,6 +51,9 @@ fn report_and_baseline_deltas() {
     }
     assert_eq!(read_report(&base_dir).unwrap(), base);
     assert!(base_dir.join("attacks.jsonl").is_file() && base_dir.join("report.md").is_file());
+    let png = std::fs::read(base_dir.join("pca.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    assert_eq!(base.pca_plot.as_deref(), Some("pca.png"));
 
     // An adapter that changes the model: KL > 0, drift < 1, and deltas against the baseline.
     let m = load_model_path(&common::fixture("tiny-llama")).unwrap();

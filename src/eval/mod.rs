@@ -3,6 +3,8 @@
 //! on held-out benign chat, per-layer representation separation; report.md + report.json, and
 //! deltas against a baseline report.
 
+pub mod plot;
+
 use crate::attack::commands::{
     asr_table, load_with_adapter, read_behaviors, run_one, stop_tokens, AttackKind, AttackRecord,
 };
@@ -89,6 +91,12 @@ pub struct Report {
     /// Perplexity of the held-out benign responses under the evaluated model.
     pub benign_ppl: f64,
     pub separation: Vec<LayerSeparation>,
+    /// PCA scatter of harmful/benign representations, original vs evaluated (file name in the
+    /// report directory) and the hidden-state index it shows.
+    #[serde(default)]
+    pub pca_plot: Option<String>,
+    #[serde(default)]
+    pub pca_index: usize,
 }
 
 /// Per-token KL(original || tuned), perplexity under the tuned model, on response tokens.
@@ -232,6 +240,59 @@ pub fn separation(
         .collect())
 }
 
+/// Mean response-token representation of each example at hidden-state `index`, from the
+/// evaluated model (`use_lora`) or the original one.
+pub fn example_means(
+    model: &Llama<CpuBackend>,
+    m: &LoadedModel,
+    set: &[Example],
+    index: usize,
+    use_lora: bool,
+) -> Result<Vec<Vec<f64>>> {
+    let enc = Encoder::new(
+        &m.tokenizer,
+        Layout {
+            max_prompt: 64,
+            max_response: 64,
+        },
+    );
+    let d = m.config.hidden_size;
+    let mut out = Vec::new();
+    for chunk in set.chunks(8) {
+        let tb = enc.batch(chunk)?;
+        let mask = model.backend.upload_f32(&tb.attention_mask)?;
+        let (o, _) = model.forward_train(
+            Input::Ids(&tb.input_ids),
+            tb.batch,
+            tb.seq,
+            Some(&mask),
+            &[index],
+            LogitsMode::None,
+            use_lora,
+        )?;
+        let h = &o.hidden[0].1;
+        let rm = tb.mask(MaskMode::ResponseAll);
+        for b in 0..tb.batch {
+            let mut v = vec![0.0; d];
+            let mut n = 0.0;
+            for t in 0..tb.seq {
+                let r = b * tb.seq + t;
+                if rm[r] > 0.0 {
+                    v.iter_mut()
+                        .zip(&h[r * d..(r + 1) * d])
+                        .for_each(|(a, &x)| *a += x as f64);
+                    n += 1.0;
+                }
+            }
+            if n > 0.0 {
+                v.iter_mut().for_each(|a| *a /= n);
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub fn run_eval(a: &EvalArgs) -> Result<Report> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (m, model) = load_with_adapter(&a.model, a.adapter.as_deref())?;
@@ -312,6 +373,58 @@ pub fn run_eval(a: &EvalArgs) -> Result<Report> {
         .into_iter()
         .collect();
     let separation = separation(&model, &m, &harmful, &benign, &indices)?;
+    // The plot shows the index three quarters of the way up, inside the usual target range.
+    let pca_index = (3 * l).div_ceil(4);
+    let groups = [
+        example_means(&model, &m, &harmful, pca_index, false)?,
+        example_means(&model, &m, &benign, pca_index, false)?,
+        example_means(&model, &m, &harmful, pca_index, true)?,
+        example_means(&model, &m, &benign, pca_index, true)?,
+    ];
+    let basis: Vec<Vec<f64>> = groups[0].iter().chain(&groups[1]).cloned().collect();
+    use plotters::style::{BLUE, RED};
+    let evaluated = if a.adapter.is_some() {
+        "with adapter"
+    } else {
+        "evaluated"
+    };
+    let names = [
+        "harmful, original".to_string(),
+        "benign, original".to_string(),
+        format!("harmful, {evaluated}"),
+        format!("benign, {evaluated}"),
+    ];
+    plot::pca_plot(
+        &a.out.join("pca.png"),
+        &format!("Response representations at hidden-state index {pca_index}"),
+        &basis,
+        &[
+            plot::Group {
+                name: &names[0],
+                color: RED,
+                filled: false,
+                points: &groups[0],
+            },
+            plot::Group {
+                name: &names[1],
+                color: BLUE,
+                filled: false,
+                points: &groups[1],
+            },
+            plot::Group {
+                name: &names[2],
+                color: RED,
+                filled: true,
+                points: &groups[2],
+            },
+            plot::Group {
+                name: &names[3],
+                color: BLUE,
+                filled: true,
+                points: &groups[3],
+            },
+        ],
+    )?;
     let report = Report {
         model: a.model.clone(),
         adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
@@ -321,6 +434,8 @@ pub fn run_eval(a: &EvalArgs) -> Result<Report> {
         benign_kl,
         benign_ppl,
         separation,
+        pca_plot: Some("pca.png".into()),
+        pca_index,
     };
     std::fs::write(
         a.out.join("report.json"),
@@ -400,6 +515,12 @@ pub fn markdown(r: &Report, base: Option<&Report>, attack_table: &str) -> String
     );
     s += "## Attacks\n\n";
     s += attack_table;
+    if let Some(p) = &r.pca_plot {
+        s += &format!(
+            "\n## PCA of response representations at index {}\n\n![PCA]({p})\n",
+            r.pca_index
+        );
+    }
     s += "\n## Representation separation (response tokens)\n\n| index | cos(harmful, benign centroids) evaluated | original | cos(evaluated, original) harmful | benign |\n|---|---|---|---|---|\n";
     for l in &r.separation {
         s += &format!(
