@@ -394,36 +394,23 @@ pub fn run_eval(a: &EvalArgs) -> Result<Report> {
         format!("harmful, {evaluated}"),
         format!("benign, {evaluated}"),
     ];
+    let styles = [(RED, false), (BLUE, false), (RED, true), (BLUE, true)];
+    let plotted: Vec<plot::Group> = names
+        .iter()
+        .zip(&groups)
+        .zip(styles)
+        .map(|((name, points), (color, filled))| plot::Group {
+            name,
+            color,
+            filled,
+            points,
+        })
+        .collect();
     plot::pca_plot(
         &a.out.join("pca.png"),
         &format!("Response representations at hidden-state index {pca_index}"),
         &basis,
-        &[
-            plot::Group {
-                name: &names[0],
-                color: RED,
-                filled: false,
-                points: &groups[0],
-            },
-            plot::Group {
-                name: &names[1],
-                color: BLUE,
-                filled: false,
-                points: &groups[1],
-            },
-            plot::Group {
-                name: &names[2],
-                color: RED,
-                filled: true,
-                points: &groups[2],
-            },
-            plot::Group {
-                name: &names[3],
-                color: BLUE,
-                filled: true,
-                points: &groups[3],
-            },
-        ],
+        &plotted,
     )?;
     let report = Report {
         model: a.model.clone(),
