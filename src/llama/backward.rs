@@ -1,7 +1,7 @@
 //! Backward pass, written by hand in reverse order of `forward.rs`. Gradients flow to the LoRA
 //! factors and to the input embeddings; frozen weights get no gradient buffers.
 
-use super::forward::{Activations, LayerActs};
+use super::forward::{clone_buf, Activations, LayerActs};
 use super::lora::LoraModule;
 use super::model::{DeviceLayer, Llama};
 use crate::backend::{AttnShape, BackwardOps};
@@ -73,10 +73,15 @@ impl<B: BackwardOps> Llama<B> {
             cfg.intermediate_size,
         );
         let nl = cfg.num_layers;
-        ensure!(
-            acts.layers.len() == nl,
-            "backward: activations of {} blocks, model has {nl}",
+        let recorded = if acts.recompute {
+            acts.checkpoints.len()
+        } else {
             acts.layers.len()
+        };
+        ensure!(
+            recorded == nl,
+            "backward: activations of {} blocks, model has {nl}",
+            recorded
         );
         for (i, g) in d_hidden {
             ensure!(*i <= nl, "backward: hidden-state index {i} > {nl}");
@@ -150,7 +155,19 @@ impl<B: BackwardOps> Llama<B> {
                 }
             }
             let layer = &self.layers[li];
-            let a: &LayerActs<B> = &acts.layers[li];
+            let rebuilt;
+            let a: &LayerActs<B> = if acts.recompute {
+                rebuilt = self.recompute_block(
+                    li,
+                    &acts.checkpoints[li],
+                    key_mask,
+                    shape,
+                    acts.used_lora,
+                )?;
+                &rebuilt
+            } else {
+                &acts.layers[li]
+            };
             let h_in = a.h_in.as_ref().expect("recorded forward");
             let h_mid = a.h_mid.as_ref().expect("recorded forward");
             let mut g = grads.as_deref_mut();
@@ -268,6 +285,42 @@ impl<B: BackwardOps> Llama<B> {
             be.axpy(1.0, g, &mut dh);
         }
         Ok(want_input.then_some(dh))
+    }
+
+    /// Reruns block `li` from its recorded input to rebuild the activations its backward reads.
+    fn recompute_block(
+        &self,
+        li: usize,
+        h_in: &B::Buf,
+        key_mask: Option<&B::Buf>,
+        shape: AttnShape,
+        use_lora: bool,
+    ) -> Result<LayerActs<B>> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let rows = shape.batch * shape.q_len;
+        let d = cfg.hidden_size;
+        let mut x = clone_buf(be, h_in, rows, d)?;
+        let mut xn = be.alloc(rows * d)?;
+        be.rmsnorm(&x, &self.layers[li].attn_norm, d, cfg.rms_eps, &mut xn);
+        let mut a = LayerActs::new(be, rows, cfg)?;
+        let (mut kc, mut vc) = (
+            be.alloc(rows * cfg.kv_dim())?,
+            be.alloc(rows * cfg.kv_dim())?,
+        );
+        let rank = self.layers[li]
+            .lora
+            .iter()
+            .flatten()
+            .map(|l| l.rank)
+            .max()
+            .unwrap_or(1);
+        let mut tmp = be.alloc(rows * rank)?;
+        self.block(
+            li, &mut x, &mut xn, &mut a, &mut kc, &mut vc, key_mask, shape, use_lora, true,
+            &mut tmp,
+        )?;
+        Ok(a)
     }
 
     /// Backward of `y = x W^T + s (x A^T) B^T`: `dx (+)= dy W + s (dy B) A`,

@@ -62,10 +62,14 @@ pub struct Activations<B: Backend> {
     /// Final-normed stream (hidden-state index L).
     pub xn_final: B::Buf,
     pub used_lora: bool,
+    /// With per-block recompute: the residual stream entering each block (`layers` is then
+    /// empty and the backward pass reruns each block from its checkpoint).
+    pub checkpoints: Vec<B::Buf>,
+    pub recompute: bool,
 }
 
 impl<B: Backend> LayerActs<B> {
-    fn new(be: &B, rows: usize, cfg: &crate::model::ModelConfig) -> Result<Self> {
+    pub(crate) fn new(be: &B, rows: usize, cfg: &crate::model::ModelConfig) -> Result<Self> {
         let (d, qd, kvd, ff) = (
             cfg.hidden_size,
             cfg.q_dim(),
@@ -290,150 +294,47 @@ impl<B: Backend> Llama<B> {
             .unwrap_or(1);
         let mut lora_tmp = be.alloc(rows * max_rank)?;
         let mut recorded = Vec::new();
-        let mut shared = if record {
+        let recompute = self.recompute;
+        let mut checkpoints = Vec::new();
+        let mut shared = if record && !recompute {
             None
         } else {
             Some(LayerActs::new(be, rows, cfg)?)
         };
         let mut xn = be.alloc(rows * d)?;
         be.rmsnorm(&x, &self.layers[0].attn_norm, d, cfg.rms_eps, &mut xn);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let mut fresh = if record {
+        for li in 0..self.layers.len() {
+            let mut fresh = if record && !recompute {
                 Some(LayerActs::new(be, rows, cfg)?)
             } else {
                 None
             };
+            if record && recompute {
+                checkpoints.push(clone_buf(be, &x, rows, d)?);
+            }
             let a = fresh
                 .as_mut()
                 .or(shared.as_mut())
                 .expect("one activation set");
-            std::mem::swap(&mut a.xn1, &mut xn);
-            if record {
-                a.h_in = Some(clone_buf(be, &x, rows, d)?);
-            }
-            let lora = |m: LoraModule| {
-                if use_lora {
-                    layer.lora[m as usize].as_ref()
-                } else {
-                    None
-                }
-            };
-            self.project(
-                layer,
-                LoraModule::Q,
-                lora(LoraModule::Q),
-                &a.xn1,
-                &mut a.q,
-                rows,
-                &mut lora_tmp,
-            )?;
-            self.project(
-                layer,
-                LoraModule::K,
-                lora(LoraModule::K),
-                &a.xn1,
-                &mut a.k,
-                rows,
-                &mut lora_tmp,
-            )?;
-            self.project(
-                layer,
-                LoraModule::V,
-                lora(LoraModule::V),
-                &a.xn1,
-                &mut a.v,
-                rows,
-                &mut lora_tmp,
-            )?;
-            if let Some(b) = &layer.q_bias {
-                be.add_bias(&mut a.q, b);
-            }
-            if let Some(b) = &layer.k_bias {
-                be.add_bias(&mut a.k, b);
-            }
-            if let Some(b) = &layer.v_bias {
-                be.add_bias(&mut a.v, b);
-            }
-            be.rope(
-                &mut a.q,
-                batch,
-                seq,
-                cfg.num_heads,
-                cfg.head_dim,
-                cache.len,
-                &self.inv_freq,
-            );
-            be.rope(
-                &mut a.k,
-                batch,
-                seq,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                cache.len,
-                &self.inv_freq,
-            );
-            be.kv_store(&a.k, &a.v, &mut cache.k[li], &mut cache.v[li], shape);
-            be.attention(
-                &a.q,
-                &cache.k[li],
-                &cache.v[li],
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            let keep_acts = record && !recompute;
+            self.block(
+                li,
+                &mut x,
+                &mut xn,
+                a,
+                kc,
+                vc,
                 key_mask,
-                &mut a.att,
                 shape,
-            );
-            let mut proj = be.alloc(rows * d)?;
-            self.project(
-                layer,
-                LoraModule::O,
-                lora(LoraModule::O),
-                &a.att,
-                &mut proj,
-                rows,
+                use_lora,
+                keep_acts,
                 &mut lora_tmp,
             )?;
-            be.add_rmsnorm(&mut x, &proj, &layer.mlp_norm, d, cfg.rms_eps, &mut a.xn2);
-            if record {
-                a.h_mid = Some(clone_buf(be, &x, rows, d)?);
-            }
-            self.project(
-                layer,
-                LoraModule::Gate,
-                lora(LoraModule::Gate),
-                &a.xn2,
-                &mut a.gate,
-                rows,
-                &mut lora_tmp,
-            )?;
-            self.project(
-                layer,
-                LoraModule::Up,
-                lora(LoraModule::Up),
-                &a.xn2,
-                &mut a.up,
-                rows,
-                &mut lora_tmp,
-            )?;
-            be.swiglu(&a.gate, &a.up, &mut a.act);
-            self.project(
-                layer,
-                LoraModule::Down,
-                lora(LoraModule::Down),
-                &a.act,
-                &mut proj,
-                rows,
-                &mut lora_tmp,
-            )?;
-            let next_norm = self
-                .layers
-                .get(li + 1)
-                .map_or(&self.final_norm, |n| &n.attn_norm);
-            be.add_rmsnorm(&mut x, &proj, next_norm, d, cfg.rms_eps, &mut xn);
             if li + 1 < cfg.num_layers {
                 keep(li + 1, &x, &mut hidden)?;
             }
-            if let Some(mut a) = fresh {
-                a.k_all = Some(clone_buf(be, &cache.k[li], rows, cfg.kv_dim())?);
-                a.v_all = Some(clone_buf(be, &cache.v[li], rows, cfg.kv_dim())?);
+            if let Some(a) = fresh {
                 recorded.push(a);
             }
         }
@@ -479,11 +380,158 @@ impl<B: Backend> Llama<B> {
             batch,
             seq,
             layers: recorded,
+            checkpoints,
+            recompute,
             h_last: x,
             xn_final: xn,
             used_lora: use_lora,
         });
         Ok((ForwardOutput { logits, hidden }, acts))
+    }
+
+    /// Decoder block `li`: `x` enters as the residual stream and leaves as the block's output;
+    /// `xn` enters as `rmsnorm(x)` with this block's input norm and leaves as the output normed
+    /// with the next norm (the next block's, or the final norm). `record` keeps what the
+    /// backward pass reads (`h_in`, `h_mid`, post-RoPE keys and values) in `a`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block(
+        &self,
+        li: usize,
+        x: &mut B::Buf,
+        xn: &mut B::Buf,
+        a: &mut LayerActs<B>,
+        k_cache: &mut B::Buf,
+        v_cache: &mut B::Buf,
+        key_mask: Option<&B::Buf>,
+        shape: AttnShape,
+        use_lora: bool,
+        record: bool,
+        lora_tmp: &mut B::Buf,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let be = &self.backend;
+        let layer = &self.layers[li];
+        let (d, rows) = (cfg.hidden_size, shape.batch * shape.q_len);
+        let (batch, seq) = (shape.batch, shape.q_len);
+        std::mem::swap(&mut a.xn1, xn);
+        if record {
+            a.h_in = Some(clone_buf(be, x, rows, d)?);
+        }
+        let lora = |m: LoraModule| {
+            if use_lora {
+                layer.lora[m as usize].as_ref()
+            } else {
+                None
+            }
+        };
+        self.project(
+            layer,
+            LoraModule::Q,
+            lora(LoraModule::Q),
+            &a.xn1,
+            &mut a.q,
+            rows,
+            lora_tmp,
+        )?;
+        self.project(
+            layer,
+            LoraModule::K,
+            lora(LoraModule::K),
+            &a.xn1,
+            &mut a.k,
+            rows,
+            lora_tmp,
+        )?;
+        self.project(
+            layer,
+            LoraModule::V,
+            lora(LoraModule::V),
+            &a.xn1,
+            &mut a.v,
+            rows,
+            lora_tmp,
+        )?;
+        if let Some(b) = &layer.q_bias {
+            be.add_bias(&mut a.q, b);
+        }
+        if let Some(b) = &layer.k_bias {
+            be.add_bias(&mut a.k, b);
+        }
+        if let Some(b) = &layer.v_bias {
+            be.add_bias(&mut a.v, b);
+        }
+        be.rope(
+            &mut a.q,
+            batch,
+            seq,
+            cfg.num_heads,
+            cfg.head_dim,
+            shape.start_pos,
+            &self.inv_freq,
+        );
+        be.rope(
+            &mut a.k,
+            batch,
+            seq,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            shape.start_pos,
+            &self.inv_freq,
+        );
+        be.kv_store(&a.k, &a.v, k_cache, v_cache, shape);
+        be.attention(&a.q, k_cache, v_cache, key_mask, &mut a.att, shape);
+        let mut proj = be.alloc(rows * d)?;
+        self.project(
+            layer,
+            LoraModule::O,
+            lora(LoraModule::O),
+            &a.att,
+            &mut proj,
+            rows,
+            lora_tmp,
+        )?;
+        be.add_rmsnorm(x, &proj, &layer.mlp_norm, d, cfg.rms_eps, &mut a.xn2);
+        if record {
+            a.h_mid = Some(clone_buf(be, x, rows, d)?);
+        }
+        self.project(
+            layer,
+            LoraModule::Gate,
+            lora(LoraModule::Gate),
+            &a.xn2,
+            &mut a.gate,
+            rows,
+            lora_tmp,
+        )?;
+        self.project(
+            layer,
+            LoraModule::Up,
+            lora(LoraModule::Up),
+            &a.xn2,
+            &mut a.up,
+            rows,
+            lora_tmp,
+        )?;
+        be.swiglu(&a.gate, &a.up, &mut a.act);
+        self.project(
+            layer,
+            LoraModule::Down,
+            lora(LoraModule::Down),
+            &a.act,
+            &mut proj,
+            rows,
+            lora_tmp,
+        )?;
+        let next_norm = self
+            .layers
+            .get(li + 1)
+            .map_or(&self.final_norm, |n| &n.attn_norm);
+        be.add_rmsnorm(x, &proj, next_norm, d, cfg.rms_eps, xn);
+        if record {
+            a.k_all = Some(clone_buf(be, k_cache, rows, cfg.kv_dim())?);
+            a.v_all = Some(clone_buf(be, v_cache, rows, cfg.kv_dim())?);
+        }
+        Ok(())
     }
 
     /// `out = x W^T (+ scale * (x A^T) B^T when a LoRA pair is given)`.

@@ -54,6 +54,9 @@ pub struct Llama<B: Backend> {
     pub inv_freq: B::Buf,
     /// `-inv_freq`: RoPE is a rotation, so its backward is the same op at the negated angle.
     pub inv_freq_neg: B::Buf,
+    /// Training forwards keep only each block's input and the backward pass recomputes the
+    /// block's activations (memory for long sequences and big models, at ~1 extra forward).
+    pub recompute: bool,
 }
 
 impl<B: Backend> Llama<B> {
@@ -90,6 +93,7 @@ impl<B: Backend> Llama<B> {
             layers,
             inv_freq,
             inv_freq_neg,
+            recompute: false,
             cfg: cfg.clone(),
             backend,
         })

@@ -58,6 +58,9 @@ pub struct TrainArgs {
     /// Adversarial hard-negative mining (embedding-space attack on the harmful prompts).
     #[arg(long, value_enum)]
     pub mining: Option<crate::train::mining::MiningKind>,
+    /// Per-block activation recompute (less memory, about one extra forward per step).
+    #[arg(long)]
+    pub recompute: bool,
     /// Continue from `<out>/checkpoint`.
     #[arg(long)]
     pub resume: bool,
@@ -100,6 +103,9 @@ impl TrainArgs {
         );
         if self.lr.is_some() {
             c.lr = self.lr;
+        }
+        if self.recompute {
+            c.recompute = true;
         }
         if let Some(k) = self.mining {
             c.mining.kind = k;

@@ -61,6 +61,8 @@ pub struct TrainConfig {
     pub circuit_breakers: CircuitBreakerConfig,
     pub adamw: AdamWConfig,
     pub mining: MiningConfig,
+    /// Keep only each block's input in the forward and recompute the rest in the backward.
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -89,6 +91,7 @@ impl Default for TrainConfig {
             circuit_breakers: CircuitBreakerConfig::default(),
             adamw: AdamWConfig::default(),
             mining: MiningConfig::default(),
+            recompute: false,
         }
     }
 }
@@ -401,6 +404,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             (adapter, moments, st)
         };
         model.attach_lora(&adapter)?;
+        model.recompute = state.config.recompute;
         let mut miner = Miner::new(state.config.mining.clone(), state.config.seed);
         miner.state = state.miner.clone();
         if resume && ck.join("mining.safetensors").is_file() {
