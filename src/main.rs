@@ -94,6 +94,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = repshield::llama::merge::SaveDtype::Bf16)]
         dtype: repshield::llama::merge::SaveDtype,
     },
+    /// Evaluate the original model, train a triplet defense, evaluate again: the before/after table.
+    Demo(repshield::demo::DemoArgs),
     /// The evaluation suite: ASR per attack, over-refusal, benign KL and perplexity,
     /// representation separation; report.md + report.json (+ deltas against --baseline).
     Eval(Box<repshield::eval::EvalArgs>),
@@ -124,11 +126,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", model::fetch::resolve_model("smollm2")?.display());
             Ok(())
         }
-        Cmd::Info { model, device, batch, ctx } => {
+        Cmd::Info {
+            model,
+            device,
+            batch,
+            ctx,
+        } => {
             let cfg = info(&model)?;
             if device != Device::Cpu {
                 println!("\nCUDA memory plan (batch {batch}, context {ctx}):");
-                println!("{}", repshield::backend::cuda::MemoryPlan::new(&cfg, batch, ctx));
+                println!(
+                    "{}",
+                    repshield::backend::cuda::MemoryPlan::new(&cfg, batch, ctx)
+                );
                 if let Some(why) = repshield::backend::cuda::unavailable_reason() {
                     println!("(this machine cannot run it: {why})");
                 }
@@ -136,28 +146,73 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(b) => repshield::bench::run(b),
-        Cmd::Merge { model, adapter, out, dtype } => {
+        Cmd::Merge {
+            model,
+            adapter,
+            out,
+            dtype,
+        } => {
             let mut m = model::load_model(&model)?;
             let ad = repshield::llama::peft::load_peft(&adapter, &m.config)?;
             repshield::llama::merge::merge_into(&mut m.weights, &ad)?;
             repshield::llama::merge::save_hf_dir(&m, &out, dtype)?;
-            println!("merged {} into {}: {}", adapter.display(), m.source.display(), out.display());
+            println!(
+                "merged {} into {}: {}",
+                adapter.display(),
+                m.source.display(),
+                out.display()
+            );
             Ok(())
         }
+        Cmd::Demo(a) => repshield::demo::run_demo(&a),
         Cmd::Eval(a) => repshield::eval::run_eval(&a).map(|_| ()),
         Cmd::Attack(a) => repshield::attack::commands::cmd_attack(&a),
         Cmd::JudgeCheck(a) => repshield::attack::commands::cmd_judge_check(&a),
         Cmd::Train(a) => repshield::train::commands::cmd_train(&a),
         Cmd::Loss(a) => repshield::train::commands::cmd_loss(&a),
-        Cmd::Generate { model, prompt, prompts, out, adapter, system, max_new_tokens, temperature, top_p, seed, raw, device } => {
-            let sampling = if temperature > 0.0 { Sampling::TopP { temperature, top_p, seed } } else { Sampling::Greedy };
-            let g = GenJob { spec: model, system, max_new_tokens, sampling, raw, device, adapter };
+        Cmd::Generate {
+            model,
+            prompt,
+            prompts,
+            out,
+            adapter,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            raw,
+            device,
+        } => {
+            let sampling = if temperature > 0.0 {
+                Sampling::TopP {
+                    temperature,
+                    top_p,
+                    seed,
+                }
+            } else {
+                Sampling::Greedy
+            };
+            let g = GenJob {
+                spec: model,
+                system,
+                max_new_tokens,
+                sampling,
+                raw,
+                device,
+                adapter,
+            };
             let cuda = use_cuda(g.device)?;
             macro_rules! on {
                 ($be:expr) => {
                     match (prompt, prompts) {
                         (Some(p), None) => run_generate(&g, &p, $be),
-                        (None, Some(file)) => run_generate_file(&g, &file, out.as_deref().expect("clap requires --out"), $be),
+                        (None, Some(file)) => run_generate_file(
+                            &g,
+                            &file,
+                            out.as_deref().expect("clap requires --out"),
+                            $be,
+                        ),
                         _ => bail!("give either --prompt TEXT or --prompts FILE.jsonl"),
                     }
                 };
@@ -181,7 +236,10 @@ struct GenJob {
     adapter: Option<std::path::PathBuf>,
 }
 
-fn load_for_generation<B: Backend>(g: &GenJob, backend: B) -> Result<(model::LoadedModel, Llama<B>, Vec<u32>)> {
+fn load_for_generation<B: Backend>(
+    g: &GenJob,
+    backend: B,
+) -> Result<(model::LoadedModel, Llama<B>, Vec<u32>)> {
     let t0 = Instant::now();
     let m = model::load_model(&g.spec)?;
     let mut llama = Llama::new(backend, &m.config, &m.weights)?;
@@ -189,7 +247,11 @@ fn load_for_generation<B: Backend>(g: &GenJob, backend: B) -> Result<(model::Loa
         llama.attach_lora(&repshield::llama::peft::load_peft(dir, &m.config)?)?;
         eprintln!("adapter: {}", dir.display());
     }
-    eprintln!("loaded {} in {:.2}s", m.source.display(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} in {:.2}s",
+        m.source.display(),
+        t0.elapsed().as_secs_f64()
+    );
     let mut stop = m.config.eos_token_ids.clone();
     for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"] {
         if let Some(id) = m.tokenizer.token_to_id(t) {
@@ -212,20 +274,44 @@ fn prompt_ids(m: &model::LoadedModel, g: &GenJob, prompt: &str) -> Result<Vec<u3
 }
 
 /// Answers every prompt of a JSONL file (resumable: rows already in `out` are kept).
-fn run_generate_file<B: Backend>(g: &GenJob, file: &std::path::Path, out: &std::path::Path, backend: B) -> Result<()> {
+fn run_generate_file<B: Backend>(
+    g: &GenJob,
+    file: &std::path::Path,
+    out: &std::path::Path,
+    backend: B,
+) -> Result<()> {
     let prompts = repshield::train::data::read_jsonl(file, false)?;
     let (m, llama, stop) = load_for_generation(g, backend)?;
-    let done = if out.exists() { repshield::train::data::read_jsonl(out, true).map(|v| v.len()).unwrap_or(0) } else { 0 };
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
+    let done = if out.exists() {
+        repshield::train::data::read_jsonl(out, true)
+            .map(|v| v.len())
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .with_context(|| format!("opening {}", out.display()))?;
     let bar = indicatif::ProgressBar::new(prompts.len() as u64);
     bar.set_position(done as u64);
-    let opts = GenerateOptions { max_new_tokens: g.max_new_tokens, sampling: g.sampling.clone(), stop_tokens: stop.clone() };
+    let opts = GenerateOptions {
+        max_new_tokens: g.max_new_tokens,
+        sampling: g.sampling.clone(),
+        stop_tokens: stop.clone(),
+    };
     for ex in prompts.iter().skip(done) {
         let ids = prompt_ids(&m, g, &ex.prompt)?;
         let toks = generate(&llama, &ids, &opts, |_| Ok(()))?;
         let toks: Vec<u32> = toks.into_iter().filter(|t| !stop.contains(t)).collect();
         let response = m.tokenizer.decode(&toks, true)?.trim().to_string();
-        writeln!(f, "{}", serde_json::json!({"prompt": ex.prompt, "response": response})).context("writing output")?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"prompt": ex.prompt, "response": response})
+        )
+        .context("writing output")?;
         f.flush().ok();
         bar.inc(1);
     }
