@@ -58,3 +58,18 @@ fn demo_runs_end_to_end_on_the_tiny_model() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 }
+
+#[test]
+fn every_shipped_config_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let c = TrainConfig::from_toml(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            assert!(c.triplet.w_harmful > 0.0 && c.steps > 0, "{}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
