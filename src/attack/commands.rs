@@ -319,7 +319,7 @@ pub fn asr_table(records: &[AttackRecord]) -> String {
             .filter(|id| records.iter().any(|r| r.id == **id && r.success_keywords))
             .count();
         s += &format!(
-            "| any config | - | {n} | {:.1}% | - | - |\n",
+            "| any attack or config | - | {n} | {:.1}% | - | - |\n",
             100.0 * any_kw as f64 / n.max(1) as f64
         );
     }
