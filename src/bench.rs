@@ -397,6 +397,10 @@ pub struct GenerateArgs {
     /// Skip the measurement of the FMA peak and bandwidth.
     #[arg(long)]
     pub no_peak: bool,
+    /// Also print where the time goes: one more prefill and decode run with every backend op
+    /// timed (adds a little overhead per op).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -475,7 +479,7 @@ pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
     let t = Instant::now();
     let weights = ModelWeights::random(&cfg, a.seed);
     let model = Llama::new(CpuBackend, &cfg, &weights)?;
-    drop(weights);
+    let weights = a.profile.then_some(weights);
     println!(
         "random weights (seed {}) built in {:.1}s",
         a.seed,
@@ -559,6 +563,10 @@ pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
             bw.map(|b| format!(" = {:.0}% of read bandwidth", 100.0 * decode_gbs / b))
                 .unwrap_or_default()
         );
+    }
+
+    if let Some(w) = &weights {
+        profile_ops(&cfg, w, &prompt, logits_mode, capacity, a.decode_tokens)?;
     }
 
     let python = match &a.compare_python {
@@ -727,4 +735,227 @@ pub fn cpu_model() -> String {
                 .map(|x| x.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-op profile: the CPU backend behind a wrapper that times every call.
+
+/// [`CpuBackend`] with a stopwatch per op kind (name, matmul shape) for `--profile`.
+#[derive(Default)]
+pub struct TimedCpu {
+    times: std::sync::Mutex<std::collections::BTreeMap<String, (u32, f64)>>,
+}
+
+impl TimedCpu {
+    fn time<R>(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = f();
+        let s = t.elapsed().as_secs_f64();
+        let mut m = self.times.lock().unwrap();
+        let e = m.entry(key()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += s;
+        r
+    }
+    fn take(&self) -> Vec<(String, u32, f64)> {
+        let mut v: Vec<_> = std::mem::take(&mut *self.times.lock().unwrap())
+            .into_iter()
+            .map(|(k, (n, s))| (k, n, s))
+            .collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+}
+
+impl crate::backend::Backend for TimedCpu {
+    type Buf = Vec<f32>;
+    fn name(&self) -> String {
+        format!("timed {}", CpuBackend.name())
+    }
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        CpuBackend.upload(data)
+    }
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        self.time(|| "alloc".into(), || CpuBackend.alloc(len))
+    }
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        self.time(|| "download".into(), || CpuBackend.download(buf))
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) {
+        self.time(
+            || "embedding".into(),
+            || CpuBackend.embedding(table, ids, dim, out),
+        )
+    }
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, out: &mut Vec<f32>) {
+        self.time(
+            || "rmsnorm".into(),
+            || CpuBackend.rmsnorm(x, w, dim, eps, out),
+        )
+    }
+    fn add_rmsnorm(
+        &self,
+        residual: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        w: &Vec<f32>,
+        dim: usize,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) {
+        self.time(
+            || "add_rmsnorm".into(),
+            || CpuBackend.add_rmsnorm(residual, delta, w, dim, eps, out),
+        )
+    }
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        out: &mut Vec<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        self.time(
+            || format!("matmul m{m} n{n} k{k}"),
+            || CpuBackend.matmul(x, w, out, m, n, k, scale, accumulate),
+        )
+    }
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
+        self.time(|| "add_bias".into(), || CpuBackend.add_bias(x, bias))
+    }
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        batch: usize,
+        seq_len: usize,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &Vec<f32>,
+    ) {
+        self.time(
+            || "rope".into(),
+            || CpuBackend.rope(x, batch, seq_len, n_heads, head_dim, start_pos, inv_freq),
+        )
+    }
+    fn kv_store(
+        &self,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        shape: crate::backend::AttnShape,
+    ) {
+        self.time(
+            || "kv_store".into(),
+            || CpuBackend.kv_store(k, v, k_cache, v_cache, shape),
+        )
+    }
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        key_mask: Option<&Vec<f32>>,
+        out: &mut Vec<f32>,
+        shape: crate::backend::AttnShape,
+    ) {
+        self.time(
+            || {
+                if shape.q_len == 1 {
+                    "attention q1 (decode)".into()
+                } else {
+                    format!("attention q{} kv{}", shape.q_len, shape.kv_len())
+                }
+            },
+            || CpuBackend.attention(q, k_cache, v_cache, key_mask, out, shape),
+        )
+    }
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) {
+        self.time(|| "swiglu".into(), || CpuBackend.swiglu(gate, up, out))
+    }
+    fn gather_rows(
+        &self,
+        src: &Vec<f32>,
+        src_rows: &[u32],
+        dim: usize,
+        dst: &mut Vec<f32>,
+        dst_row: usize,
+    ) {
+        self.time(
+            || "gather_rows".into(),
+            || CpuBackend.gather_rows(src, src_rows, dim, dst, dst_row),
+        )
+    }
+}
+
+/// One prefill and `decode_tokens` decode steps on a [`TimedCpu`] copy of the model; prints the
+/// time per op kind against the wall time of the forward calls.
+fn profile_ops(
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    prompt: &[u32],
+    logits: LogitsMode,
+    capacity: usize,
+    decode_tokens: usize,
+) -> Result<()> {
+    let timed = Llama::new(TimedCpu::default(), cfg, weights)?;
+    let report = |what: &str, wall: f64, ops: Vec<(String, u32, f64)>| {
+        let total: f64 = ops.iter().map(|o| o.2).sum();
+        println!(
+            "\nprofile of one {what}: wall {:.2} ms, in ops {:.2} ms ({:.0}%)",
+            wall * 1e3,
+            total * 1e3,
+            100.0 * total / wall
+        );
+        for (name, n, s) in ops {
+            println!(
+                "  {:<28} {:>6} calls {:>9.3} ms {:>5.1}%",
+                name,
+                n,
+                s * 1e3,
+                100.0 * s / wall
+            );
+        }
+    };
+    for pass in 0..2 {
+        let mut cache = timed.new_cache(1, capacity)?;
+        timed.backend.take();
+        let t = Instant::now();
+        let out = timed.forward(prompt, 1, &mut cache, None, &[], logits)?;
+        let wall = t.elapsed().as_secs_f64();
+        let logits = out.logits.context("no logits")?;
+        let mut next = argmax(&logits[logits.len() - cfg.vocab_size..]);
+        if pass == 1 {
+            report(
+                &format!("prefill ({} tokens)", prompt.len()),
+                wall,
+                timed.backend.take(),
+            );
+        }
+        if decode_tokens == 0 {
+            continue;
+        }
+        timed.backend.take();
+        let t = Instant::now();
+        for _ in 0..decode_tokens {
+            let out = timed.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
+            next = argmax(out.logits.as_ref().context("no logits")?);
+        }
+        let wall = t.elapsed().as_secs_f64();
+        if pass == 1 {
+            report(
+                &format!("decode ({decode_tokens} tokens)"),
+                wall,
+                timed.backend.take(),
+            );
+        }
+    }
+    Ok(())
 }

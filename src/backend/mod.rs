@@ -229,7 +229,14 @@ pub trait BackwardOps: Backend {
         shape: AttnShape,
     );
     /// Writes (`=`) `dgate` and `dup` for `out = silu(gate) * up`.
-    fn swiglu_bwd(&self, gate: &Self::Buf, up: &Self::Buf, dout: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf);
+    fn swiglu_bwd(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dout: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    );
     /// `y += alpha * x`.
     fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf);
 }

@@ -52,10 +52,16 @@ pub fn attention_fwd(
         assert_eq!(m.len(), s.batch * s.capacity, "attention: key_mask size");
     }
     #[cfg(target_arch = "x86_64")]
-    if s.q_len >= TILED_MIN_Q && super::simd::level() == super::simd::Level::Avx512 {
-        // SAFETY: AVX-512F was detected; sizes were checked above.
-        unsafe { tiled::attention_avx512(q, k_cache, v_cache, key_mask, out, s) };
-        return;
+    if super::simd::level() == super::simd::Level::Avx512 {
+        if s.q_len >= TILED_MIN_Q {
+            // SAFETY: AVX-512F was detected; sizes were checked above.
+            unsafe { tiled::attention_avx512(q, k_cache, v_cache, key_mask, out, s) };
+            return;
+        }
+        if decode::supported(s) {
+            decode::attention_grouped(q, k_cache, v_cache, key_mask, out, s);
+            return;
+        }
     }
     attention_rows(q, k_cache, v_cache, key_mask, out, s);
 }
@@ -125,6 +131,170 @@ fn attention_rows(
     }
 }
 
+/// Decode schedule: one task per (query row, KV head) serves all query heads of the group, so
+/// each key and value row is loaded once for the group; the group's queries and outputs live in
+/// registers (head_dim 64 or 128).
+#[cfg(target_arch = "x86_64")]
+mod decode {
+    use super::super::matmul::SendPtr;
+    use super::super::simd;
+    use super::SCORES;
+    use crate::backend::AttnShape;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    pub fn supported(s: AttnShape) -> bool {
+        matches!(s.head_dim, 64 | 128)
+    }
+
+    /// Heads per register-resident chunk: the queries (and later the outputs) of a chunk take
+    /// `heads * head_dim / 16` zmm registers; 16 of them leave room for the rest.
+    fn chunk_heads(hd: usize) -> usize {
+        256 / hd
+    }
+
+    pub fn attention_grouped(
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        key_mask: Option<&[f32]>,
+        out: &mut [f32],
+        s: AttnShape,
+    ) {
+        let (qd, kvd, hd) = (s.q_dim(), s.kv_dim(), s.head_dim);
+        let group = s.n_heads / s.n_kv_heads;
+        let gc = chunk_heads(hd).min(group);
+        let chunks = group.div_ceil(gc);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rows = s.batch * s.q_len;
+        let o = SendPtr(out.as_mut_ptr());
+        let task = |i: usize| {
+            let ch = i % chunks;
+            let kvh = (i / chunks) % s.n_kv_heads;
+            let row = i / (chunks * s.n_kv_heads);
+            let (b, t) = (row / s.q_len, row % s.q_len);
+            let h0 = kvh * group + ch * gc;
+            let g = gc.min((kvh + 1) * group - h0);
+            let vis = s.start_pos + t + 1;
+            let base = b * s.capacity * kvd + kvh * hd;
+            let mask = key_mask.map(|m| &m[b * s.capacity..][..vis]);
+            SCORES.with(|cell| {
+                let mut sc = cell.borrow_mut();
+                if sc.len() < g * vis {
+                    sc.resize(g * vis, 0.0);
+                }
+                let args = Args {
+                    q: q[row * qd + h0 * hd..].as_ptr(),
+                    k: k_cache[base..].as_ptr(),
+                    v: v_cache[base..].as_ptr(),
+                    kvd,
+                    vis,
+                    mask,
+                    scale,
+                    scores: &mut sc[..g * vis],
+                    // SAFETY (of the writes): heads h0..h0+g of this row belong to this task.
+                    out: unsafe { o.get().add(row * qd + h0 * hd) },
+                };
+                // SAFETY: AVX-512F was detected by the caller; pointers cover vis rows.
+                unsafe {
+                    match (hd, g) {
+                        (64, 1) => group_rows::<4, 1>(args),
+                        (64, 2) => group_rows::<4, 2>(args),
+                        (64, 3) => group_rows::<4, 3>(args),
+                        (64, 4) => group_rows::<4, 4>(args),
+                        (128, 1) => group_rows::<8, 1>(args),
+                        (128, 2) => group_rows::<8, 2>(args),
+                        _ => unreachable!("decode attention: head_dim {hd}, {g} heads"),
+                    }
+                }
+            });
+        };
+        let tasks = rows * s.n_kv_heads * chunks;
+        // A few microseconds of work per task: only fan out when there is plenty.
+        if rows * s.n_heads * s.kv_len() * hd < 1 << 20 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+    }
+
+    struct Args<'a> {
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        kvd: usize,
+        vis: usize,
+        mask: Option<&'a [f32]>,
+        scale: f32,
+        scores: &'a mut [f32],
+        out: *mut f32,
+    }
+
+    /// `G` consecutive query heads (`C` zmm each) against keys/values `0..vis` of one KV head.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group_rows<const C: usize, const G: usize>(a: Args) {
+        let hd = 16 * C;
+        let vis = a.vis;
+        let mut qv = [[_mm512_setzero_ps(); C]; G];
+        for (g, qg) in qv.iter_mut().enumerate() {
+            for (c, v) in qg.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(a.q.add(g * hd + 16 * c));
+            }
+        }
+        for j in 0..vis {
+            let kr = a.k.add(j * a.kvd);
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in 0..C {
+                let kk = _mm512_loadu_ps(kr.add(16 * c));
+                for (ag, qg) in acc.iter_mut().zip(&qv) {
+                    *ag = _mm512_fmadd_ps(qg[c], kk, *ag);
+                }
+            }
+            for (g, ag) in acc.iter().enumerate() {
+                *a.scores.get_unchecked_mut(g * vis + j) = _mm512_reduce_add_ps(*ag) * a.scale;
+            }
+        }
+        let mut inv = [0f32; G];
+        for (g, inv_g) in inv.iter_mut().enumerate() {
+            let row = &mut a.scores[g * vis..(g + 1) * vis];
+            if let Some(m) = a.mask {
+                for (x, &keep) in row.iter_mut().zip(m) {
+                    if keep == 0.0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let max = simd::max(row);
+            *inv_g = if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                0.0
+            } else {
+                1.0 / simd::exp_shift_sum(row, max)
+            };
+        }
+        let mut o = [[_mm512_setzero_ps(); C]; G];
+        for j in 0..vis {
+            let vr = a.v.add(j * a.kvd);
+            let mut p = [_mm512_setzero_ps(); G];
+            for (g, pg) in p.iter_mut().enumerate() {
+                *pg = _mm512_set1_ps(*a.scores.get_unchecked(g * vis + j));
+            }
+            for c in 0..C {
+                let vv = _mm512_loadu_ps(vr.add(16 * c));
+                for (og, pg) in o.iter_mut().zip(&p) {
+                    og[c] = _mm512_fmadd_ps(*pg, vv, og[c]);
+                }
+            }
+        }
+        for (g, og) in o.iter().enumerate() {
+            let sc = _mm512_set1_ps(inv[g]);
+            for (c, v) in og.iter().enumerate() {
+                _mm512_storeu_ps(a.out.add(g * hd + 16 * c), _mm512_mul_ps(*v, sc));
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod tiled {
     use super::super::matmul::avx512::{kernel_m, pack_panel, put_scratch, take_scratch, MR, NR};
@@ -136,6 +306,8 @@ mod tiled {
 
     /// Queries per task: S is QB x kv_len (147 KiB at 64 x 576), kept in L2.
     const QB: usize = 64;
+    /// Keys per slice of `PV`: a 128 x 64 slice of V (32 KiB) stays in L1.
+    const PV_KC: usize = 128;
 
     thread_local! {
         static S_TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -216,27 +388,30 @@ mod tiled {
                     }
                     let (sm, inv) = st.split_at_mut(rows * lds);
                     let qrow0 = b * s.q_len + t0;
-                    // S = scale * Q K^T, only the key panels some row of the tile can see.
-                    let mut i0 = 0;
-                    while i0 < rows {
-                        let mr = MR.min(rows - i0);
-                        let vis_tile = s.start_pos + t0 + i0 + mr;
-                        for jp in 0..vis_tile.div_ceil(NR) {
-                            kernel_m(
-                                mr,
-                                hd,
-                                q.as_ptr().add((qrow0 + i0) * qd + h * hd),
-                                qd,
-                                kt.as_ptr().add(jp * hd * NR),
-                                NR,
-                                sm.as_mut_ptr().add(i0 * lds + jp * NR),
-                                lds,
-                                NR.min(vis_tile - jp * NR),
-                                scale,
-                                false,
-                            );
+                    // S = scale * Q K^T, only the key panels some row of the tile can see;
+                    // panel-major, so each K^T panel (hd x 64) stays in L1 across the row tiles.
+                    for jp in 0..kv_hi.div_ceil(NR) {
+                        let mut i0 = 0;
+                        while i0 < rows {
+                            let mr = MR.min(rows - i0);
+                            let vis_tile = s.start_pos + t0 + i0 + mr;
+                            if vis_tile > jp * NR {
+                                kernel_m(
+                                    mr,
+                                    hd,
+                                    q.as_ptr().add((qrow0 + i0) * qd + h * hd),
+                                    qd,
+                                    kt.as_ptr().add(jp * hd * NR),
+                                    NR,
+                                    sm.as_mut_ptr().add(i0 * lds + jp * NR),
+                                    lds,
+                                    NR.min(vis_tile - jp * NR),
+                                    scale,
+                                    false,
+                                );
+                            }
+                            i0 += mr;
                         }
-                        i0 += mr;
                     }
                     // Softmax per row over its visible keys; later keys of the tile get 0.
                     for r in 0..rows {
@@ -259,28 +434,34 @@ mod tiled {
                             1.0 / simd::exp_shift_sum(seen, max)
                         };
                     }
-                    // O = P V, then each row scaled by 1 / its softmax denominator.
-                    let mut i0 = 0;
-                    while i0 < rows {
-                        let mr = MR.min(rows - i0);
-                        let vis_tile = s.start_pos + t0 + i0 + mr;
-                        for cp in 0..col_panels {
-                            // SAFETY: rows qrow0+i0.. and columns of head h belong to this task.
-                            kernel_m(
-                                mr,
-                                vis_tile,
-                                sm.as_ptr().add(i0 * lds),
-                                lds,
-                                vp.as_ptr().add(cp * kv_len * NR),
-                                NR,
-                                o.get().add((qrow0 + i0) * qd + h * hd + cp * NR),
-                                qd,
-                                NR.min(hd - cp * NR),
-                                1.0,
-                                false,
-                            );
+                    // O = P V in slices of PV_KC keys (a V slice stays in L1 across the row
+                    // tiles), then each row scaled by 1 / its softmax denominator.
+                    for p0 in (0..kv_hi).step_by(PV_KC) {
+                        let mut i0 = 0;
+                        while i0 < rows {
+                            let mr = MR.min(rows - i0);
+                            let vis_tile = s.start_pos + t0 + i0 + mr;
+                            if vis_tile > p0 {
+                                for cp in 0..col_panels {
+                                    // SAFETY: rows qrow0+i0.. and columns of head h belong to
+                                    // this task.
+                                    kernel_m(
+                                        mr,
+                                        PV_KC.min(vis_tile - p0),
+                                        sm.as_ptr().add(i0 * lds + p0),
+                                        lds,
+                                        vp.as_ptr().add((cp * kv_len + p0) * NR),
+                                        NR,
+                                        o.get().add((qrow0 + i0) * qd + h * hd + cp * NR),
+                                        qd,
+                                        NR.min(hd - cp * NR),
+                                        1.0,
+                                        p0 > 0,
+                                    );
+                                }
+                            }
+                            i0 += mr;
                         }
-                        i0 += mr;
                     }
                     for (r, &inv_r) in inv.iter().enumerate().take(rows) {
                         let orow = std::slice::from_raw_parts_mut(
@@ -479,6 +660,10 @@ mod fast_path_tests {
             (1, 1, 100, 9, 3, 64),
             (2, 3, 60, 4, 4, 32),
             (1, 40, 30, 2, 1, 128),
+            (2, 1, 77, 9, 3, 64),
+            (1, 2, 33, 14, 2, 64),
+            (1, 1, 50, 32, 8, 128),
+            (1, 3, 20, 6, 1, 128),
         ];
         for &(batch, q_len, start, nh, nkv, hd) in &cases {
             for masked in [false, true] {

@@ -392,10 +392,14 @@ pub(crate) mod avx512 {
         let threads = rayon::current_num_threads().max(1);
         let panels = n.div_ceil(NR);
         let panel_len = k * NR;
+        // Enough panels for every thread: each task packs its own panel, so reading W (cold,
+        // from DRAM, in a forward pass) overlaps with the other threads' arithmetic.
+        if panels >= 8 * threads {
+            return gemm_nt_fused(x, w, out, m, n, k, scale, accumulate);
+        }
         let per_phase = (PACK_BYTES / (panel_len * 4)).clamp(1, panels);
         let mut packed = take_scratch(per_phase * panel_len);
-        let kc_max = std::env::var("RS_KC").ok().and_then(|v| v.parse().ok()).unwrap_or(KC);
-        let k_slices = k.div_ceil(kc_max);
+        let k_slices = k.div_ceil(KC);
         let kc = k.div_ceil(k_slices);
         let o = SendPtr(out.as_mut_ptr());
         for phase0 in (0..panels).step_by(per_phase) {
@@ -410,7 +414,7 @@ pub(crate) mod avx512 {
                 });
             // Split the rows too, so every thread has several tasks.
             let tiles = m.div_ceil(MR);
-            let m_chunks = (4 * threads).div_ceil(np).clamp(1, tiles);
+            let m_chunks = (8 * threads).div_ceil(np).clamp(1, tiles);
             let chunk_rows = tiles.div_ceil(m_chunks) * MR;
             let m_chunks = m.div_ceil(chunk_rows);
             let packed = &packed;
@@ -447,6 +451,72 @@ pub(crate) mod avx512 {
             });
         }
         put_scratch(packed);
+    }
+
+    thread_local! {
+        static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// [`gemm_nt`] with one task per panel of W that packs its own panel (no separate packing
+    /// phase); for matrices with many panels.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_nt_fused(
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let threads = rayon::current_num_threads().max(1);
+        let panels = n.div_ceil(NR);
+        let panel_len = k * NR;
+        let k_slices = k.div_ceil(KC);
+        let kc = k.div_ceil(k_slices);
+        let tiles = m.div_ceil(MR);
+        let m_chunks = (2 * threads).div_ceil(panels).clamp(1, tiles);
+        let chunk_rows = tiles.div_ceil(m_chunks) * MR;
+        let m_chunks = m.div_ceil(chunk_rows);
+        let o = SendPtr(out.as_mut_ptr());
+        (0..panels * m_chunks).into_par_iter().for_each(|t| {
+            let (pi, mc) = (t / m_chunks, t % m_chunks);
+            let j0 = pi * NR;
+            let nr = NR.min(n - j0);
+            PANEL.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                if buf.len() < panel_len {
+                    buf.resize(panel_len, 0.0);
+                }
+                pack_panel(w.as_ptr().add(j0 * k), k, nr, k, buf.as_mut_ptr());
+                let bpanel = buf.as_ptr();
+                let (r0, r1) = (mc * chunk_rows, ((mc + 1) * chunk_rows).min(m));
+                for s in 0..k_slices {
+                    let p0 = s * kc;
+                    let kcs = kc.min(k - p0);
+                    let acc = accumulate || s > 0;
+                    let mut i = r0;
+                    while i < r1 {
+                        let mr = MR.min(r1 - i);
+                        kernel_m(
+                            mr,
+                            kcs,
+                            x.as_ptr().add(i * k + p0),
+                            k,
+                            bpanel.add(p0 * NR),
+                            NR,
+                            o.get().add(i * n + j0),
+                            n,
+                            nr,
+                            scale,
+                            acc,
+                        );
+                        i += mr;
+                    }
+                }
+            });
+        });
     }
 
     /// `out[i, j] (+)= scale * x[i] . w[j]` for `j in j0..j1` and `M` rows of x: four rows of W
@@ -660,55 +730,6 @@ mod fast_path_tests {
                 );
                 assert!((acc[i] as f64 - base[i] as f64 - 0.5 * want[i]).abs() <= tol);
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tmp_kernel_speed {
-    #[test]
-    #[ignore]
-    fn kernel_speed() {
-        use super::avx512::*;
-        let kc = 128;
-        let a: Vec<f32> = (0..6 * 576).map(|i| (i % 7) as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..kc * 64).map(|i| (i % 5) as f32 * 0.1).collect();
-        let mut c = vec![0f32; 6 * 64];
-        for _ in 0..3 {
-            let reps = 200_000;
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                unsafe {
-                    kernel_m(6, kc, a.as_ptr(), 576, b.as_ptr(), 64, c.as_mut_ptr(), 64, 64, 1.0, true)
-                };
-            }
-            let s = t.elapsed().as_secs_f64();
-            println!("kernel 6x64x{kc}: {:.1} GFLOP/s", (reps * 2 * 6 * 64 * kc) as f64 / s / 1e9);
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn gemm_speed() {
-        for (m, n, k) in [(512usize, 576usize, 576usize), (512, 1536, 576), (512, 576, 1536)] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
-            let mut c = vec![0f32; m * n];
-            let mut best = 0f64;
-            let mut pack = f64::INFINITY;
-            for _ in 0..20 {
-                let t = std::time::Instant::now();
-                super::matmul_fwd(&x, &w, &mut c, m, n, k, 1.0, false);
-                let s = t.elapsed().as_secs_f64();
-                best = best.max((2 * m * n * k) as f64 / s / 1e9);
-                let mut buf = vec![0f32; k * 64];
-                let t = std::time::Instant::now();
-                for j in 0..n / 64 {
-                    unsafe { super::avx512::pack_panel(w.as_ptr().add(j * 64 * k), k, 64, k, buf.as_mut_ptr()) };
-                }
-                pack = pack.min(t.elapsed().as_secs_f64());
-            }
-            println!("gemm {m}x{n}x{k}: best {best:.1} GFLOP/s; packing W alone {:.3} ms", pack * 1e3);
         }
     }
 }

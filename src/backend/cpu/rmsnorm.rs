@@ -6,9 +6,7 @@ use rayon::prelude::*;
 fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ss: f32 = super::dot(x, x);
     let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
-    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
-        *o = wi * (xi * inv);
-    }
+    super::simd::scale_mul(x, inv, w, out);
 }
 
 /// `out = x / sqrt(mean(x^2) + eps) * w`, per row of width `dim`.
@@ -23,12 +21,15 @@ pub fn rmsnorm_fwd(x: &[f32], w: &[f32], dim: usize, eps: f32, out: &mut [f32]) 
     }
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
+        .with_min_len(ROWS_PER_TASK)
         .for_each(|(o, xr)| norm_row(xr, w, eps, o));
 }
 
 /// Up to this many values a call stays on the calling thread (a decode step's single row is
 /// cheaper than waking the pool).
 const SERIAL_MAX: usize = 1 << 13;
+/// Rows per parallel task (one row is far too little work to schedule).
+const ROWS_PER_TASK: usize = 16;
 
 /// `residual += delta; out = rmsnorm(residual) * w`.
 pub fn add_rmsnorm_fwd(
@@ -63,6 +64,7 @@ pub fn add_rmsnorm_fwd(
         .par_chunks_mut(dim)
         .zip(delta.par_chunks(dim))
         .zip(out.par_chunks_mut(dim))
+        .with_min_len(ROWS_PER_TASK)
         .for_each(|((r, d), o)| one(r, d, o));
 }
 

@@ -44,6 +44,7 @@ pub fn rope_fwd(
         } else {
             x.par_chunks_mut(row)
                 .enumerate()
+                .with_min_len(16)
                 .for_each(|(r, xr)| apply(r, xr));
         }
     });

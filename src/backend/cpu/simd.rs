@@ -125,6 +125,23 @@ pub fn scale(x: &mut [f32], s: f32) {
     }
 }
 
+/// `out[i] = w[i] * (x[i] * s)` (the RMSNorm output, in transformers' order of operations).
+#[inline]
+pub fn scale_mul(x: &[f32], s: f32, w: &[f32], out: &mut [f32]) {
+    assert!(
+        x.len() == w.len() && w.len() == out.len(),
+        "scale_mul: lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        // SAFETY: the feature was detected; lengths are equal.
+        return unsafe { x86::scale_mul_avx512(x, s, w, out) };
+    }
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * s);
+    }
+}
+
 /// `out[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + exp(-g))`.
 #[inline]
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -291,6 +308,30 @@ pub mod x86 {
             acc = _mm512_add_ps(acc, e);
         }
         _mm512_reduce_add_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scale_mul_avx512(x: &[f32], s: f32, w: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        let (px, pw, po) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        let sv = _mm512_set1_ps(s);
+        let mut i = 0;
+        while i + 16 <= n {
+            let v = _mm512_mul_ps(
+                _mm512_loadu_ps(pw.add(i)),
+                _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), sv),
+            );
+            _mm512_storeu_ps(po.add(i), v);
+            i += 16;
+        }
+        if i < n {
+            let m = tail_mask(n - i);
+            let v = _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m, pw.add(i)),
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, px.add(i)), sv),
+            );
+            _mm512_mask_storeu_ps(po.add(i), m, v);
+        }
     }
 
     #[target_feature(enable = "avx512f")]
