@@ -31,6 +31,10 @@ Usage (float32 on the CPU, 2 threads by default):
       --n-soft 20 --gen-tokens 32 --out /tmp/ref.jsonl
   # side-by-side table against repshield's JSONL (one file per step size, or one with both):
   python tools/attack_reference.py --compare /tmp/ref.jsonl --rust /tmp/rs.jsonl
+  # how fragile sign(grad) is: first gradient in float32 sdpa / float32 eager / float64
+  python tools/attack_reference.py --sign-check --limit 5
+  # the attack under another float order (controls for a divergence)
+  python tools/attack_reference.py ... --attn eager --dtype float64
 """
 
 import argparse
@@ -236,7 +240,8 @@ def attack(model, lay, steps, step_size, gen_tokens, stop, trace_grad=0):
         "gen_ids": gen,
         "opt_seconds": opt_s,
         "step_seconds": step_times,
-        # CPU time (all threads) of the same steps: less sensitive to a busy machine
+        # CPU time (all threads) of the same steps; on a busy machine OpenMP's spinning
+        # threads inflate it, so compare timings only when the machine is otherwise idle
         "opt_cpu_seconds": sum(step_cpu),
         "steps_per_s": (len(step_times) / opt_s) if step_times else None,
         "loop_seconds": loop_s,
