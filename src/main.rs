@@ -111,7 +111,14 @@ enum Cmd {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Commands run on a thread of rayon's pool so that the many small parallel ops of a decode
+    // step fork and join inside the pool (see `cpu::on_pool`); the pool's threads get the main
+    // thread's stack size.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+    if let Err(e) = repshield::backend::cpu::on_pool(|| run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -210,8 +210,8 @@ mod decode {
             });
         };
         let tasks = rows * s.n_kv_heads * chunks;
-        // A few microseconds of work per task: only fan out when there is plenty.
-        if rows * s.n_heads * s.kv_len() * hd < 1 << 20 {
+        // Reading the cache is the cost (from DRAM in a real decode step): fan out unless tiny.
+        if rows * s.n_heads * s.kv_len() * hd < 1 << 16 {
             (0..tasks).for_each(task);
         } else {
             (0..tasks).into_par_iter().for_each(task);

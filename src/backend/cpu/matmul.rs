@@ -176,6 +176,8 @@ pub(crate) mod avx512 {
     pub const NR: usize = 64;
     /// Depth of one k slice: a packed W slice of KC x NR f32 (32 KiB) stays in L1.
     const KC: usize = 128;
+    /// How far ahead (in rows of W) the matrix-vector kernel prefetches.
+    const PREFETCH_ROWS: usize = 8;
     /// Upper bound on packed W per phase (the rest of W is packed in later phases).
     const PACK_BYTES: usize = 4 << 20;
 
@@ -564,6 +566,11 @@ pub(crate) mod avx512 {
                     *v = _mm512_loadu_ps(x.add(i * k + p));
                 }
                 for (accr, w_row) in acc.iter_mut().zip(wr) {
+                    // W is read once: ask for the same columns PREFETCH_ROWS rows further down
+                    // now (more misses in flight than the hardware prefetcher keeps).
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        w_row.wrapping_add(PREFETCH_ROWS * k + p) as *const i8
+                    );
                     let wv = _mm512_loadu_ps(w_row.add(p));
                     for (a, xi) in accr.iter_mut().zip(xv) {
                         *a = _mm512_fmadd_ps(wv, xi, *a);
