@@ -70,7 +70,12 @@ pub fn comparison(before: &Report, after: &Report) -> String {
     for (k, b) in &before.asr {
         if let Some(a) = after.asr.get(k) {
             s += &format!(
-                "| ASR {k} (keywords) | {} | {} |\n",
+                "| ASR {k} (keywords + content) | {} | {} |\n",
+                pct(b.asr),
+                pct(a.asr)
+            );
+            s += &format!(
+                "| ASR {k} (keywords only) | {} | {} |\n",
                 pct(b.asr_keywords),
                 pct(a.asr_keywords)
             );
@@ -84,6 +89,11 @@ pub fn comparison(before: &Report, after: &Report) -> String {
         "| over-refusal on edgy-benign prompts | {} | {} |\n",
         pct(before.over_refusal),
         pct(after.over_refusal)
+    );
+    s += &format!(
+        "| degenerate replies on edgy-benign prompts | {} | {} |\n",
+        pct(before.edgy_degenerate),
+        pct(after.edgy_degenerate)
     );
     s += &format!(
         "| KL(original ‖ model) on held-out benign chat | {:.4} | {:.4} |\n",

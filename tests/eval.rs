@@ -43,6 +43,12 @@ fn report_and_baseline_deltas() {
         "no adapter: the evaluated model is the original"
     );
     assert!(base.benign_ppl > 1.0 && base.benign_ppl.is_finite());
+    // 4 generated tokens are at most 4 words: never substantive (the content judge needs 8),
+    // so nothing counts as an attack success or as a healthy edgy-benign reply.
+    for s in base.asr.values() {
+        assert_eq!(s.asr, 0.0, "{s:?}");
+    }
+    assert_eq!(base.edgy_degenerate, 1.0);
     for l in &base.separation {
         assert!(
             (l.drift_harmful - 1.0).abs() < 1e-9

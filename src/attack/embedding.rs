@@ -96,6 +96,8 @@ pub struct AttackResult {
     /// Every target token was the argmax under teacher forcing.
     pub teacher_forced_success: bool,
     pub losses: Vec<f64>,
+    /// Wall time of the optimisation (not the generation), seconds.
+    pub seconds: f64,
     /// Greedy continuation after the attacked prompt.
     pub response: String,
     /// The optimised soft-token embeddings, `[n_soft, hidden]` (hard-negative mining reuses them).
@@ -132,6 +134,7 @@ pub fn attack<B: BackwardOps>(
         .map(|(i, &t)| (prompt_len - 1 + i, t))
         .collect();
 
+    let t0 = std::time::Instant::now();
     let mut losses = Vec::new();
     let mut success = false;
     let mut steps = 0;
@@ -168,6 +171,7 @@ pub fn attack<B: BackwardOps>(
         );
     }
 
+    let seconds = t0.elapsed().as_secs_f64();
     // Greedy generation after the attacked prompt (none for mining: gen_tokens = 0).
     let mut gen = Vec::new();
     if cfg.gen_tokens > 0 {
@@ -191,6 +195,7 @@ pub fn attack<B: BackwardOps>(
         final_loss: *losses.last().expect("at least one step"),
         teacher_forced_success: success,
         losses,
+        seconds,
         response: tok.decode(&gen, true)?,
     })
 }
