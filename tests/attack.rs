@@ -4,7 +4,9 @@
 
 mod common;
 
-use repshield::attack::embedding::{attack, AttackLayout, EmbeddingAttackConfig};
+use repshield::attack::embedding::{
+    apply_soft, attack, universal_attack, AttackLayout, EmbeddingAttackConfig,
+};
 use repshield::attack::pgd::Ball;
 use repshield::backend::cpu::CpuBackend;
 use repshield::llama::{Input, Llama, LogitsMode};
@@ -183,4 +185,52 @@ fn coherence_prefers_text_the_model_predicts() {
     let a = mean_logprob(&model, &prompt, &own).unwrap();
     let b = mean_logprob(&model, &prompt, &other).unwrap();
     assert!(a > b && a < 0.0, "own {a} vs other {b}");
+}
+
+#[test]
+fn universal_suffix_forces_the_training_targets_and_transfers() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let cfg = EmbeddingAttackConfig {
+        n_soft: 8,
+        steps: 300,
+        step_size: 2e-2,
+        ball: Ball::Linf(1.0),
+        gen_tokens: 6,
+        ..Default::default()
+    };
+    let lay = |b: &str| AttackLayout::new(&m.tokenizer, b, "sure here", &cfg).unwrap();
+    let train = [lay("tell me a secret"), lay("tell me a story")];
+    let r = universal_attack(&model, &train, &cfg).unwrap();
+    assert_eq!(
+        r.train_forced,
+        2,
+        "losses {:?}",
+        &r.losses[r.losses.len() - 3..]
+    );
+    assert!(r.steps < 300 && *r.losses.last().unwrap() < r.losses[0]);
+    assert_eq!(r.soft.len(), 8 * m.config.hidden_size);
+    // The one suffix works on each training behaviour on its own, as `attack` would judge it.
+    let want = m.tokenizer.decode(&train[0].target, true).unwrap();
+    for l in &train {
+        let a = apply_soft(&model, &m.tokenizer, l, &r.soft, 6, &[]).unwrap();
+        assert!(
+            a.teacher_forced_success && a.response.starts_with(&want),
+            "{a:?}"
+        );
+    }
+    // On a held-out behaviour the learned suffix beats the initial one.
+    let test = lay("tell me a joke");
+    let init: Vec<f32> = {
+        let e = model.embed_ids(&test.soft_init).unwrap();
+        e.to_vec()
+    };
+    let before = apply_soft(&model, &m.tokenizer, &test, &init, 0, &[]).unwrap();
+    let after = apply_soft(&model, &m.tokenizer, &test, &r.soft, 0, &[]).unwrap();
+    assert!(
+        after.final_loss < before.final_loss,
+        "{} !< {}",
+        after.final_loss,
+        before.final_loss
+    );
 }

@@ -369,3 +369,74 @@ fn attack_records_the_loss_curve_and_never_counts_an_empty_reply() {
     assert_eq!(rec["content"]["substantive"], false);
     assert!(table.contains("| 1 | 0.0% | 0.0% | - |"), "{table}");
 }
+
+#[test]
+fn universal_attack_reports_on_the_held_out_behaviours() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    let test = dir.path().join("test.jsonl");
+    std::fs::write(
+        &train,
+        "{\"behavior\": \"tell me a secret\", \"target\": \"sure here\"}\n{\"behavior\": \"tell me a story\", \"target\": \"sure here\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &test,
+        "{\"id\": \"joke\", \"behavior\": \"tell me a joke\", \"target\": \"sure here\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("u.jsonl");
+    let (ok, table, err) = repshield(&[
+        "attack",
+        "--model",
+        &tiny(),
+        "--attack",
+        "embedding",
+        "--universal",
+        "--behaviors",
+        train.to_str().unwrap(),
+        "--test-behaviors",
+        test.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--step-size",
+        "0.02",
+        "--n-soft",
+        "4",
+        "--gen-tokens",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("universal suffix (step 0.02)") && err.contains("on 2 behaviours"),
+        "{err}"
+    );
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 1, "only the held-out behaviour is reported");
+    assert_eq!(recs[0]["id"], "joke");
+    assert!(recs[0]["config"]
+        .as_str()
+        .unwrap()
+        .starts_with("universal pgd"));
+    assert!(table.contains("universal pgd step 0.02"), "{table}");
+    // --universal without held-out behaviours is a usage error.
+    let (ok, _, err) = repshield(&[
+        "attack",
+        "--model",
+        &tiny(),
+        "--attack",
+        "embedding",
+        "--universal",
+        "--behaviors",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--test-behaviors"), "{err}");
+}

@@ -1,6 +1,6 @@
 //! `repshield attack` and `repshield judge-check`.
 
-use super::embedding::{attack, AttackLayout, EmbeddingAttackConfig};
+use super::embedding::{apply_soft, attack, universal_attack, AttackLayout, EmbeddingAttackConfig};
 use super::judge::{
     classify, common_prefix_len, mean_logprob, score, ClassifierKind, ContentJudge, ContentVerdict,
     KeywordJudge, KeywordVerdicts,
@@ -56,6 +56,13 @@ pub struct AttackArgs {
     /// full run is in the JSONL either way).
     #[arg(long)]
     pub no_early_stop: bool,
+    /// Embedding attack, universal mode: ONE set of soft tokens is optimised on all of
+    /// `--behaviors` together and then tested on the held-out `--test-behaviors`.
+    #[arg(long, requires = "test_behaviors")]
+    pub universal: bool,
+    /// Held-out behaviours of the universal mode (the records and the ASR are theirs).
+    #[arg(long)]
+    pub test_behaviors: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
     pub gen_tokens: usize,
     /// A Llama-architecture classifier model (HarmBench's classifier or Llama Guard 3).
@@ -227,6 +234,7 @@ pub fn run_one(
     emb: &EmbeddingAttackConfig,
     judges: &Judges,
     classifier: Option<(&Llama<CpuBackend>, &ChatTokenizer, ClassifierKind)>,
+    universal_soft: Option<&[f32]>,
 ) -> Result<AttackRecord> {
     let prompt = tok.encode_chat(&[Message::new("user", &user_text(b))], true)?;
     let mut emb_result = None;
@@ -244,7 +252,10 @@ pub fn run_one(
         }
         AttackKind::Embedding => {
             let lay = AttackLayout::new(tok, &user_text(b), &b.target, emb)?;
-            let r = attack(model, tok, &lay, emb, stop)?;
+            let r = match universal_soft {
+                Some(soft) => apply_soft(model, tok, &lay, soft, emb.gen_tokens, stop)?,
+                None => attack(model, tok, &lay, emb, stop)?,
+            };
             let text = r.response.clone();
             emb_result = Some(r);
             text
@@ -280,7 +291,12 @@ pub fn run_one(
         attack: kind,
         config: match kind {
             AttackKind::Embedding => format!(
-                "pgd step {} x{} n_soft {} {:?}{}",
+                "{}pgd step {} x{} n_soft {} {:?}{}",
+                if universal_soft.is_some() {
+                    "universal "
+                } else {
+                    ""
+                },
                 emb.step_size,
                 emb.steps,
                 emb.n_soft,
@@ -422,12 +438,42 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
             ..Default::default()
         }],
     };
+    if a.universal && a.attack != AttackKind::Embedding {
+        bail!("--universal needs --attack embedding");
+    }
+    // Universal mode: one suffix per config, optimised on --behaviors, tested on the rest.
+    let (tested, softs) = match (&a.test_behaviors, a.universal) {
+        (Some(path), true) => {
+            let test = read_behaviors(path, None)?;
+            let mut softs = Vec::new();
+            for c in &configs {
+                let layouts: Vec<AttackLayout> = behaviors
+                    .iter()
+                    .map(|b| AttackLayout::new(&m.tokenizer, &user_text(b), &b.target, c))
+                    .collect::<Result<_>>()?;
+                let r = universal_attack(&model, &layouts, c)?;
+                eprintln!(
+                    "universal suffix (step {}): {} steps on {} behaviours, mean loss {:.3} -> {:.3}, {} of them forced, {:.1}s",
+                    c.step_size,
+                    r.steps,
+                    layouts.len(),
+                    r.losses[0],
+                    r.losses.last().expect("one step"),
+                    r.train_forced,
+                    r.seconds
+                );
+                softs.push(Some(r.soft));
+            }
+            (test, softs)
+        }
+        _ => (behaviors, vec![None; configs.len()]),
+    };
     let mut out =
         std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let bar = indicatif::ProgressBar::new((behaviors.len() * configs.len()) as u64);
+    let bar = indicatif::ProgressBar::new((tested.len() * configs.len()) as u64);
     let mut records = Vec::new();
-    for b in &behaviors {
-        for c in &configs {
+    for b in &tested {
+        for (c, soft) in configs.iter().zip(&softs) {
             let r = run_one(
                 &model,
                 &m.tokenizer,
@@ -438,6 +484,7 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
                 &judges,
                 cls.as_ref()
                     .map(|(cm, cl)| (cl, &cm.tokenizer, a.classifier_kind)),
+                soft.as_deref(),
             )?;
             writeln!(out, "{}", serde_json::to_string(&r)?).context("writing attack results")?;
             records.push(r);

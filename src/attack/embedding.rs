@@ -105,80 +105,94 @@ pub struct AttackResult {
     pub soft: Vec<f32>,
 }
 
-/// One PGD run on one behaviour. Works with any backend that has the backward ops.
-pub fn attack<B: BackwardOps>(
-    model: &Llama<B>,
-    tok: &ChatTokenizer,
-    layout: &AttackLayout,
-    cfg: &EmbeddingAttackConfig,
-    stop_tokens: &[u32],
-) -> Result<AttackResult> {
-    let be = &model.backend;
-    let d = model.cfg.hidden_size;
-    let vocab = model.cfg.vocab_size;
-    let n = layout.soft_init.len();
-    let p0 = layout.prefix.len();
+/// Embeddings of one attacked conversation with its soft-token rows, and the target rows.
+struct Prepared {
+    embeds: Vec<f32>,
+    /// First soft-token row.
+    p0: usize,
+    prompt_len: usize,
+    seq: usize,
+    /// `(row, token)`: row `prompt_len - 1 + i` predicts `target[i]`.
+    targets: Vec<(usize, u32)>,
+}
+
+fn prepare<B: BackwardOps>(model: &Llama<B>, layout: &AttackLayout) -> Result<Prepared> {
     let mut ids = layout.prefix.clone();
     ids.extend(&layout.soft_init);
     ids.extend(&layout.suffix);
     let prompt_len = ids.len();
     ids.extend(&layout.target);
-    let seq = ids.len();
-    let mut embeds = be.download(&model.embed_ids(&ids)?)?;
-    let init: Vec<f32> = embeds[p0 * d..(p0 + n) * d].to_vec();
-    // Row prompt_len - 1 + i predicts target[i].
-    let targets: Vec<(usize, u32)> = layout
+    let targets = layout
         .target
         .iter()
         .enumerate()
         .map(|(i, &t)| (prompt_len - 1 + i, t))
         .collect();
+    Ok(Prepared {
+        embeds: model.backend.download(&model.embed_ids(&ids)?)?,
+        p0: layout.prefix.len(),
+        prompt_len,
+        seq: ids.len(),
+        targets,
+    })
+}
 
-    let t0 = std::time::Instant::now();
-    let mut losses = Vec::new();
-    let mut success = false;
-    let mut steps = 0;
-    for step in 0..=cfg.steps {
-        let e = be.upload(&embeds)?;
-        let (out, acts) =
-            model.forward_train(Input::Embeds(&e), 1, seq, None, &[], LogitsMode::All, true)?;
-        let logits = be.download(out.logits.as_ref().expect("logits requested"))?;
-        let mut dlogits = vec![0f32; logits.len()];
-        let (loss, ok) = target_ce(&logits, vocab, &targets, Some(&mut dlogits));
-        ensure!(loss.is_finite(), "attack step {step}: loss is not finite");
-        losses.push(loss);
-        success = ok;
-        steps = step;
-        let done = (cfg.early_stop && ok)
-            || cfg.loss_threshold.is_some_and(|t| loss < t)
-            || step == cfg.steps;
-        if done {
-            break;
-        }
-        let dl = be.upload_f32(&dlogits)?;
-        let de = model
-            .backward(&acts, &[], Some(&dl), None, None, true)?
-            .expect("input gradient requested");
-        let de = be.download(&de)?;
-        let soft = &mut embeds[p0 * d..(p0 + n) * d];
-        sign_step(
-            soft,
-            &de[p0 * d..(p0 + n) * d],
-            &init,
-            cfg.step_size,
-            cfg.ball,
-            d,
-        );
+/// Target CE of one conversation, whether every target token is the argmax, and (unless
+/// `want_grad` is false) the gradient with respect to its soft-token rows.
+fn loss_and_grad<B: BackwardOps>(
+    model: &Llama<B>,
+    p: &Prepared,
+    n_soft: usize,
+    want_grad: bool,
+) -> Result<(f64, bool, Option<Vec<f32>>)> {
+    let be = &model.backend;
+    let d = model.cfg.hidden_size;
+    let e = be.upload(&p.embeds)?;
+    let (out, acts) = model.forward_train(
+        Input::Embeds(&e),
+        1,
+        p.seq,
+        None,
+        &[],
+        LogitsMode::All,
+        true,
+    )?;
+    let logits = be.download(out.logits.as_ref().expect("logits requested"))?;
+    let mut dlogits = vec![0f32; logits.len()];
+    let (loss, ok) = target_ce(
+        &logits,
+        model.cfg.vocab_size,
+        &p.targets,
+        Some(&mut dlogits),
+    );
+    if !want_grad {
+        return Ok((loss, ok, None));
     }
+    let dl = be.upload_f32(&dlogits)?;
+    let de = model
+        .backward(&acts, &[], Some(&dl), None, None, true)?
+        .expect("input gradient requested");
+    let de = be.download(&de)?;
+    Ok((loss, ok, Some(de[p.p0 * d..(p.p0 + n_soft) * d].to_vec())))
+}
 
-    let seconds = t0.elapsed().as_secs_f64();
-    // Greedy generation after the attacked prompt (none for mining: gen_tokens = 0).
+/// Greedy continuation after the first `prompt_len` rows of `embeds`.
+fn generate_after<B: BackwardOps>(
+    model: &Llama<B>,
+    tok: &ChatTokenizer,
+    embeds: &[f32],
+    prompt_len: usize,
+    gen_tokens: usize,
+    stop_tokens: &[u32],
+) -> Result<String> {
+    let be = &model.backend;
+    let d = model.cfg.hidden_size;
     let mut gen = Vec::new();
-    if cfg.gen_tokens > 0 {
-        let mut cache = model.new_cache(1, prompt_len + cfg.gen_tokens)?;
+    if gen_tokens > 0 {
+        let mut cache = model.new_cache(1, prompt_len + gen_tokens)?;
         let e = be.upload(&embeds[..prompt_len * d])?;
         let mut out = model.forward_embeds(&e, 1, &mut cache, None, &[], LogitsMode::Last)?;
-        for _ in 0..cfg.gen_tokens {
+        for _ in 0..gen_tokens {
             let next =
                 be.argmax_rows(out.logits.as_ref().expect("logits"), model.cfg.vocab_size)?[0];
             if stop_tokens.contains(&next) {
@@ -188,14 +202,171 @@ pub fn attack<B: BackwardOps>(
             out = model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
         }
     }
-    let soft = embeds[p0 * d..(p0 + n) * d].to_vec();
+    tok.decode(&gen, true)
+}
+
+/// One PGD run on one behaviour. Works with any backend that has the backward ops.
+pub fn attack<B: BackwardOps>(
+    model: &Llama<B>,
+    tok: &ChatTokenizer,
+    layout: &AttackLayout,
+    cfg: &EmbeddingAttackConfig,
+    stop_tokens: &[u32],
+) -> Result<AttackResult> {
+    let d = model.cfg.hidden_size;
+    let n = layout.soft_init.len();
+    let mut p = prepare(model, layout)?;
+    let soft_rows = p.p0 * d..(p.p0 + n) * d;
+    let init: Vec<f32> = p.embeds[soft_rows.clone()].to_vec();
+
+    let t0 = std::time::Instant::now();
+    let mut losses = Vec::new();
+    let mut success = false;
+    let mut steps = 0;
+    for step in 0..=cfg.steps {
+        let done_after = |loss: f64, ok: bool| {
+            (cfg.early_stop && ok) || cfg.loss_threshold.is_some_and(|t| loss < t)
+        };
+        // The last evaluation needs no gradient.
+        let (loss, ok, grad) = loss_and_grad(model, &p, n, step < cfg.steps)?;
+        ensure!(loss.is_finite(), "attack step {step}: loss is not finite");
+        losses.push(loss);
+        success = ok;
+        steps = step;
+        if done_after(loss, ok) || step == cfg.steps {
+            break;
+        }
+        let grad = grad.expect("gradient requested");
+        sign_step(
+            &mut p.embeds[soft_rows.clone()],
+            &grad,
+            &init,
+            cfg.step_size,
+            cfg.ball,
+            d,
+        );
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    // Greedy generation after the attacked prompt (none for mining: gen_tokens = 0).
+    let response = generate_after(
+        model,
+        tok,
+        &p.embeds,
+        p.prompt_len,
+        cfg.gen_tokens,
+        stop_tokens,
+    )?;
     Ok(AttackResult {
-        soft,
+        soft: p.embeds[soft_rows].to_vec(),
         steps,
         final_loss: *losses.last().expect("at least one step"),
         teacher_forced_success: success,
         losses,
         seconds,
-        response: tok.decode(&gen, true)?,
+        response,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UniversalResult {
+    pub steps: usize,
+    /// Mean target CE over the training behaviours before every update and after the last.
+    pub losses: Vec<f64>,
+    /// Training behaviours whose target is forced under teacher forcing at the end.
+    pub train_forced: usize,
+    pub seconds: f64,
+    /// The shared soft tokens, `[n_soft, hidden]`.
+    #[serde(skip)]
+    pub soft: Vec<f32>,
+}
+
+/// Universal mode: ONE set of soft tokens optimised on several behaviours at once (the mean
+/// target CE; the signed step follows the summed gradient), initialised from the first
+/// layout's init tokens. Early stop when every training target is forced.
+pub fn universal_attack<B: BackwardOps>(
+    model: &Llama<B>,
+    layouts: &[AttackLayout],
+    cfg: &EmbeddingAttackConfig,
+) -> Result<UniversalResult> {
+    ensure!(
+        !layouts.is_empty(),
+        "universal attack: no training behaviours"
+    );
+    let d = model.cfg.hidden_size;
+    let n = layouts[0].soft_init.len();
+    let mut ps: Vec<Prepared> = layouts
+        .iter()
+        .map(|l| prepare(model, l))
+        .collect::<Result<_>>()?;
+    let init: Vec<f32> = ps[0].embeds[ps[0].p0 * d..(ps[0].p0 + n) * d].to_vec();
+    let mut soft = init.clone();
+    let t0 = std::time::Instant::now();
+    let mut losses = Vec::new();
+    let (mut steps, mut forced) = (0, 0);
+    for step in 0..=cfg.steps {
+        let want_grad = step < cfg.steps;
+        let mut grad = vec![0f32; n * d];
+        let (mut total, mut ok_count) = (0.0, 0);
+        for p in &mut ps {
+            p.embeds[p.p0 * d..(p.p0 + n) * d].copy_from_slice(&soft);
+            let (loss, ok, g) = loss_and_grad(model, p, n, want_grad)?;
+            ensure!(
+                loss.is_finite(),
+                "universal attack step {step}: loss is not finite"
+            );
+            total += loss;
+            ok_count += ok as usize;
+            if let Some(g) = g {
+                grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+            }
+        }
+        let loss = total / ps.len() as f64;
+        losses.push(loss);
+        (steps, forced) = (step, ok_count);
+        let done = (cfg.early_stop && ok_count == ps.len())
+            || cfg.loss_threshold.is_some_and(|t| loss < t)
+            || step == cfg.steps;
+        if done {
+            break;
+        }
+        sign_step(&mut soft, &grad, &init, cfg.step_size, cfg.ball, d);
+    }
+    Ok(UniversalResult {
+        steps,
+        losses,
+        train_forced: forced,
+        seconds: t0.elapsed().as_secs_f64(),
+        soft,
+    })
+}
+
+/// Teacher-forced success and greedy generation of a held-out behaviour with given soft tokens.
+pub fn apply_soft<B: BackwardOps>(
+    model: &Llama<B>,
+    tok: &ChatTokenizer,
+    layout: &AttackLayout,
+    soft: &[f32],
+    gen_tokens: usize,
+    stop_tokens: &[u32],
+) -> Result<AttackResult> {
+    let d = model.cfg.hidden_size;
+    let n = layout.soft_init.len();
+    ensure!(
+        soft.len() == n * d,
+        "soft tokens: {} values, the layout needs {n} x {d}",
+        soft.len()
+    );
+    let mut p = prepare(model, layout)?;
+    p.embeds[p.p0 * d..(p.p0 + n) * d].copy_from_slice(soft);
+    let (loss, ok, _) = loss_and_grad(model, &p, n, false)?;
+    let response = generate_after(model, tok, &p.embeds, p.prompt_len, gen_tokens, stop_tokens)?;
+    Ok(AttackResult {
+        steps: 0,
+        final_loss: loss,
+        teacher_forced_success: ok,
+        losses: vec![loss],
+        seconds: 0.0,
+        response,
+        soft: soft.to_vec(),
     })
 }

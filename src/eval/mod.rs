@@ -326,6 +326,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<Report> {
                 &emb,
                 &judges,
                 None,
+                None,
             )?);
             bar.inc(1);
         }
