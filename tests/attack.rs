@@ -7,7 +7,7 @@ mod common;
 use repshield::attack::embedding::{
     apply_soft, attack, universal_attack, AttackLayout, EmbeddingAttackConfig,
 };
-use repshield::attack::pgd::Ball;
+use repshield::attack::pgd::{Ball, Update};
 use repshield::backend::cpu::CpuBackend;
 use repshield::llama::{Input, Llama, LogitsMode};
 use repshield::model::load_model_path;
@@ -232,5 +232,27 @@ fn universal_suffix_forces_the_training_targets_and_transfers() {
         "{} !< {}",
         after.final_loss,
         before.final_loss
+    );
+}
+
+#[test]
+fn adam_update_reaches_the_target_too() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let cfg = EmbeddingAttackConfig {
+        n_soft: 8,
+        steps: 300,
+        step_size: 2e-2,
+        update: Update::Adam,
+        gen_tokens: 0,
+        ..Default::default()
+    };
+    let lay = AttackLayout::new(&m.tokenizer, "tell me a secret", "sure here", &cfg).unwrap();
+    let r = attack(&model, &m.tokenizer, &lay, &cfg, &[]).unwrap();
+    assert!(
+        r.teacher_forced_success && r.steps < 300 && r.final_loss < r.losses[0],
+        "steps {} losses {:?}",
+        r.steps,
+        &r.losses[r.losses.len().saturating_sub(5)..]
     );
 }

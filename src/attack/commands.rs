@@ -5,7 +5,7 @@ use super::judge::{
     classify, common_prefix_len, mean_logprob, score, ClassifierKind, ContentJudge, ContentVerdict,
     KeywordJudge, KeywordVerdicts,
 };
-use super::pgd::Ball;
+use super::pgd::{Ball, Update};
 use crate::backend::cpu::CpuBackend;
 use crate::llama::generate::{generate, GenerateOptions, Sampling};
 use crate::llama::peft::load_peft;
@@ -42,7 +42,11 @@ pub struct AttackArgs {
     /// Embedding attack: PGD steps.
     #[arg(long, default_value_t = 100)]
     pub steps: usize,
-    /// Embedding attack: signed-gradient step sizes, one run ("config") per value.
+    /// Embedding attack: how the soft tokens move (`adam`: `--step-size` is the learning rate).
+    #[arg(long, value_enum, default_value_t = Update::Sign)]
+    pub update: Update,
+    /// Embedding attack: signed-gradient step sizes (or Adam learning rates), one run
+    /// ("config") per value.
     #[arg(long, value_delimiter = ',', default_value = "0.001")]
     pub step_size: Vec<f32>,
     #[arg(long, default_value_t = 20)]
@@ -291,11 +295,15 @@ pub fn run_one(
         attack: kind,
         config: match kind {
             AttackKind::Embedding => format!(
-                "{}pgd step {} x{} n_soft {} {:?}{}",
+                "{}pgd {}{} x{} n_soft {} {:?}{}",
                 if universal_soft.is_some() {
                     "universal "
                 } else {
                     ""
+                },
+                match emb.update {
+                    Update::Sign => "step ",
+                    Update::Adam => "adam lr ",
                 },
                 emb.step_size,
                 emb.steps,
@@ -427,6 +435,7 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
                 n_soft: a.n_soft,
                 steps: a.steps,
                 step_size: s,
+                update: a.update,
                 ball,
                 early_stop: !a.no_early_stop,
                 gen_tokens: a.gen_tokens,

@@ -3,7 +3,7 @@
 //! under teacher forcing; signed-gradient PGD with an optional L2/L-inf ball; early stop when
 //! every target token is the argmax; success is then judged on the greedy generation.
 
-use super::pgd::{sign_step, Ball};
+use super::pgd::{update_step, Ball, Update};
 use crate::backend::BackwardOps;
 use crate::llama::{Input, Llama, LogitsMode};
 use crate::model::{ChatTokenizer, Message};
@@ -18,7 +18,9 @@ pub struct EmbeddingAttackConfig {
     /// Text whose tokens initialise the soft tokens (repeated/truncated to `n_soft`).
     pub init: String,
     pub steps: usize,
+    /// Signed-step size, or Adam's learning rate.
     pub step_size: f32,
+    pub update: Update,
     pub ball: Ball,
     /// Stop as soon as every target token is the argmax under teacher forcing.
     pub early_stop: bool,
@@ -34,6 +36,7 @@ impl Default for EmbeddingAttackConfig {
             init: "! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! !".into(),
             steps: 100,
             step_size: 1e-3,
+            update: Update::Sign,
             ball: Ball::None,
             early_stop: true,
             loss_threshold: None,
@@ -223,6 +226,7 @@ pub fn attack<B: BackwardOps>(
     let mut losses = Vec::new();
     let mut success = false;
     let mut steps = 0;
+    let mut adam = None;
     for step in 0..=cfg.steps {
         let done_after = |loss: f64, ok: bool| {
             (cfg.early_stop && ok) || cfg.loss_threshold.is_some_and(|t| loss < t)
@@ -237,10 +241,12 @@ pub fn attack<B: BackwardOps>(
             break;
         }
         let grad = grad.expect("gradient requested");
-        sign_step(
+        update_step(
+            cfg.update,
             &mut p.embeds[soft_rows.clone()],
             &grad,
             &init,
+            &mut adam,
             cfg.step_size,
             cfg.ball,
             d,
@@ -303,6 +309,7 @@ pub fn universal_attack<B: BackwardOps>(
     let t0 = std::time::Instant::now();
     let mut losses = Vec::new();
     let (mut steps, mut forced) = (0, 0);
+    let mut adam = None;
     for step in 0..=cfg.steps {
         let want_grad = step < cfg.steps;
         let mut grad = vec![0f32; n * d];
@@ -329,7 +336,16 @@ pub fn universal_attack<B: BackwardOps>(
         if done {
             break;
         }
-        sign_step(&mut soft, &grad, &init, cfg.step_size, cfg.ball, d);
+        update_step(
+            cfg.update,
+            &mut soft,
+            &grad,
+            &init,
+            &mut adam,
+            cfg.step_size,
+            cfg.ball,
+            d,
+        );
     }
     Ok(UniversalResult {
         steps,

@@ -30,6 +30,85 @@ pub fn sign_step(e: &mut [f32], grad: &[f32], init: &[f32], step: f32, ball: Bal
     project(e, init, ball, dim);
 }
 
+/// How the soft tokens move each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Update {
+    /// `e <- e - step * sign(grad)` (the default of the embedding-attack papers).
+    #[default]
+    Sign,
+    /// Adam with learning rate `step` (betas 0.9/0.999, eps 1e-8, bias-corrected, like
+    /// `torch.optim.Adam` on the soft embeddings).
+    Adam,
+}
+
+/// Adam moments of the soft tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamState {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub t: i32,
+}
+
+impl AdamState {
+    pub fn new(len: usize) -> Self {
+        Self {
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+            t: 0,
+        }
+    }
+}
+
+/// One Adam step on `e`, then projection of `e - init` onto the ball.
+pub fn adam_step(
+    e: &mut [f32],
+    grad: &[f32],
+    init: &[f32],
+    st: &mut AdamState,
+    lr: f32,
+    ball: Ball,
+    dim: usize,
+) {
+    assert!(
+        e.len() == grad.len() && e.len() == init.len() && e.len() == st.m.len(),
+        "adam: sizes differ"
+    );
+    const B1: f32 = 0.9;
+    const B2: f32 = 0.999;
+    const EPS: f32 = 1e-8;
+    st.t += 1;
+    let c1 = 1.0 - B1.powi(st.t);
+    let c2 = 1.0 - B2.powi(st.t);
+    for (((x, &g), m), v) in e.iter_mut().zip(grad).zip(&mut st.m).zip(&mut st.v) {
+        *m = B1 * *m + (1.0 - B1) * g;
+        *v = B2 * *v + (1.0 - B2) * g * g;
+        *x -= lr * (*m / c1) / ((*v / c2).sqrt() + EPS);
+    }
+    project(e, init, ball, dim);
+}
+
+/// The configured update: a signed step, or Adam with `state` (created on first use).
+#[allow(clippy::too_many_arguments)]
+pub fn update_step(
+    update: Update,
+    e: &mut [f32],
+    grad: &[f32],
+    init: &[f32],
+    state: &mut Option<AdamState>,
+    step: f32,
+    ball: Ball,
+    dim: usize,
+) {
+    match update {
+        Update::Sign => sign_step(e, grad, init, step, ball, dim),
+        Update::Adam => {
+            let st = state.get_or_insert_with(|| AdamState::new(e.len()));
+            adam_step(e, grad, init, st, step, ball, dim)
+        }
+    }
+}
+
 /// Projects `e - init` onto the ball, in place.
 pub fn project(e: &mut [f32], init: &[f32], ball: Ball, dim: usize) {
     match ball {
@@ -102,6 +181,51 @@ mod tests {
                 .fold(0.0, f32::max);
             assert!(d > 0.0);
         }
+    }
+
+    #[test]
+    fn adam_first_step_is_lr_against_the_gradient_and_stays_in_the_ball() {
+        // Bias correction makes the first Adam step lr * g / |g| = lr * sign(g).
+        let mut e = vec![1.0f32, 1.0, 1.0];
+        let init = e.clone();
+        let mut st = None;
+        update_step(
+            Update::Adam,
+            &mut e,
+            &[2.0, -0.5, 0.0],
+            &init,
+            &mut st,
+            0.1,
+            Ball::None,
+            3,
+        );
+        let want = [0.9f32, 1.1, 1.0];
+        assert!(
+            e.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{e:?}"
+        );
+        assert_eq!(st.as_ref().unwrap().t, 1);
+        // A constant gradient keeps the step at lr; the Linf ball stops it at eps.
+        for _ in 0..20 {
+            update_step(
+                Update::Adam,
+                &mut e,
+                &[2.0, -0.5, 0.0],
+                &init,
+                &mut st,
+                0.1,
+                Ball::Linf(0.5),
+                3,
+            );
+        }
+        assert!(e
+            .iter()
+            .zip(&init)
+            .all(|(a, b)| (a - b).abs() <= 0.5 + 1e-6));
+        assert!(
+            (e[0] - 0.5).abs() < 1e-6 && (e[1] - 1.5).abs() < 1e-6 && e[2] == 1.0,
+            "{e:?}"
+        );
     }
 
     #[test]
