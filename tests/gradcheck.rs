@@ -10,7 +10,9 @@ use repshield::backend::cpu::rope::rope_fwd;
 use repshield::backend::cpu::swiglu::{swiglu_bwd, swiglu_fwd};
 use repshield::backend::cpu::CpuBackend;
 use repshield::backend::AttnShape;
-use repshield::llama::{Input, Llama, LogitsMode, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
+use repshield::llama::{
+    Input, LatentHook, Llama, LogitsMode, LoraAdapter, LoraConfig, LoraGrads, LoraModule,
+};
 use repshield::model::{ModelConfig, ModelWeights, RopeScaling};
 use repshield::util::Rng;
 
@@ -437,4 +439,165 @@ fn per_block_recompute_gives_the_same_gradients() {
         "recomputed activations must give bit-identical LoRA gradients"
     );
     assert_eq!(e_full, e_rec);
+}
+
+#[test]
+fn latent_adversary_backward_to_d_b_lora_and_embeddings() {
+    // A 3-block model, the adversary between blocks 1 and 2 (hidden-state index 2); captured
+    // states below, at and above it, and the logits, all in the loss.
+    let mut cfg = tiny_cfg();
+    cfg.num_layers = 3;
+    let w = ModelWeights::random(&cfg, 41);
+    let mut model = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    let lcfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        layers: vec![0, 2],
+        modules: vec![LoraModule::Q, LoraModule::Down],
+    };
+    let mut adapter = LoraAdapter::init(&cfg, lcfg, 5);
+    let mut rng = Rng::new(6);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = rng.normal() * 0.3);
+    }
+    model.attach_lora(&adapter).unwrap();
+    let (batch, seq, d) = (2, 4, cfg.hidden_size);
+    let rows = batch * seq;
+    let embeds = randn(rows * d, 7);
+    let dmat: Vec<f32> = randn(d * d, 8).iter().map(|x| x * 0.05).collect();
+    let bvec: Vec<f32> = randn(d, 9).iter().map(|x| x * 0.1).collect();
+    let capture = [1usize, 2, 3];
+    let r_h: Vec<Vec<f32>> = (0..4).map(|i| randn(rows * d, 50 + i)).collect();
+    let r_logits = randn(rows * cfg.vocab_size, 60);
+    let run = |e: &[f32], dm: &[f32], bv: &[f32]| {
+        let hook = LatentHook::new(&CpuBackend, 2, cfg.num_layers, dm, bv).unwrap();
+        let e = e.to_vec();
+        model
+            .forward_train_hooked(
+                Input::Embeds(&e),
+                batch,
+                seq,
+                None,
+                &capture,
+                LogitsMode::All,
+                true,
+                Some(&hook),
+            )
+            .unwrap()
+    };
+    let loss = |e: &[f32], dm: &[f32], bv: &[f32]| {
+        let (out, _) = run(e, dm, bv);
+        let mut l = weighted_sum(out.logits.as_ref().unwrap(), &r_logits);
+        for (i, h) in &out.hidden {
+            l += weighted_sum(h, &r_h[*i]);
+        }
+        l
+    };
+    // The hook changes the model: index 2 differs from the unhooked forward.
+    let (plain, _) = model
+        .forward_train(
+            Input::Embeds(&embeds),
+            batch,
+            seq,
+            None,
+            &capture,
+            LogitsMode::None,
+            true,
+        )
+        .unwrap();
+    let (hooked, acts) = run(&embeds, &dmat, &bvec);
+    assert_eq!(
+        plain.hidden[0].1, hooked.hidden[0].1,
+        "index 1 is below the hook"
+    );
+    assert_ne!(
+        plain.hidden[1].1, hooked.hidden[1].1,
+        "index 2 carries the hook"
+    );
+    let mut grads = LoraGrads::new(&model)
+        .unwrap()
+        .with_latent(&CpuBackend, d)
+        .unwrap();
+    let d_hidden: Vec<(usize, &Vec<f32>)> = capture.iter().map(|&i| (i, &r_h[i])).collect();
+    let d_emb = model
+        .backward(
+            &acts,
+            &d_hidden,
+            Some(&r_logits),
+            None,
+            Some(&mut grads),
+            true,
+        )
+        .unwrap()
+        .unwrap();
+    let (gd, gb) = grads.latent.as_ref().unwrap();
+    check("latent b", &bvec, gb, 1e-2, 3e-2, |b| {
+        loss(&embeds, &dmat, b)
+    });
+    // D: every 13th entry keeps the test fast.
+    let gmax = gd.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    assert!(gmax > 0.0);
+    let h = 1e-2f32;
+    for i in (0..dmat.len()).step_by(13) {
+        let mut dm = dmat.clone();
+        dm[i] += h;
+        let fp = loss(&embeds, &dm, &bvec);
+        dm[i] -= 2.0 * h;
+        let fm = loss(&embeds, &dm, &bvec);
+        let num = (fp - fm) / (2.0 * h as f64);
+        assert!(
+            (num - gd[i] as f64).abs() < 3e-2 * gmax,
+            "dD[{i}]: numeric {num}, analytic {}",
+            gd[i]
+        );
+    }
+    // Below the hook, gradients pass through it: input embeddings and block 0's LoRA.
+    let gmax = d_emb.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    for i in (0..embeds.len()).step_by(5) {
+        let mut e = embeds.clone();
+        e[i] += h;
+        let fp = loss(&e, &dmat, &bvec);
+        e[i] -= 2.0 * h;
+        let fm = loss(&e, &dmat, &bvec);
+        let num = (fp - fm) / (2.0 * h as f64);
+        assert!(
+            (num - d_emb[i] as f64).abs() < 3e-2 * gmax,
+            "d embed[{i}]: numeric {num}, analytic {}",
+            d_emb[i]
+        );
+    }
+    // Per-block recompute gives the same gradients through the hook.
+    let mut model_r = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    model_r.attach_lora(&adapter).unwrap();
+    model_r.recompute = true;
+    let hook = LatentHook::new(&CpuBackend, 2, cfg.num_layers, &dmat, &bvec).unwrap();
+    let (_, acts_r) = model_r
+        .forward_train_hooked(
+            Input::Embeds(&embeds),
+            batch,
+            seq,
+            None,
+            &capture,
+            LogitsMode::All,
+            true,
+            Some(&hook),
+        )
+        .unwrap();
+    let mut grads_r = LoraGrads::new(&model_r)
+        .unwrap()
+        .with_latent(&CpuBackend, d)
+        .unwrap();
+    let d_emb_r = model_r
+        .backward(
+            &acts_r,
+            &d_hidden,
+            Some(&r_logits),
+            None,
+            Some(&mut grads_r),
+            true,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(d_emb_r, d_emb);
+    assert_eq!(grads_r.latent.as_ref().unwrap().0, *gd);
 }

@@ -17,6 +17,8 @@ pub type BlockLoraGrads<B> = [Option<(
 /// across backward calls (gradient accumulation) until [`LoraGrads::zero`].
 pub struct LoraGrads<B: BackwardOps> {
     pub grads: Vec<BlockLoraGrads<B>>,
+    /// `(dD, db)` of a latent adversary (see `latent.rs`), when the caller asks for them.
+    pub latent: Option<(B::Buf, B::Buf)>,
 }
 
 impl<B: BackwardOps> LoraGrads<B> {
@@ -32,13 +34,27 @@ impl<B: BackwardOps> LoraGrads<B> {
             }
             grads.push(slot);
         }
-        Ok(Self { grads })
+        Ok(Self {
+            grads,
+            latent: None,
+        })
+    }
+
+    /// Also collect the gradients of a latent adversary's `D` and `b`.
+    pub fn with_latent(mut self, be: &B, hidden: usize) -> Result<Self> {
+        self.latent = Some((be.alloc_f32(hidden * hidden)?, be.alloc_f32(hidden)?));
+        Ok(self)
     }
 
     pub fn zero(&mut self, be: &B) -> Result<()> {
         for slot in self.grads.iter_mut().flatten().flatten() {
             let (na, nb) = (be.len(&slot.0), be.len(&slot.1));
             *slot = (be.alloc_f32(na)?, be.alloc_f32(nb)?);
+        }
+        if let Some((gd, gb)) = self.latent.as_mut() {
+            let (nd, nb) = (be.len(gd), be.len(gb));
+            *gd = be.alloc_f32(nd)?;
+            *gb = be.alloc_f32(nb)?;
         }
         Ok(())
     }
@@ -148,11 +164,24 @@ impl<B: BackwardOps> Llama<B> {
         let mut dq = be.alloc(rows * qd)?;
         let mut dk = be.alloc(rows * kvd)?;
         let mut dv = be.alloc(rows * kvd)?;
+        let mut ones = None;
         for li in (0..nl).rev() {
             if li + 1 < nl {
                 for g in grad_of(li + 1) {
                     be.axpy(1.0, g, &mut dh);
                 }
+            }
+            if let Some(lat) = acts.latent.as_ref().filter(|l| l.index == li + 1) {
+                // x_post = x_pre + x_pre D^T + b: dD += dh^T x_pre, db += sum of dh's rows,
+                // dx_pre = dh + dh D.
+                if let Some((gd, gb)) = grads.as_deref_mut().and_then(|g| g.latent.as_mut()) {
+                    be.gemm(&dh, &lat.x_pre, gd, d, d, rows, true, false, 1.0, true);
+                    let ones = ones.get_or_insert(be.upload_f32(&vec![1.0; rows])?);
+                    be.gemm(ones, &dh, gb, 1, d, rows, false, false, 1.0, true);
+                }
+                let mut t = be.alloc(rows * d)?;
+                be.gemm(&dh, &lat.d, &mut t, rows, d, d, false, false, 1.0, false);
+                be.axpy(1.0, &t, &mut dh);
             }
             let layer = &self.layers[li];
             let rebuilt;

@@ -66,6 +66,8 @@ pub struct Activations<B: Backend> {
     /// empty and the backward pass reruns each block from its checkpoint).
     pub checkpoints: Vec<B::Buf>,
     pub recompute: bool,
+    /// The latent adversary's input, when the forward ran with one.
+    pub latent: Option<super::latent::LatentActs<B>>,
 }
 
 impl<B: Backend> LayerActs<B> {
@@ -129,6 +131,7 @@ impl<B: Backend> Llama<B> {
             logits,
             true,
             false,
+            None,
         )?;
         Ok(out)
     }
@@ -154,6 +157,7 @@ impl<B: Backend> Llama<B> {
             logits,
             true,
             false,
+            None,
         )?;
         Ok(out)
     }
@@ -185,6 +189,22 @@ impl<B: Backend> Llama<B> {
         logits: LogitsMode,
         use_lora: bool,
     ) -> Result<(ForwardOutput<B>, Activations<B>)> {
+        self.forward_train_hooked(input, batch, seq, key_mask, capture, logits, use_lora, None)
+    }
+
+    /// [`Llama::forward_train`] with a latent adversary in the residual stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_train_hooked(
+        &self,
+        input: Input<B>,
+        batch: usize,
+        seq: usize,
+        key_mask: Option<&B::Buf>,
+        capture: &[usize],
+        logits: LogitsMode,
+        use_lora: bool,
+        hook: Option<&super::latent::LatentHook<B>>,
+    ) -> Result<(ForwardOutput<B>, Activations<B>)> {
         let mut cache = self.new_cache(batch, seq)?;
         let (out, acts) = self.run(
             input,
@@ -196,6 +216,7 @@ impl<B: Backend> Llama<B> {
             logits,
             use_lora,
             true,
+            hook,
         )?;
         Ok((out, acts.expect("recording forward returns activations")))
     }
@@ -212,6 +233,7 @@ impl<B: Backend> Llama<B> {
         logits: LogitsMode,
         use_lora: bool,
         record: bool,
+        hook: Option<&super::latent::LatentHook<B>>,
     ) -> Result<(ForwardOutput<B>, Option<Activations<B>>)> {
         let cfg = &self.cfg;
         let be = &self.backend;
@@ -232,6 +254,14 @@ impl<B: Backend> Llama<B> {
             cache.len,
             cache.capacity
         );
+        if let Some(h) = hook {
+            ensure!(
+                h.index >= 1 && h.index < cfg.num_layers,
+                "latent adversary at hidden-state index {} is not between blocks",
+                h.index
+            );
+        }
+        let mut latent = None;
         for &c in capture {
             ensure!(
                 c <= cfg.num_layers,
@@ -331,6 +361,20 @@ impl<B: Backend> Llama<B> {
                 keep_acts,
                 &mut lora_tmp,
             )?;
+            if let Some(h) = hook.filter(|h| h.index == li + 1) {
+                // x <- x + D x + b, and the next block's input norm again.
+                let x_pre = clone_buf(be, &x, rows, d)?;
+                be.matmul(&x_pre, &h.d, &mut x, rows, d, d, 1.0, true);
+                be.add_bias(&mut x, &h.b);
+                be.rmsnorm(&x, &self.layers[li + 1].attn_norm, d, cfg.rms_eps, &mut xn);
+                if record {
+                    latent = Some(super::latent::LatentActs {
+                        index: h.index,
+                        x_pre,
+                        d: clone_buf(be, &h.d, d, d)?,
+                    });
+                }
+            }
             if li + 1 < cfg.num_layers {
                 keep(li + 1, &x, &mut hidden)?;
             }
@@ -385,6 +429,7 @@ impl<B: Backend> Llama<B> {
             h_last: x,
             xn_final: xn,
             used_lora: use_lora,
+            latent,
         });
         Ok((ForwardOutput { logits, hidden }, acts))
     }

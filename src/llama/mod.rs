@@ -4,6 +4,7 @@
 pub mod backward;
 pub mod forward;
 pub mod generate;
+pub mod latent;
 pub mod lora;
 pub mod merge;
 pub mod model;
@@ -12,5 +13,6 @@ pub mod peft;
 pub use backward::LoraGrads;
 pub use forward::{Activations, ForwardOutput, Input, LogitsMode};
 pub use generate::{generate, GenerateOptions, Sampling};
+pub use latent::LatentHook;
 pub use lora::{LoraAdapter, LoraConfig, LoraModule};
 pub use model::{KvCache, Llama};
