@@ -289,3 +289,96 @@ fn embedding_mining_runs_attacks_uses_them_and_resumes_exactly() {
         );
     }
 }
+
+#[test]
+fn latent_mining_trains_an_adversary_uses_it_and_resumes_exactly() {
+    use repshield::train::mining::{Miner, MiningConfig, MiningKind};
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mining = MiningConfig {
+        kind: MiningKind::Latent,
+        every: 2,
+        prob: 0.5,
+        attack_steps: 4,
+        step_size: 1e-2,
+        target_tokens: 4,
+        success_loss: 1e9,
+        latent_layers: Some((1, 1)),
+        ..Default::default()
+    };
+    let cfg = TrainConfig {
+        steps: 6,
+        max_prompt: 24,
+        mining: mining.clone(),
+        ..write_data(tmp.path())
+    };
+
+    // The adversary lowers the tuned model's CE on the harmful answers below the clean CE.
+    let tuned = model(&m);
+    let mut exs = repshield::train::data::read_jsonl(&cfg.harmful, true).unwrap();
+    exs.truncate(2);
+    let enc = repshield::train::data::Encoder::new(
+        &m.tokenizer,
+        repshield::train::data::Layout {
+            max_prompt: 24,
+            max_response: cfg.max_response,
+        },
+    );
+    let tb = enc.batch(&exs).unwrap();
+    let mut clean = Miner::new(
+        MiningConfig {
+            attack_steps: 0,
+            ..mining.clone()
+        },
+        1,
+    );
+    let l0 = clean.refresh_latent(&tuned, &tb).unwrap();
+    let mut miner = Miner::new(
+        MiningConfig {
+            attack_steps: 20,
+            ..mining.clone()
+        },
+        1,
+    );
+    let l1 = miner.refresh_latent(&tuned, &tb).unwrap();
+    assert!(l1 < l0, "adversary CE {l1} !< clean {l0}");
+    assert_eq!(miner.state.latent_index, Some(1));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let full = tmp.path().join("full");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &full, false).unwrap();
+    t.quiet = true;
+    t.run(&stop).unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(full.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let per_step: Vec<u64> = rows
+        .iter()
+        .map(|r| r["mining_rows"].as_u64().unwrap())
+        .collect();
+    assert!(
+        per_step.iter().any(|&r| r > 0) && per_step.contains(&0),
+        "with prob 0.5 some steps mine and some stay clean: {per_step:?}"
+    );
+    assert!(rows[0]["mining_attack_loss"].as_f64().unwrap() > 0.0);
+
+    let part = tmp.path().join("part");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &part, false).unwrap();
+    t.quiet = true;
+    t.stop_after = Some(3);
+    t.run(&stop).unwrap();
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg, &part, true).unwrap();
+    t.quiet = true;
+    t.run(&stop).unwrap();
+    let (a, b) = (losses(&full), losses(&part));
+    assert_eq!(a.len(), 6);
+    for (i, (x, y)) in b.iter().zip(&a).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-6 * y.abs(),
+            "step {}: resumed {x} vs uninterrupted {y}",
+            i + 1
+        );
+    }
+}

@@ -55,7 +55,8 @@ pub struct TrainArgs {
     pub harmful: Option<PathBuf>,
     #[arg(long)]
     pub retain: Option<PathBuf>,
-    /// Adversarial hard-negative mining (embedding-space attack on the harmful prompts).
+    /// Adversarial hard-negative mining: `embedding` (soft tokens attacked into the harmful
+    /// prompts) or `latent` (a learned adversary in the residual stream).
     #[arg(long, value_enum)]
     pub mining: Option<crate::train::mining::MiningKind>,
     /// Per-block activation recompute (less memory, about one extra forward per step).

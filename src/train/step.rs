@@ -5,7 +5,7 @@
 use super::data::{MaskMode, TokenBatch};
 use super::mining::AdvInput;
 use crate::backend::BackwardOps;
-use crate::llama::{Activations, Input, Llama, LogitsMode, LoraGrads};
+use crate::llama::{Activations, Input, LatentHook, Llama, LogitsMode, LoraGrads};
 use crate::objectives::circuit_breaker::{circuit_breaker_loss, CircuitBreakerConfig};
 use crate::objectives::kl::kl_retain;
 use crate::objectives::repbend::{repbend_loss, RepBendConfig};
@@ -74,8 +74,8 @@ fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>>
     Ok(out)
 }
 
-/// `adv` replaces the tuned pass's input with attacked embeddings (hard-negative mining); the
-/// frozen pass always sees the clean tokens.
+/// `adv` attacks the tuned pass (hard-negative mining: soft tokens in its input, or the latent
+/// adversary in its residual stream); the frozen pass always sees the clean tokens.
 fn run_set<B: BackwardOps>(
     model: &Llama<B>,
     tb: &TokenBatch,
@@ -86,9 +86,16 @@ fn run_set<B: BackwardOps>(
 ) -> Result<SetPass<B>> {
     let be = &model.backend;
     let clean_mask = be.upload_f32(&tb.attention_mask)?;
-    let adv_bufs = adv
-        .map(|a| Ok::<_, anyhow::Error>((be.upload(&a.embeds)?, be.upload_f32(&a.key_mask)?)))
-        .transpose()?;
+    let (adv_bufs, hook) = match adv {
+        Some(AdvInput::Embeds {
+            embeds, key_mask, ..
+        }) => (Some((be.upload(embeds)?, be.upload_f32(key_mask)?)), None),
+        Some(AdvInput::Latent { index, d, b, .. }) => (
+            None,
+            Some(LatentHook::new(be, *index, model.cfg.num_layers, d, b)?),
+        ),
+        None => (None, None),
+    };
     let mode = if logits {
         LogitsMode::All
     } else {
@@ -98,7 +105,7 @@ fn run_set<B: BackwardOps>(
         Some((e, m)) => (Input::Embeds(e), m),
         None => (Input::Ids(&tb.input_ids), &clean_mask),
     };
-    let (out, acts) = model.forward_train(
+    let (out, acts) = model.forward_train_hooked(
         tuned_input,
         tb.batch,
         tb.seq,
@@ -106,6 +113,7 @@ fn run_set<B: BackwardOps>(
         indices,
         mode,
         true,
+        hook.as_ref(),
     )?;
     let (orig_out, _) = model.forward_train(
         Input::Ids(&tb.input_ids),

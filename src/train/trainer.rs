@@ -526,23 +526,30 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             let mut mining_rows = 0;
             for _ in 0..c.grad_accum {
                 let (b, h, r, hidx) = self.batches()?;
-                let adv = if c_mining(&c) {
-                    let exs: Vec<(usize, &Example)> =
-                        hidx.iter().map(|&i| (i, &self.data.harmful[i])).collect();
-                    if step.is_multiple_of(c.mining.every) {
-                        self.miner.refresh(&self.model, self.tokenizer, &exs)?;
+                let adv = match c.mining.kind {
+                    MiningKind::None => None,
+                    MiningKind::Embedding => {
+                        let exs: Vec<(usize, &Example)> =
+                            hidx.iter().map(|&i| (i, &self.data.harmful[i])).collect();
+                        if step.is_multiple_of(c.mining.every) {
+                            self.miner.refresh(&self.model, self.tokenizer, &exs)?;
+                        }
+                        self.miner.adversarial_input(
+                            &self.model,
+                            self.tokenizer,
+                            &h,
+                            &exs,
+                            c.max_prompt,
+                        )?
                     }
-                    self.miner.adversarial_input(
-                        &self.model,
-                        self.tokenizer,
-                        &h,
-                        &exs,
-                        c.max_prompt,
-                    )?
-                } else {
-                    None
+                    MiningKind::Latent => {
+                        if step.is_multiple_of(c.mining.every) {
+                            self.miner.refresh_latent(&self.model, &h)?;
+                        }
+                        self.miner.latent_input(h.batch)
+                    }
                 };
-                mining_rows += adv.as_ref().map_or(0, |a| a.rows);
+                mining_rows += adv.as_ref().map_or(0, |a| a.rows());
                 let t = objective_step(
                     &self.model,
                     &c,
