@@ -383,6 +383,9 @@ pub enum BenchCmd {
     /// Prefill and decode throughput at a model shape with random weights (CPU backend),
     /// optionally side by side with transformers.
     Generate(GenerateArgs),
+    /// One optimiser step of the triplet objective at a model shape with random weights (CPU
+    /// backend), optionally side by side with PyTorch + transformers + peft.
+    TrainStep(crate::bench_train::TrainStepArgs),
     /// Only measure this machine's f32 FMA peak and read bandwidth.
     Peak,
 }
@@ -434,6 +437,7 @@ pub struct GenerateArgs {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => bench_generate(&a).map(|_| ()),
+        BenchCmd::TrainStep(a) => crate::bench_train::bench_train_step(&a),
         BenchCmd::Peak => {
             let p = measure_fma_peak();
             println!(
@@ -446,7 +450,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();

@@ -1,0 +1,286 @@
+//! `repshield bench train-step`: one optimiser step of the triplet objective (forward of the
+//! tuned and frozen model on the benign, harmful and retain batches, the loss, the backward to
+//! every LoRA factor, AdamW, re-upload) at a real model shape with random weights, side by side
+//! with the identical step in PyTorch + transformers + peft (tools/bench_train_step.py).
+
+use crate::backend::cpu::CpuBackend;
+use crate::bench::{hf_config_json, median, shape_config};
+use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
+use crate::model::{ModelConfig, ModelWeights};
+use crate::train::adamw::{adamw_step, Moments};
+use crate::train::data::TokenBatch;
+use crate::train::trainer::{objective_step, TrainConfig};
+use crate::util::Rng;
+use anyhow::{ensure, Context, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainStepArgs {
+    /// Model shape: smollm2, llama3-8b, mistral-7b, qwen2.5-0.5b.
+    #[arg(long, default_value = "smollm2")]
+    pub shape: String,
+    /// Sequences per set (benign, harmful and retain each).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub response_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Timed steps (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Per-block activation recompute (less memory, one more forward per block).
+    #[arg(long)]
+    pub recompute: bool,
+    /// Also run tools/bench_train_step.py with this Python interpreter.
+    #[arg(long)]
+    pub compare_python: Option<PathBuf>,
+    /// Path of bench_train_step.py (default: tools/ of this source tree).
+    #[arg(long)]
+    pub script: Option<PathBuf>,
+    /// Attention implementations to try in transformers (the faster one is reported).
+    #[arg(long, default_value = "eager,sdpa")]
+    pub python_attn: String,
+}
+
+/// A set of `batch` random sequences: `prompt` prompt tokens then `response` response tokens,
+/// no padding (every row full, so both engines do exactly the same work).
+fn random_set(
+    cfg: &ModelConfig,
+    batch: usize,
+    prompt: usize,
+    response: usize,
+    rng: &mut Rng,
+) -> TokenBatch {
+    let seq = prompt + response;
+    let input_ids = (0..batch * seq)
+        .map(|_| (rng.uniform() * cfg.vocab_size as f32) as u32 % cfg.vocab_size as u32)
+        .collect();
+    let row = |f: &dyn Fn(usize) -> bool| -> Vec<f32> {
+        (0..batch * seq).map(|i| f(i % seq) as u8 as f32).collect()
+    };
+    TokenBatch {
+        batch,
+        seq,
+        input_ids,
+        attention_mask: vec![1.0; batch * seq],
+        prompt_mask: row(&|t| t < prompt),
+        response_mask: row(&|t| t >= prompt),
+        last_prompt_index: vec![prompt - 1; batch],
+    }
+}
+
+pub fn bench_train_step(a: &TrainStepArgs) -> Result<()> {
+    ensure!(a.repeats > 0 && a.batch > 0 && a.prompt_len > 0 && a.response_len > 0);
+    let cfg = shape_config(&a.shape)?;
+    let threads = rayon::current_num_threads();
+    let tc = TrainConfig {
+        rank: a.rank,
+        alpha: a.rank as f32,
+        ..Default::default()
+    };
+    let targets = tc.targets(&cfg);
+    let lora_layers = tc.lora_layers(&cfg);
+    println!(
+        "# repshield bench train-step: shape {}, triplet, batch {} x ({}+{}) tokens per set (benign, harmful, retain), LoRA rank {} on all 7 projections of {} blocks, targets {:?}, {} repeats, cpu {} threads{}",
+        a.shape,
+        a.batch,
+        a.prompt_len,
+        a.response_len,
+        a.rank,
+        lora_layers.len(),
+        targets,
+        a.repeats,
+        threads,
+        if a.recompute { ", per-block recompute" } else { "" }
+    );
+    let t = Instant::now();
+    let weights = ModelWeights::random(&cfg, a.seed);
+    let mut model = Llama::new(CpuBackend, &cfg, &weights)?;
+    model.recompute = a.recompute;
+    let mut adapter = LoraAdapter::init(
+        &cfg,
+        LoraConfig {
+            rank: a.rank,
+            alpha: a.rank as f32,
+            layers: lora_layers.clone(),
+            modules: LoraModule::ALL.to_vec(),
+        },
+        a.seed,
+    );
+    // Non-zero B, as after a few steps (a zero B changes no work, but keeps the grads honest).
+    let mut rng = Rng::new(a.seed ^ 0x62656e63);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = rng.normal() * 1e-3);
+    }
+    model.attach_lora(&adapter)?;
+    println!("random weights built in {:.1}s", t.elapsed().as_secs_f64());
+    let sets: Vec<TokenBatch> = (0..3)
+        .map(|_| random_set(&cfg, a.batch, a.prompt_len, a.response_len, &mut rng))
+        .collect();
+    let mut moments: Vec<(Moments, Moments)> = adapter
+        .pairs
+        .iter()
+        .map(|p| (Moments::new(p.a.len()), Moments::new(p.b.len())))
+        .collect();
+    let adam = tc.adamw;
+
+    let times = crate::backend::cpu::on_pool(|| -> Result<Vec<f64>> {
+        let mut grads = LoraGrads::new(&model)?;
+        let mut times = Vec::new();
+        for step in 0..=a.repeats {
+            let t0 = Instant::now();
+            grads.zero(&model.backend)?;
+            let terms = objective_step(
+                &model,
+                &tc,
+                step,
+                &targets,
+                &sets[0],
+                &sets[1],
+                &sets[2],
+                Some(&mut grads),
+                None,
+            )?;
+            ensure!(terms.total.is_finite(), "loss is not finite");
+            for (i, p) in adapter.pairs.iter_mut().enumerate() {
+                let (ga, gb) = grads.get(p.layer, p.module).expect("gradient slot");
+                let (ma, mb) = &mut moments[i];
+                adamw_step(&adam, step as u64 + 1, &mut p.a, ga, ma);
+                adamw_step(&adam, step as u64 + 1, &mut p.b, gb, mb);
+            }
+            model.attach_lora(&adapter)?;
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "step {step}{}: {s:.2}s, loss {:.4}",
+                if step == 0 { " (warm-up)" } else { "" },
+                terms.total
+            );
+            if step > 0 {
+                times.push(s);
+            }
+        }
+        Ok(times)
+    })?;
+    let ours = median(&times);
+    let tokens = (3 * a.batch * (a.prompt_len + a.response_len)) as f64;
+
+    let python = match &a.compare_python {
+        None => None,
+        Some(py) => Some(run_python(py, a, &cfg, threads, &targets, &lora_layers)?),
+    };
+    println!();
+    println!("| metric | repshield (cpu) | PyTorch + transformers + peft | ratio |");
+    println!("|---|---|---|---|");
+    let theirs = python
+        .as_ref()
+        .and_then(|p| p.get("step_s"))
+        .and_then(|v| v.as_f64());
+    let attn = python
+        .as_ref()
+        .and_then(|p| p.get("attn"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    match theirs {
+        Some(t) => {
+            println!(
+                "| seconds per optimiser step (median) | {ours:.2} | {t:.2} ({attn}) | {:.2}x |",
+                t / ours
+            );
+            println!(
+                "| tokens/s (3 sets x {} x {}) | {:.0} | {:.0} | {:.2}x |",
+                a.batch,
+                a.prompt_len + a.response_len,
+                tokens / ours,
+                tokens / t,
+                t / ours
+            );
+        }
+        None => {
+            println!("| seconds per optimiser step (median) | {ours:.2} | - | - |");
+            println!(
+                "| tokens/s (3 sets x {} x {}) | {:.0} | - | - |",
+                a.batch,
+                a.prompt_len + a.response_len,
+                tokens / ours
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_python(
+    py: &PathBuf,
+    a: &TrainStepArgs,
+    cfg: &ModelConfig,
+    threads: usize,
+    targets: &[usize],
+    lora_layers: &[usize],
+) -> Result<serde_json::Value> {
+    let script = a.script.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench_train_step.py")
+    });
+    ensure!(
+        script.is_file(),
+        "train-step benchmark script {} not found (pass --script)",
+        script.display()
+    );
+    println!(
+        "running {} {} (torch threads = {threads}) ...",
+        py.display(),
+        script.display()
+    );
+    let list = |v: &[usize]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .arg("--config-json")
+        .arg(hf_config_json(cfg).to_string())
+        .args(["--batch", &a.batch.to_string()])
+        .args(["--prompt-len", &a.prompt_len.to_string()])
+        .args(["--response-len", &a.response_len.to_string()])
+        .args(["--rank", &a.rank.to_string()])
+        .args(["--repeats", &a.repeats.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--seed", &a.seed.to_string()])
+        .args(["--targets", &list(targets)])
+        .args(["--lora-layers", &list(lora_layers)])
+        .args(["--attn", &a.python_attn])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", py.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} {} failed ({})",
+        py.display(),
+        script.display(),
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("bench_train_step.py printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_str(line).context("parsing bench_train_step.py output")?;
+    println!(
+        "PyTorch {} / transformers {} / peft {} ({} threads): {:.2} s per step ({} attention)",
+        v["torch"].as_str().unwrap_or("?"),
+        v["transformers"].as_str().unwrap_or("?"),
+        v["peft"].as_str().unwrap_or("?"),
+        v["threads"],
+        v["step_s"].as_f64().unwrap_or(f64::NAN),
+        v["attn"].as_str().unwrap_or("?")
+    );
+    Ok(v)
+}
