@@ -9,7 +9,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::llama::{generate::argmax, KvCache, Llama, LogitsMode};
-use crate::model::{ModelConfig, ModelWeights, RopeScaling};
+use crate::model::{ModelConfig, ModelWeights};
 use crate::util::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::PathBuf;
@@ -111,50 +111,6 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
     };
     cfg.validate()?;
     Ok(cfg)
-}
-
-/// The config as a Hugging Face `config.json` dict, for the transformers side of a comparison.
-pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "model_type": cfg.arch,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_position,
-        "hidden_act": "silu",
-    });
-    if cfg.arch == "llama" {
-        v["attention_bias"] = cfg.qkv_bias.into();
-    }
-    if cfg.arch == "mistral" {
-        v["sliding_window"] = serde_json::Value::Null;
-    }
-    match &cfg.rope_scaling {
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position,
-        }) => {
-            v["rope_scaling"] = serde_json::json!({
-                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position,
-            })
-        }
-        Some(RopeScaling::Linear { factor }) => {
-            v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
-        }
-        None => {}
-    }
-    v
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -707,7 +663,7 @@ fn run_python(
     let out = std::process::Command::new(py)
         .arg(&script)
         .arg("--config-json")
-        .arg(hf_config_json(cfg).to_string())
+        .arg(cfg.to_hf_json().to_string())
         .args(["--prompt-len", &a.prompt_len.to_string()])
         .args(["--decode-tokens", &a.decode_tokens.to_string()])
         .args(["--repeats", &a.repeats.to_string()])

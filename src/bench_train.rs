@@ -4,7 +4,7 @@
 //! with the identical step in PyTorch + transformers + peft (tools/bench_train_step.py).
 
 use crate::backend::cpu::CpuBackend;
-use crate::bench::{hf_config_json, median, shape_config};
+use crate::bench::{median, shape_config};
 use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
 use crate::model::{ModelConfig, ModelWeights};
 use crate::train::adamw::{adamw_step, Moments};
@@ -244,7 +244,7 @@ fn run_python(
     let out = std::process::Command::new(py)
         .arg(&script)
         .arg("--config-json")
-        .arg(hf_config_json(cfg).to_string())
+        .arg(cfg.to_hf_json().to_string())
         .args(["--batch", &a.batch.to_string()])
         .args(["--prompt-len", &a.prompt_len.to_string()])
         .args(["--response-len", &a.response_len.to_string()])
