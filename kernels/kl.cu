@@ -91,7 +91,9 @@ extern "C" __global__ void __launch_bounds__(1024)
   so = block_lse(so, scratch);
   st = block_lse(st, scratch);
   const float lo = so.m + logf(so.s), lt = st.m + logf(st.s);
-  if (threadIdx.x == 0) row_kl[row] = so.w / so.s - lo + lt;
+  // lt - lo regrouped as (mt - mo) + log(st / so): the maxima are close and their difference
+  // exact, so a small KL does not drown in the rounding of two log-sum-exps of ~10-20.
+  if (threadIdx.x == 0) row_kl[row] = so.w / so.s + (st.m - so.m) + logf(st.s / so.s);
   if (grad == nullptr) return;
   for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
     const float a = load_side(orig, orig_f32, base + c) * inv_t;
