@@ -1662,10 +1662,12 @@ fn whole_model_backward_matches_cpu() {
             .unwrap()
             .unwrap();
         // Relative L2 per tensor: f32 storage only reorders sums (1e-4, as the forward);
-        // bf16 storage rounds every activation and gradient along three layers and back
-        // (the forward's 2e-2 bound, doubled for the second pass through the network).
+        // bf16 storage rounds every activation and gradient along three layers and back.
+        // Emulating bf16 storage on the CPU (every working-dtype output rounded) gave
+        // 1.4-1.7e-2 for the input gradient and at worst 2.9-3.5e-2 for one LoRA factor over
+        // five weight seeds; 8e-2 leaves room for the GPU's other rounding points.
         let bound = match dtype {
-            DType::BF16 => 4e-2,
+            DType::BF16 => 8e-2,
             DType::F32 => 1e-4,
         };
         let err = rel_l2(&gd.download(&got_emb).unwrap(), &want_emb);
