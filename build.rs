@@ -190,7 +190,7 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out_dir: &Path) -> (String, 
 }
 
 /// `(name, signature)` of every kernel entry, the signature one letter per parameter:
-/// `p` 8 bytes (pointer, long long), `i` a 32-bit integer, `f` f32. The launcher checks its
+/// `p` 8 bytes (pointer, long long), `i` a 32-bit integer, `f` f32, `d` f64. The launcher checks its
 /// arguments against it before every launch, so a C/Rust mismatch fails loudly.
 fn ptx_entries(ptx: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -210,6 +210,7 @@ fn ptx_entries(ptx: &str) -> Vec<(String, String)> {
                     ".u64" | ".s64" | ".b64" => 'p',
                     ".u32" | ".s32" | ".b32" => 'i',
                     ".f32" => 'f',
+                    ".f64" => 'd',
                     other => panic!("kernel parameter type {other} has no launcher mapping"),
                 };
                 out.last_mut().unwrap().1.push(code);

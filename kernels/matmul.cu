@@ -26,6 +26,19 @@
 //       grid = (ceil(N / 64), ceil(M / 64)), block = 256.
 //   add_bias_{bf16,f32}
 //       x [rows, width] += bias [width] (side tensor, f32 or bf16).   (+=)
+//
+// Backward
+//   gemm_generic
+//       out [M, N] = (accumulate ? out : 0) + scale * op(a) op(b)     (= or +=)
+//       op(a) = a [M, K], or with trans_a the transpose of a [K, M];
+//       op(b) = b [K, N], or with trans_b the transpose of b [N, K] (so trans_b = 1 is matmul's
+//       x w^T). dX = dY W is (0, 0) with b = W [out, in]; dW = dY^T X is (1, 0).
+//       Any dtype mix (a_f32, b_f32, out_f32 flags), any M, N, K: the SIMT 64x64 tiles of
+//       matmul_generic, with each operand's tile load coalesced along whichever of its two
+//       dimensions is contiguous. grid = (ceil(N / 64), ceil(M / 64)), block = 256.
+//   axpy_{x}[_{y}] (bf16, f32, bf16_f32, f32_bf16: x's dtype, then y's when it differs)
+//       y [n] += alpha * x [n]                                       (+=)
+//       grid-stride over elements, block = 256.
 #include "common.cuh"
 
 namespace {
@@ -258,6 +271,67 @@ __device__ __forceinline__ void gemm_generic(const void* __restrict__ x, int x_f
     }
 }
 
+// One 64-row x 16-k tile of an operand into `dst[kk][row]`: element (row, k) sits at
+// p[row * rs + k * ks]. Consecutive threads walk the contiguous dimension (k when ks == 1, else
+// the row), so the global reads coalesce for either layout.
+__device__ __forceinline__ void load_tile_strided(float (*dst)[65], const void* __restrict__ p, int is_f32,
+                                                  long long rs, long long ks, int rows, int K, int row0, int k0) {
+  constexpr int T = 64, BK = 16;
+  const bool k_contig = ks == 1;
+#pragma unroll
+  for (int i = 0; i < T * BK / 256; i++) {
+    const int e = threadIdx.x + i * 256;
+    const int row = k_contig ? e / BK : e % T;
+    const int kk = k_contig ? e % BK : e / T;
+    const int gr = row0 + row, gk = k0 + kk;
+    dst[kk][row] = (gr < rows && gk < K) ? load_side(p, is_f32, (long long)gr * rs + (long long)gk * ks) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void gemm_strided(const void* __restrict__ a, int a_f32, const void* __restrict__ b,
+                                             int b_f32, void* __restrict__ out, int out_f32, int M, int N, int K,
+                                             int trans_a, int trans_b, float scale, int accumulate) {
+  constexpr int T = 64, BK = 16;
+  __shared__ float as[BK][T + 1];
+  __shared__ float bs[BK][T + 1];
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int block_m = blockIdx.y * T, block_n = blockIdx.x * T;
+  // (row stride, k stride) of op(a) as [M, K] and of op(b)^T as [N, K].
+  const long long a_rs = trans_a ? 1 : K, a_ks = trans_a ? M : 1;
+  const long long b_rs = trans_b ? K : 1, b_ks = trans_b ? 1 : N;
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    load_tile_strided(as, a, a_f32, a_rs, a_ks, M, K, block_m, k0);
+    load_tile_strided(bs, b, b_f32, b_rs, b_ks, N, K, block_n, k0);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk++) {
+      float x[4], y[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) x[i] = as[kk][ty + 16 * i], y[i] = bs[kk][tx + 16 * i];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = fmaf(x[i], y[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int r = block_m + ty + 16 * i, c = block_n + tx + 16 * j;
+      if (r < M && c < N) store_out(out, out_f32, (long long)r * N + c, acc[i][j], scale, accumulate);
+    }
+}
+
+template <typename TX, typename TY>
+__device__ __forceinline__ void axpy_impl(float alpha, const TX* __restrict__ x, TY* __restrict__ y, long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    y[i] = from_f32<TY>(fmaf(alpha, to_f32(x[i]), to_f32(y[i])));
+}
+
 template <typename T>
 __device__ __forceinline__ void add_bias_impl(T* __restrict__ x, const void* __restrict__ bias, int bias_f32,
                                               long long n, int width) {
@@ -300,3 +374,20 @@ extern "C" __global__ void __launch_bounds__(256)
 
 ADD_BIAS_ENTRY(bf16, bf16)
 ADD_BIAS_ENTRY(f32, float)
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_generic(const void* __restrict__ a, int a_f32, const void* __restrict__ b, int b_f32, void* __restrict__ out,
+                 int out_f32, int M, int N, int K, int trans_a, int trans_b, float scale, int accumulate) {
+  gemm_strided(a, a_f32, b, b_f32, out, out_f32, M, N, K, trans_a, trans_b, scale, accumulate);
+}
+
+#define AXPY_ENTRY(NAME, TX, TY)                                                                     \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      NAME(float alpha, const TX* __restrict__ x, TY* __restrict__ y, long long n) {                 \
+    axpy_impl<TX, TY>(alpha, x, y, n);                                                               \
+  }
+
+AXPY_ENTRY(axpy_bf16, bf16, bf16)
+AXPY_ENTRY(axpy_f32, float, float)
+AXPY_ENTRY(axpy_bf16_f32, bf16, float)
+AXPY_ENTRY(axpy_f32_bf16, float, bf16)

@@ -7,6 +7,9 @@
 //   w [dim] is a side tensor: f32 when w_f32 != 0, else bf16.
 //   The statistics of add_rmsnorm are taken over the residual as stored (rounded to T), so the
 //   normalised row is exactly the norm of what later layers read back.
+//   rmsnorm_bwd_T:  dx (+)= r * w * dy - x * r^3 / dim * sum(w * dy * x), r = 1 / sqrt(mean(x^2) + eps)
+//                   (= or += per `accumulate`; the norm weights are frozen, so no dw). x, dy, dx
+//                   are T; dx may alias neither x nor dy.
 // Launch: grid.x = rows, block = 256 threads (a multiple of 32). x and out may not alias.
 #include "common.cuh"
 
@@ -61,6 +64,59 @@ __device__ __forceinline__ void rmsnorm_row(T* __restrict__ x, const T* __restri
   }
 }
 
+// Two row reductions (sum x^2 and sum w dy x) in one read of the row, then one write.
+template <typename T>
+__device__ __forceinline__ void rmsnorm_bwd_row(const T* __restrict__ x, const void* __restrict__ w, int w_f32,
+                                                const T* __restrict__ dy, T* __restrict__ dx, int dim, float eps,
+                                                int accumulate) {
+  __shared__ float scratch[32];
+  const long long base = (long long)blockIdx.x * dim;
+  const T* xr = x + base;
+  const T* dyr = dy + base;
+  T* dxr = dx + base;
+  constexpr int N = Pack16<T>::N;
+  const bool vec = dim % N == 0;
+  float ss = 0.0f, swdx = 0.0f;
+  if (vec) {
+    for (int p = threadIdx.x; p < dim / N; p += blockDim.x) {
+      const Pack16<T> xv = Pack16<T>::load(xr + p * N), dv = Pack16<T>::load(dyr + p * N);
+#pragma unroll
+      for (int i = 0; i < N; i++) {
+        ss += xv.get(i) * xv.get(i);
+        swdx += load_side(w, w_f32, p * N + i) * dv.get(i) * xv.get(i);
+      }
+    }
+  } else {
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+      const float xv = to_f32(xr[c]);
+      ss += xv * xv;
+      swdx += load_side(w, w_f32, c) * to_f32(dyr[c]) * xv;
+    }
+  }
+  ss = block_sum(ss, scratch);
+  swdx = block_sum(swdx, scratch);
+  const float r = rsqrtf(ss / (float)dim + eps);
+  const float c = r * r * r * swdx / (float)dim;
+  if (vec) {
+    for (int p = threadIdx.x; p < dim / N; p += blockDim.x) {
+      const Pack16<T> xv = Pack16<T>::load(xr + p * N), dv = Pack16<T>::load(dyr + p * N);
+      Pack16<T> o;
+      if (accumulate) o = Pack16<T>::load(dxr + p * N);
+#pragma unroll
+      for (int i = 0; i < N; i++) {
+        const float g = r * load_side(w, w_f32, p * N + i) * dv.get(i) - xv.get(i) * c;
+        o.set(i, accumulate ? o.get(i) + g : g);
+      }
+      o.store(dxr + p * N);
+    }
+  } else {
+    for (int c2 = threadIdx.x; c2 < dim; c2 += blockDim.x) {
+      const float g = r * load_side(w, w_f32, c2) * to_f32(dyr[c2]) - to_f32(xr[c2]) * c;
+      dxr[c2] = from_f32<T>(accumulate ? to_f32(dxr[c2]) + g : g);
+    }
+  }
+}
+
 #define RMSNORM_ENTRIES(SUFFIX, T)                                                                   \
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
       rmsnorm_##SUFFIX(const T* __restrict__ x, const void* __restrict__ w, int w_f32, T* __restrict__ out, \
@@ -71,6 +127,11 @@ __device__ __forceinline__ void rmsnorm_row(T* __restrict__ x, const T* __restri
       add_rmsnorm_##SUFFIX(T* __restrict__ residual, const T* __restrict__ delta, const void* __restrict__ w, \
                            int w_f32, T* __restrict__ out, int dim, float eps) {                     \
     rmsnorm_row<T, true>(residual, delta, w, w_f32, out, dim, eps);                                  \
+  }                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      rmsnorm_bwd_##SUFFIX(const T* __restrict__ x, const void* __restrict__ w, int w_f32,           \
+                           const T* __restrict__ dy, T* __restrict__ dx, int dim, float eps, int accumulate) { \
+    rmsnorm_bwd_row<T>(x, w, w_f32, dy, dx, dim, eps, accumulate);                                   \
   }
 
 RMSNORM_ENTRIES(bf16, bf16)

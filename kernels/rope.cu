@@ -8,12 +8,14 @@
 //   i < half = head_dim / 2, with a = inv_freq[i] * f32(pos) (product in f32, as transformers):
 //     x[r, h, i]        = x[r, h, i] cos(a) - x[r, h, i + half] sin(a)
 //     x[r, h, i + half] = x[r, h, i + half] cos(a) + x[r, h, i] sin(a)
+//   rope_bwd_T: the same rotation by -a (the transpose of the forward's rotation), applied to the
+//   gradient in place; identical to rope_T with inv_freq negated (the CPU twin's definition).
 // Launch: one thread per (row, i), 1-D grid of ceil(rows * half / 256) blocks of 256. Each thread
 // computes its sin/cos once and applies it to every head of the row. Accurate sincosf, not the
 // intrinsic: angles reach thousands of radians at long positions.
 #include "common.cuh"
 
-template <typename T>
+template <typename T, bool kInverse>
 __device__ __forceinline__ void rope_impl(T* __restrict__ x, long long rows, int seq_len, int n_heads, int head_dim,
                                           int start_pos, const void* __restrict__ inv_freq, int inv_freq_f32) {
   const int half = head_dim >> 1;
@@ -24,6 +26,7 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ x, long long rows, int
   const float pos = (float)(start_pos + (int)(r % seq_len));
   float s, c;
   sincosf(load_side(inv_freq, inv_freq_f32, i) * pos, &s, &c);
+  if (kInverse) s = -s;  // sincosf is odd in its argument: exactly the forward with -inv_freq
   T* row = x + r * (long long)n_heads * head_dim;
   for (int h = 0; h < n_heads; h++) {
     T* p = row + h * head_dim;
@@ -37,7 +40,12 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ x, long long rows, int
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
       rope_##SUFFIX(T* __restrict__ x, long long rows, int seq_len, int n_heads, int head_dim, int start_pos, \
                     const void* __restrict__ inv_freq, int inv_freq_f32) {                           \
-    rope_impl<T>(x, rows, seq_len, n_heads, head_dim, start_pos, inv_freq, inv_freq_f32);            \
+    rope_impl<T, false>(x, rows, seq_len, n_heads, head_dim, start_pos, inv_freq, inv_freq_f32);     \
+  }                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      rope_bwd_##SUFFIX(T* __restrict__ x, long long rows, int seq_len, int n_heads, int head_dim, int start_pos, \
+                        const void* __restrict__ inv_freq, int inv_freq_f32) {                       \
+    rope_impl<T, true>(x, rows, seq_len, n_heads, head_dim, start_pos, inv_freq, inv_freq_f32);      \
   }
 
 ROPE_ENTRY(bf16, bf16)

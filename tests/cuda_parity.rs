@@ -14,7 +14,7 @@
 
 use repshield::backend::cpu::{self, CpuBackend};
 use repshield::backend::cuda::{self, CudaBackend, CudaBuf, DType, MatmulKernel};
-use repshield::backend::{AttnShape, Backend};
+use repshield::backend::{AttnShape, Backend, BackwardOps};
 use repshield::llama::{generate, GenerateOptions, Llama, LogitsMode, Sampling};
 use repshield::model::{HostTensor, ModelConfig, ModelWeights, RopeScaling};
 use repshield::util::Rng;
@@ -156,6 +156,58 @@ fn embedded_ptx_has_every_kernel_for_compute_80_and_driver_580() {
             "{}.ptx does not target sm_80",
             m.name
         );
+    }
+}
+
+/// The parameter lists (`p` pointer or long long, `i` int, `f` float, `d` double) the
+/// launchers of the backward, optimiser and loss kernels pass; the launcher checks the same at
+/// run time, this catches a changed kernel without a GPU.
+#[test]
+fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
+    use cuda::ptx::{KERNELS_COMPILED, NOT_COMPILED_REASON, PTX_MODULES};
+    if !KERNELS_COMPILED {
+        eprintln!("skipping: kernels not compiled ({NOT_COMPILED_REASON})");
+        return;
+    }
+    let sig = |name: &str| -> &str {
+        PTX_MODULES
+            .iter()
+            .flat_map(|m| m.entries.iter())
+            .find(|e| e.0 == name)
+            .unwrap_or_else(|| panic!("kernel {name} missing from the PTX"))
+            .1
+    };
+    let mut expected: Vec<(String, &str)> = vec![
+        ("gemm_generic".into(), "pipipiiiiiifi"),
+        ("adamw_step".into(), "ppipppfffffddd"),
+        ("pgd_step".into(), "ppipppiifffif"),
+        ("kl_retain".into(), "pipipiffppi"),
+    ];
+    for d in ["bf16", "f32"] {
+        expected.extend([
+            (format!("rmsnorm_bwd_{d}"), "ppippifi"),
+            (format!("swiglu_bwd_{d}"), "pppppp"),
+            (format!("rope_bwd_{d}"), "ppiiiipi"),
+            (format!("embedding_bwd_{d}"), "ppip"),
+            (format!("attention_combine_{d}"), "pppppii"),
+            (format!("attention_bwd_prep_{d}"), "ppppi"),
+        ]);
+        for hd in [32, 64, 128, 256] {
+            if d == "f32" && hd == 256 {
+                continue;
+            }
+            expected.extend([
+                (format!("attention_{d}_hd{hd}"), "ppppippppiiiiiiiifi"),
+                (format!("attention_bwd_dq_{d}_hd{hd}"), "ppppippppiiiiffi"),
+                (format!("attention_bwd_dkv_{d}_hd{hd}"), "ppppipppppiiiiffi"),
+            ]);
+        }
+    }
+    for x in ["bf16", "f32", "bf16_f32", "f32_bf16"] {
+        expected.push((format!("axpy_{x}"), "fppp"));
+    }
+    for (name, want) in &expected {
+        assert_eq!(sig(name), *want, "signature of {name}");
     }
 }
 
@@ -584,6 +636,630 @@ fn kv_store_and_attention_match_cpu() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Backward ops
+
+#[test]
+fn rmsnorm_bwd_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    // Same shapes as the forward: smollm2 and llama widths, odd width (scalar path), tiny.
+    for (rows, dim) in [(3, 576), (2, 4096), (5, 37), (9, 8)] {
+        for dtype in dtypes() {
+            for w_dtype in [DType::F32, DType::BF16] {
+                for accumulate in [false, true] {
+                    let x = random(rows * dim, 30, 2.0, dtype);
+                    let dy = random(rows * dim, 31, 1.0, dtype);
+                    let w: Vec<f32> = random(dim, 32, 0.5, w_dtype)
+                        .iter()
+                        .map(|v| round_to(1.0 + v, w_dtype))
+                        .collect();
+                    let init = random(rows * dim, 33, 1.0, dtype);
+                    let mut dx = if accumulate {
+                        up(&g, &init, dtype)
+                    } else {
+                        poisoned(&g, rows * dim, dtype)
+                    };
+                    g.rmsnorm_bwd(
+                        &up(&g, &x, dtype),
+                        &up(&g, &w, w_dtype),
+                        &up(&g, &dy, dtype),
+                        dim,
+                        1e-5,
+                        &mut dx,
+                        accumulate,
+                    );
+                    let mut want = if accumulate {
+                        init.clone()
+                    } else {
+                        vec![0.0; rows * dim]
+                    };
+                    cpu::rmsnorm::rmsnorm_bwd(&x, &w, &dy, dim, 1e-5, &mut want, accumulate);
+                    // Two row reductions in a different order than the CPU's: f32 storage
+                    // gets 1e-5 relative to the row's scale (|dx| ~ 1, terms ~ 1/sqrt(dim)).
+                    assert_close(
+                        &format!(
+                            "rmsnorm_bwd {rows}x{dim} {dtype:?} w {w_dtype:?} acc {accumulate}"
+                        ),
+                        &g.download(&dx).unwrap(),
+                        &want,
+                        tol_for(dtype),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_bwd_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    // Scalar path (1, 7, 3*4096+5), packed path (1 << 16), gates far into both tails.
+    for n in [1, 7, 3 * 4096 + 5, 1 << 16] {
+        for dtype in dtypes() {
+            let gate = random(n, 34, 8.0, dtype);
+            let upv = random(n, 35, 2.0, dtype);
+            let dout = random(n, 36, 1.0, dtype);
+            let (mut dg, mut du) = (poisoned(&g, n, dtype), poisoned(&g, n, dtype));
+            g.swiglu_bwd(
+                &up(&g, &gate, dtype),
+                &up(&g, &upv, dtype),
+                &up(&g, &dout, dtype),
+                &mut dg,
+                &mut du,
+            );
+            let (mut wg, mut wu) = (vec![0.0; n], vec![0.0; n]);
+            cpu::swiglu::swiglu_bwd(&gate, &upv, &dout, &mut wg, &mut wu);
+            // expf: CUDA's and libm's differ by an ulp or two; f32 keeps 1e-5.
+            let tol = tol_for(dtype);
+            assert_close(
+                &format!("swiglu_bwd dgate n{n} {dtype:?}"),
+                &g.download(&dg).unwrap(),
+                &wg,
+                tol,
+            );
+            assert_close(
+                &format!("swiglu_bwd dup n{n} {dtype:?}"),
+                &g.download(&du).unwrap(),
+                &wu,
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_bwd_matches_cpu_and_undoes_rope() {
+    let Some(g) = gpu() else { return };
+    for (batch, seq, heads, hd, start) in [
+        (1, 1, 9, 64, 1000),
+        (2, 7, 6, 8, 0),
+        (3, 5, 4, 128, 37),
+        (1, 3, 2, 10, 4095),
+    ] {
+        let cfg = ModelConfig {
+            head_dim: hd,
+            rope_theta: 10000.0,
+            ..tiny_cfg(false, false)
+        };
+        let inv = cfg.rope_inv_freq();
+        let ig = g.upload_f32(&inv).unwrap();
+        for dtype in dtypes() {
+            let x = random(batch * seq * heads * hd, 37, 1.0, dtype);
+            let mut xg = up(&g, &x, dtype);
+            g.rope_bwd(&mut xg, batch, seq, heads, hd, start, &ig);
+            let mut want = x.clone();
+            cpu::rope::rope_bwd(&mut want, seq, heads, hd, start, &inv);
+            // As the forward: f32 angles of ~4000 rad differ by a few ulp between CUDA and libm.
+            let tol = match dtype {
+                DType::BF16 => BF16_OUT,
+                DType::F32 => Tol {
+                    atol: 2e-4,
+                    rtol: 1e-5,
+                },
+            };
+            let what = format!("rope_bwd b{batch} s{seq} h{heads} d{hd} at {start} {dtype:?}");
+            assert_close(&what, &g.download(&xg).unwrap(), &want, tol);
+            // A rotation's transpose is its inverse: forward after backward gives x back.
+            g.rope(&mut xg, batch, seq, heads, hd, start, &ig);
+            let back_tol = match dtype {
+                DType::BF16 => Tol {
+                    atol: 2e-2,
+                    rtol: 2e-2,
+                },
+                DType::F32 => Tol {
+                    atol: 1e-5,
+                    rtol: 1e-5,
+                },
+            };
+            assert_close(
+                &format!("{what}: rope(rope_bwd(x)) = x"),
+                &g.download(&xg).unwrap(),
+                &x,
+                back_tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn embedding_bwd_matches_cpu_with_repeated_ids() {
+    let Some(g) = gpu() else { return };
+    for (vocab, dim, rows) in [(97, 48, 50), (13, 7, 40), (1000, 576, 33)] {
+        for dtype in dtypes() {
+            let dout = random(rows * dim, 38, 1.0, dtype);
+            let init = random(vocab * dim, 39, 1.0, DType::F32);
+            let mut r = Rng::new(40);
+            // Draws from a third of the vocabulary: with 40-50 rows, ids repeat.
+            let ids: Vec<u32> = (0..rows)
+                .map(|_| (r.next_u64() % (vocab as u64 / 3).max(1)) as u32)
+                .collect();
+            let mut table = g.upload_f32(&init).unwrap();
+            g.embedding_bwd(&up(&g, &dout, dtype), &ids, dim, &mut table);
+            let mut want = init.clone();
+            cpu::embedding::embedding_bwd(&dout, &ids, dim, &mut want);
+            // f32 sums of a handful of O(1) values in another order.
+            assert_close(
+                &format!("embedding_bwd {vocab}x{dim} rows {rows} {dtype:?}"),
+                &g.download(&table).unwrap(),
+                &want,
+                F32_OUT,
+            );
+        }
+    }
+}
+
+#[test]
+fn axpy_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    for n in [1, 37, 100_003] {
+        for (xd, yd) in [
+            (DType::BF16, DType::BF16),
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::BF16),
+        ] {
+            let x = random(n, 41, 1.0, xd);
+            let y = random(n, 42, 1.0, yd);
+            let mut yg = up(&g, &y, yd);
+            g.axpy(-0.75, &up(&g, &x, xd), &mut yg);
+            let mut want = y.clone();
+            CpuBackend.axpy(-0.75, &x, &mut want);
+            assert_close(
+                &format!("axpy n{n} {xd:?}->{yd:?}"),
+                &g.download(&yg).unwrap(),
+                &want,
+                tol_for(yd),
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_cpu_with_every_transpose() {
+    let Some(g) = gpu() else { return };
+    // (m, n, k): one element, ragged everything, exact tiles, long k, skinny (LoRA rank 16).
+    let shapes: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (17, 33, 29),
+        (64, 64, 64),
+        (130, 70, 257),
+        (16, 300, 75),
+        (200, 16, 48),
+    ];
+    for &(m, n, k) in shapes {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for (ad, bd, od) in [
+                (DType::BF16, DType::BF16, DType::BF16),
+                (DType::BF16, DType::F32, DType::F32), // gradient x LoRA factor
+                (DType::F32, DType::F32, DType::F32),
+            ] {
+                for (scale, accumulate) in [(1.0f32, false), (0.5, true)] {
+                    let a = random(m * k, 43, 1.0, ad);
+                    let b = random(k * n, 44, 1.0, bd);
+                    let init = random(m * n, 45, 1.0, od);
+                    let mut out = if accumulate {
+                        up(&g, &init, od)
+                    } else {
+                        poisoned(&g, m * n, od)
+                    };
+                    g.gemm(
+                        &up(&g, &a, ad),
+                        &up(&g, &b, bd),
+                        &mut out,
+                        m,
+                        n,
+                        k,
+                        ta,
+                        tb,
+                        scale,
+                        accumulate,
+                    );
+                    let mut want = if accumulate {
+                        init.clone()
+                    } else {
+                        vec![0.0; m * n]
+                    };
+                    cpu::matmul::gemm_fwd(&a, &b, &mut want, m, n, k, ta, tb, scale, accumulate);
+                    // As matmul: the error grows with the length of the dot product.
+                    let base = tol_for(od);
+                    let tol = Tol {
+                        atol: base.atol.max(2e-6) * (k as f32).sqrt(),
+                        rtol: base.rtol,
+                    };
+                    assert_close(
+                        &format!("gemm m{m} n{n} k{k} ta {ta} tb {tb} {ad:?}x{bd:?}->{od:?} acc {accumulate}"),
+                        &g.download(&out).unwrap(),
+                        &want,
+                        tol,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Log-sum-exp of each (token, head) row in log2 units, f64, as attention_with_lse defines it.
+fn reference_lse(q: &[f32], k: &[f32], mask: Option<&[f32]>, s: AttnShape) -> Vec<f32> {
+    let (qd, kvd, hd) = (s.q_dim(), s.kv_dim(), s.head_dim);
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = Vec::with_capacity(s.batch * s.q_len * s.n_heads);
+    for b in 0..s.batch {
+        for t in 0..s.q_len {
+            for h in 0..s.n_heads {
+                let qr = &q[(b * s.q_len + t) * qd + h * hd..][..hd];
+                let scores: Vec<f64> = (0..=t)
+                    .filter(|&j| mask.is_none_or(|m| m[b * s.capacity + j] != 0.0))
+                    .map(|j| {
+                        let kr = &k[(b * s.capacity + j) * kvd + (h / group) * hd..][..hd];
+                        qr.iter()
+                            .zip(kr)
+                            .map(|(a, c)| *a as f64 * *c as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                if scores.is_empty() {
+                    out.push(f32::NEG_INFINITY);
+                    continue;
+                }
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + scores.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                out.push((lse * std::f64::consts::LOG2_E) as f32);
+            }
+        }
+    }
+    out
+}
+
+/// Whole-sequence shapes: every head-dim class, GQA/MQA/MHA, key masks with fully masked
+/// rows, several row and key blocks, and one long enough for the forward to split its keys
+/// (its lse then comes from the combine kernel).
+#[test]
+fn attention_bwd_and_lse_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let shape = |batch, seq, n_heads, n_kv_heads, head_dim| AttnShape {
+        batch,
+        q_len: seq,
+        start_pos: 0,
+        capacity: seq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    let cases = [
+        (shape(2, 37, 6, 2, 8), true), // tiny heads, left padding: rows that see nothing
+        (shape(1, 20, 4, 1, 256), false), // head_dim 256 (bf16 only), MQA
+        (shape(3, 11, 3, 3, 96), true), // head_dim 96 padded to 128, MHA
+        (shape(1, 64, 12, 4, 32), false), // several row and key blocks
+        (shape(2, 50, 9, 3, 64), true), // SmolLM2's heads
+        (shape(1, 300, 2, 2, 64), false), // few blocks, long: the forward splits
+    ];
+    let mut splits_seen = HashSet::new();
+    for (s, masked) in cases {
+        for dtype in dtypes() {
+            if dtype == DType::F32 && s.head_dim > 128 {
+                continue;
+            }
+            let (qd, kvd) = (s.q_dim(), s.kv_dim());
+            let rows = s.batch * s.q_len;
+            let q = random(rows * qd, 46, 2.0, dtype);
+            let k = random(rows * kvd, 47, 2.0, dtype);
+            let v = random(rows * kvd, 48, 1.0, dtype);
+            let dout = random(rows * qd, 49, 1.0, dtype);
+            let mask: Option<Vec<f32>> = masked.then(|| {
+                let mut m = vec![1.0; s.batch * s.capacity];
+                m[..3].fill(0.0);
+                for b in 1..s.batch {
+                    m[b * s.capacity + s.q_len / 2] = 0.0;
+                }
+                m
+            });
+            // The forward's output as the device stores it, given to both sides.
+            let mut out = vec![0.0; rows * qd];
+            cpu::attention::attention_fwd(&q, &k, &v, mask.as_deref(), &mut out, s);
+            let out: Vec<f32> = out.iter().map(|&x| round_to(x, dtype)).collect();
+            let (mut wq, mut wk, mut wv) = (
+                vec![0.0; rows * qd],
+                vec![0.0; rows * kvd],
+                vec![0.0; rows * kvd],
+            );
+            cpu::attention::attention_bwd(
+                &q,
+                &k,
+                &v,
+                mask.as_deref(),
+                &out,
+                &dout,
+                &mut wq,
+                &mut wk,
+                &mut wv,
+                s,
+            );
+
+            let (qg, kg, vg) = (up(&g, &q, dtype), up(&g, &k, dtype), up(&g, &v, dtype));
+            let mask_g = mask.as_ref().map(|m| g.upload_f32(m).unwrap());
+            let what = format!("attention_bwd {s:?} {dtype:?} mask {masked}");
+
+            // lse: f32 whatever the storage, so one tolerance; -inf rows compared as such.
+            splits_seen.insert(g.attention_plan(s, dtype).splits > 1);
+            let mut lse = poisoned(&g, rows * s.n_heads, DType::F32);
+            let mut fwd = poisoned(&g, rows * qd, dtype);
+            g.attention_with_lse(&qg, &kg, &vg, mask_g.as_ref(), &mut fwd, &mut lse, s);
+            let finite = |x: Vec<f32>| -> Vec<f32> {
+                x.into_iter()
+                    .map(|v| if v == f32::NEG_INFINITY { -1e30 } else { v })
+                    .collect()
+            };
+            assert_close(
+                &format!("{what}: lse"),
+                &finite(g.download(&lse).unwrap()),
+                &finite(reference_lse(&q, &k, mask.as_deref(), s)),
+                Tol {
+                    atol: 1e-4,
+                    rtol: 1e-5,
+                },
+            );
+            assert_close(
+                &format!("{what}: forward with lse"),
+                &g.download(&fwd).unwrap(),
+                &out,
+                tol_for(dtype),
+            );
+
+            let (mut dq, mut dk, mut dv) = (
+                poisoned(&g, rows * qd, dtype),
+                poisoned(&g, rows * kvd, dtype),
+                poisoned(&g, rows * kvd, dtype),
+            );
+            g.attention_bwd(
+                &qg,
+                &kg,
+                &vg,
+                mask_g.as_ref(),
+                &up(&g, &out, dtype),
+                &up(&g, &dout, dtype),
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                s,
+            );
+            // f32: exp2 of log2-unit scores against the CPU's exp, and sums over up to 300
+            // keys (dq) or 300 * group rows (dk, dv) in another order: 1e-4. bf16: the output
+            // rounding dominates, as for every bf16 op.
+            let tol = match dtype {
+                DType::BF16 => BF16_OUT,
+                DType::F32 => Tol {
+                    atol: 1e-4,
+                    rtol: 1e-4,
+                },
+            };
+            assert_close(&format!("{what}: dq"), &g.download(&dq).unwrap(), &wq, tol);
+            assert_close(&format!("{what}: dk"), &g.download(&dk).unwrap(), &wk, tol);
+            assert_close(&format!("{what}: dv"), &g.download(&dv).unwrap(), &wv, tol);
+        }
+    }
+    assert!(
+        splits_seen.contains(&true) && splits_seen.contains(&false),
+        "the lse was not checked on both forward paths (single pass and split + combine)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Optimisers and losses
+
+#[test]
+fn adamw_step_is_bit_identical_to_cpu() {
+    let Some(g) = gpu() else { return };
+    use repshield::train::adamw::{adamw_step, AdamWConfig, Moments};
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    for n in [1, 37, 100_003] {
+        for gd in dtypes() {
+            let mut p = random(n, 50, 1.0, DType::F32);
+            let mut st = Moments::new(n);
+            let mut pg = g.upload_f32(&p).unwrap();
+            let (mut mg, mut vg) = (g.alloc_f32(n).unwrap(), g.alloc_f32(n).unwrap());
+            for t in 1..=3u64 {
+                let grad = random(n, 50 + t, 0.1, gd);
+                adamw_step(&cfg, t, &mut p, &grad, &mut st);
+                g.adamw_step(&cfg, t, &mut pg, &up(&g, &grad, gd), &mut mg, &mut vg);
+                // Same operations in the same order, each explicitly rounded: exact.
+                let exact = Tol {
+                    atol: 0.0,
+                    rtol: 0.0,
+                };
+                let what = format!("adamw n{n} grad {gd:?} step {t}");
+                assert_close(&format!("{what}: p"), &g.download(&pg).unwrap(), &p, exact);
+                assert_close(
+                    &format!("{what}: m"),
+                    &g.download(&mg).unwrap(),
+                    &st.m,
+                    exact,
+                );
+                assert_close(
+                    &format!("{what}: v"),
+                    &g.download(&vg).unwrap(),
+                    &st.v,
+                    exact,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pgd_step_matches_cpu_for_every_update_and_ball() {
+    let Some(g) = gpu() else { return };
+    use repshield::attack::pgd::{adam_step, sign_step, AdamState, Ball};
+    // (soft tokens, dim): SmolLM2's width, odd width, a single element.
+    for (rows, dim) in [(20, 576), (3, 37), (1, 1)] {
+        let n = rows * dim;
+        let init = random(n, 60, 1.0, DType::F32);
+        for ball in [Ball::None, Ball::L2(0.05), Ball::Linf(0.01)] {
+            for adam in [false, true] {
+                for gd in dtypes() {
+                    let mut e = init.clone();
+                    let mut st = AdamState::new(n);
+                    let mut eg = g.upload_f32(&e).unwrap();
+                    let ig = g.upload_f32(&init).unwrap();
+                    let (mut mg, mut vg) = (g.alloc_f32(n).unwrap(), g.alloc_f32(n).unwrap());
+                    let mut t = 0;
+                    for step in 0..5u64 {
+                        let mut grad = random(n, 61 + step, 1.0, gd);
+                        grad[0] = 0.0; // sign(0) = 0: this element only moves under Adam
+                        let gg = up(&g, &grad, gd);
+                        if adam {
+                            adam_step(&mut e, &grad, &init, &mut st, 3e-3, ball, dim);
+                            g.pgd_adam_step(
+                                &mut eg, &gg, &ig, &mut mg, &mut vg, &mut t, 3e-3, ball, dim,
+                            );
+                        } else {
+                            sign_step(&mut e, &grad, &init, 3e-3, ball, dim);
+                            g.pgd_sign_step(&mut eg, &gg, &ig, 3e-3, ball, dim);
+                        }
+                        // The step is bit-identical; the L2 norm is a block reduction in
+                        // another order than the CPU's loop (last bits of the scale factor).
+                        let tol = match ball {
+                            Ball::L2(_) => Tol {
+                                atol: 1e-6,
+                                rtol: 1e-6,
+                            },
+                            _ => Tol {
+                                atol: 0.0,
+                                rtol: 0.0,
+                            },
+                        };
+                        assert_close(
+                            &format!(
+                                "pgd {rows}x{dim} {ball:?} adam {adam} grad {gd:?} step {step}"
+                            ),
+                            &g.download(&eg).unwrap(),
+                            &e,
+                            tol,
+                        );
+                    }
+                    assert_eq!(t, st.t, "Adam step counters diverged");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kl_retain_matches_cpu_loss_and_gradient() {
+    let Some(g) = gpu() else { return };
+    use repshield::objectives::kl::kl_retain;
+    // (rows, batch, vocab): padded rows, SmolLM2's vocabulary, several sequences, one token.
+    for (rows, batch, vocab) in [(6, 2, 97), (4, 1, 49152), (9, 3, 1000), (1, 1, 1)] {
+        let mut mask = vec![1.0f64; rows];
+        if rows > 2 {
+            mask[1] = 0.0;
+            mask[rows - 1] = 0.0;
+        }
+        for ld in dtypes() {
+            let orig = random(rows * vocab, 70, 8.0, ld);
+            // Tuned logits near the original ones (what retain training sees).
+            let noise = random(rows * vocab, 71, 0.5, DType::F32);
+            let tuned: Vec<f32> = orig
+                .iter()
+                .zip(&noise)
+                .map(|(a, b)| round_to(a + b, ld))
+                .collect();
+            for temperature in [2.0f64, 1.0] {
+                let weight = 0.7;
+                let mut want_grad = vec![0.0f32; rows * vocab];
+                let want = kl_retain(
+                    &orig,
+                    &tuned,
+                    &mask,
+                    batch,
+                    vocab,
+                    temperature,
+                    weight,
+                    Some(&mut want_grad),
+                );
+                let scale = weight * temperature * temperature / batch as f64;
+                let grad_scale = (scale / temperature) as f32;
+                let (og, tg) = (up(&g, &orig, ld), up(&g, &tuned, ld));
+                for gd in dtypes() {
+                    let mut grad = poisoned(&g, rows * vocab, gd);
+                    let got = g
+                        .kl_retain(
+                            &og,
+                            &tg,
+                            &mask,
+                            batch,
+                            vocab,
+                            temperature,
+                            weight,
+                            Some(&mut grad),
+                        )
+                        .unwrap();
+                    let what = format!(
+                        "kl {rows}x{vocab} batch {batch} T {temperature} logits {ld:?} grad {gd:?}"
+                    );
+                    // f32 log-sum-exps of ~15 against the CPU's f64: ~1e-5 absolute per row.
+                    let loss_tol = 1e-4 * want.abs() + 1e-5 * scale * rows as f64;
+                    assert!(
+                        (got - want).abs() <= loss_tol,
+                        "{what}: loss {got} vs {want}"
+                    );
+                    // exp of an f32 argument ~15 in magnitude: a few 1e-6 relative per
+                    // probability; bf16 gradients add their output rounding.
+                    let tol = match gd {
+                        DType::F32 => Tol {
+                            atol: 1e-5 * grad_scale,
+                            rtol: 1e-4,
+                        },
+                        DType::BF16 => Tol {
+                            atol: 1e-5 * grad_scale,
+                            rtol: 1e-2,
+                        },
+                    };
+                    assert_close(
+                        &format!("{what}: grad"),
+                        &g.download(&grad).unwrap(),
+                        &want_grad,
+                        tol,
+                    );
+                }
+                // Without a gradient: the same loss.
+                let no_grad = g
+                    .kl_retain(&og, &tg, &mask, batch, vocab, temperature, weight, None)
+                    .unwrap();
+                assert!(
+                    (no_grad - want).abs() <= 1e-4 * want.abs() + 1e-5 * scale * rows as f64,
+                    "kl without grad: {no_grad} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Whole model
 
 fn tiny_cfg(qkv_bias: bool, tie: bool) -> ModelConfig {
@@ -897,5 +1573,117 @@ fn greedy_decode_matches_cpu_and_gpu_is_deterministic() {
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
             "two identical GPU forwards differ"
         );
+    }
+}
+
+/// `Llama::backward` on the GPU (every `BackwardOps` kernel, chained as training chains them)
+/// against the CPU: LoRA gradients of every attached pair and the input-embedding gradient, with
+/// gradients flowing in from captured hidden states and all-position logits, a padded batch.
+#[test]
+fn whole_model_backward_matches_cpu() {
+    use repshield::llama::{Input, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_cfg(false, false);
+    let w = bf16_weights(&cfg, 80);
+    let lcfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        layers: vec![0, 1, 2],
+        modules: LoraModule::ALL.to_vec(),
+    };
+    let mut adapter = LoraAdapter::init(&cfg, lcfg, 81);
+    let mut r = Rng::new(82);
+    // B = 0 at init would hide every path through A: give it values.
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = r.normal() * 0.2);
+    }
+    let (batch, seq, d) = (2, 9, cfg.hidden_size);
+    let rows = batch * seq;
+    let embeds = random(rows * d, 83, 1.0, DType::BF16);
+    let mut mask = vec![1f32; rows];
+    mask[seq] = 0.0; // sequence 2 left-padded by one
+    let capture = [0usize, 2, 3];
+    let d_h: Vec<Vec<f32>> = (0..capture.len())
+        .map(|i| random(rows * d, 84 + i as u64, 1.0, DType::BF16))
+        .collect();
+    let d_logits = random(rows * cfg.vocab_size, 90, 0.1, DType::BF16);
+
+    // CPU reference.
+    let mut cpu_model = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    cpu_model.attach_lora(&adapter).unwrap();
+    let (_, acts) = cpu_model
+        .forward_train(
+            Input::Embeds(&embeds),
+            batch,
+            seq,
+            Some(&mask),
+            &capture,
+            LogitsMode::All,
+            true,
+        )
+        .unwrap();
+    let mut want = LoraGrads::new(&cpu_model).unwrap();
+    let dh: Vec<(usize, &Vec<f32>)> = capture.iter().copied().zip(&d_h).collect();
+    let want_emb = cpu_model
+        .backward(
+            &acts,
+            &dh,
+            Some(&d_logits),
+            Some(&mask),
+            Some(&mut want),
+            true,
+        )
+        .unwrap()
+        .unwrap();
+
+    for dtype in dtypes() {
+        let gd = g.clone().with_working_dtype(dtype);
+        let mut model = gpu_model(&gd, &cfg, &w);
+        model.attach_lora(&adapter).unwrap();
+        let e = gd.upload(&embeds).unwrap();
+        let m = gd.upload_f32(&mask).unwrap();
+        let (_, acts) = model
+            .forward_train(
+                Input::Embeds(&e),
+                batch,
+                seq,
+                Some(&m),
+                &capture,
+                LogitsMode::All,
+                true,
+            )
+            .unwrap();
+        let mut got = LoraGrads::new(&model).unwrap();
+        let dh_g: Vec<CudaBuf> = d_h.iter().map(|x| gd.upload(x).unwrap()).collect();
+        let dh: Vec<(usize, &CudaBuf)> = capture.iter().copied().zip(&dh_g).collect();
+        let dl = gd.upload_f32(&d_logits).unwrap();
+        let got_emb = model
+            .backward(&acts, &dh, Some(&dl), Some(&m), Some(&mut got), true)
+            .unwrap()
+            .unwrap();
+        // Relative L2 per tensor: f32 storage only reorders sums (1e-4, as the forward);
+        // bf16 storage rounds every activation and gradient along three layers and back.
+        // Emulating bf16 storage on the CPU (every working-dtype output rounded) gave
+        // 1.4-1.7e-2 for the input gradient and at worst 2.9-3.5e-2 for one LoRA factor over
+        // five weight seeds; 8e-2 leaves room for the GPU's other rounding points.
+        let bound = match dtype {
+            DType::BF16 => 8e-2,
+            DType::F32 => 1e-4,
+        };
+        let err = rel_l2(&gd.download(&got_emb).unwrap(), &want_emb);
+        assert!(err <= bound, "{dtype:?} input gradient: relative L2 {err}");
+        for (layer, slots) in want.grads.iter().enumerate() {
+            for (mi, slot) in slots.iter().enumerate() {
+                let Some((wa, wb)) = slot else { continue };
+                let (ga, gb) = got.grads[layer][mi].as_ref().expect("same LoRA layout");
+                for (what, gbuf, wv) in [("dA", ga, wa), ("dB", gb, wb)] {
+                    let err = rel_l2(&gd.download(gbuf).unwrap(), wv);
+                    assert!(
+                        err <= bound,
+                        "{dtype:?} layer {layer} module {mi} {what}: relative L2 {err}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -51,6 +51,10 @@ pub struct AdamState {
 }
 
 impl AdamState {
+    /// Adam's betas here (and in kernels/pgd.cu).
+    pub const BETA1: f32 = 0.9;
+    pub const BETA2: f32 = 0.999;
+
     pub fn new(len: usize) -> Self {
         Self {
             m: vec![0.0; len],
@@ -74,8 +78,8 @@ pub fn adam_step(
         e.len() == grad.len() && e.len() == init.len() && e.len() == st.m.len(),
         "adam: sizes differ"
     );
-    const B1: f32 = 0.9;
-    const B2: f32 = 0.999;
+    const B1: f32 = AdamState::BETA1;
+    const B2: f32 = AdamState::BETA2;
     const EPS: f32 = 1e-8;
     st.t += 1;
     let c1 = 1.0 - B1.powi(st.t);

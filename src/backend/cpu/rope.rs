@@ -88,3 +88,17 @@ impl AngleTable {
 thread_local! {
     static TABLE: std::cell::RefCell<AngleTable> = std::cell::RefCell::new(AngleTable::default());
 }
+
+/// Backward of [`rope_fwd`] on the gradient, in place: the rotation by the opposite angle (the
+/// transpose of the forward's rotation), i.e. the forward with `inv_freq` negated.
+pub fn rope_bwd(
+    dx: &mut [f32],
+    seq_len: usize,
+    n_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+    inv_freq: &[f32],
+) {
+    let neg: Vec<f32> = inv_freq.iter().map(|f| -f).collect();
+    rope_fwd(dx, seq_len, n_heads, head_dim, start_pos, &neg)
+}

@@ -130,6 +130,38 @@ impl CudaBackend {
         out: &mut CudaBuf,
         s: AttnShape,
     ) {
+        self.attention_launch(q, k_cache, v_cache, key_mask, out, None, s)
+    }
+
+    /// `attention` that also writes each row's log-sum-exp (`lse`: f32, `[batch * q_len *
+    /// n_heads]`, row `(b * q_len + t) * n_heads + h`, log2 units of the scores
+    /// `q.k log2(e) / sqrt(head_dim)`, `-inf` for a row that sees no key): what
+    /// [`Self::attention_bwd_with_lse`] needs to recompute the softmax.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with_lse(
+        &self,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        key_mask: Option<&CudaBuf>,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        s: AttnShape,
+    ) {
+        self.attention_launch(q, k_cache, v_cache, key_mask, out, Some(lse), s)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_launch(
+        &self,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        key_mask: Option<&CudaBuf>,
+        out: &mut CudaBuf,
+        lse: Option<&mut CudaBuf>,
+        s: AttnShape,
+    ) {
         s.check();
         let (qd, kvd, hd) = (s.q_dim(), s.kv_dim(), s.head_dim);
         assert_eq!(q.len, s.batch * s.q_len * qd, "attention: q size");
@@ -150,6 +182,17 @@ impl CudaBackend {
         );
         let plan = self.attention_plan(s, dtype);
         let rows_total = s.batch * s.q_len * s.n_heads;
+        let lse_ptr: u64 = match lse {
+            Some(l) => {
+                assert_eq!(l.dtype, DType::F32, "attention: lse must be f32");
+                assert_eq!(
+                    l.len, rows_total,
+                    "attention: lse is not [batch * q_len * n_heads]"
+                );
+                self.addr(l)
+            }
+            None => 0,
+        };
 
         let mut scratch = self
             .dev
@@ -204,12 +247,14 @@ impl CudaBackend {
             Arg::Out(out),
             Arg::Ptr(part_o),
             Arg::Ptr(part_ml),
+            Arg::Ptr(lse_ptr),
         ];
         args.extend(ints.map(Arg::I32));
         args.extend([Arg::F32(scale_log2), Arg::I32(rpb)]);
         // SAFETY: attention_T_hdD(const T* q, const T* k_cache, const T* v_cache, const void*
-        // mask, int, T* out, float* part_o, float* part_ml, int x 8, float, int); sizes checked
-        // above; with splits > 1 the partials hold splits * rows_total * (hd + 2) floats.
+        // mask, int, T* out, float* part_o, float* part_ml, float* lse, int x 8, float, int);
+        // sizes checked above; with splits > 1 the partials hold splits * rows_total * (hd + 2)
+        // floats; lse is null (single pass and combine skip it) or rows_total floats.
         unsafe { self.launch(&plan.entry, cfg, &mut args) };
 
         if plan.splits > 1 {
@@ -225,14 +270,221 @@ impl CudaBackend {
                 Arg::Ptr(part_o),
                 Arg::Ptr(part_ml),
                 Arg::Out(out),
+                Arg::Ptr(lse_ptr),
                 Arg::I64(rows_i),
                 Arg::I32(hd_i),
                 Arg::I32(splits_i),
             ];
             // SAFETY: attention_combine_T(const float* part_o, const float* part_ml, T* out,
-            // long long rows, int head_dim, int n_splits); the partials were written by the
+            // float* lse, long long rows, int head_dim, int n_splits); the partials were written by the
             // launch above on the same stream.
             unsafe { self.launch(&name, cfg, &mut args) };
         }
+    }
+
+    /// Backward of causal attention over whole sequences (`start_pos == 0`, `capacity == q_len`),
+    /// given the forward's `lse` (see [`Self::attention_with_lse`]): writes (`=`) dq, dk, dv.
+    /// Three launches: `dsum = rowsum(dout * out)`, dq by query-row blocks, dk/dv by key blocks
+    /// (each key block sums every query head of its group, so no atomics and a fixed order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd_with_lse(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        key_mask: Option<&CudaBuf>,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        dout: &CudaBuf,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        s: AttnShape,
+    ) {
+        s.check();
+        assert!(
+            s.start_pos == 0 && s.capacity == s.q_len,
+            "attention_bwd: needs a whole sequence {s:?}"
+        );
+        let (qd, kvd, hd, seq) = (s.q_dim(), s.kv_dim(), s.head_dim, s.q_len);
+        let rows_total = s.batch * seq * s.n_heads;
+        assert!(
+            q.len == s.batch * seq * qd && out.len == q.len && dout.len == q.len && dq.len == q.len,
+            "attention_bwd: q, out, dout, dq must be [batch * seq, q_dim] ({s:?})"
+        );
+        assert!(
+            k.len == s.batch * seq * kvd && v.len == k.len && dk.len == k.len && dv.len == k.len,
+            "attention_bwd: k, v, dk, dv must be [batch * seq, kv_dim] ({s:?})"
+        );
+        assert!(
+            lse.dtype == DType::F32 && lse.len == rows_total,
+            "attention_bwd: lse must be f32 [batch * seq * n_heads]"
+        );
+        if let Some(m) = key_mask {
+            assert_eq!(m.len, s.batch * seq, "attention_bwd: key_mask size");
+        }
+        let dtype = q.dtype;
+        assert!(
+            [k.dtype, v.dtype, out.dtype, dout.dtype, dq.dtype, dk.dtype, dv.dtype]
+                .iter()
+                .all(|&d| d == dtype),
+            "attention_bwd: q, k, v, out, dout, dq, dk, dv must share a dtype"
+        );
+        let (hd_class, rpw_q, rpw_kv) = match (hd, dtype) {
+            (1..=32, _) => (32, 4, 4),
+            (33..=64, _) => (64, 4, 4),
+            (65..=128, DType::BF16) => (128, 4, 4),
+            (65..=128, DType::F32) => (128, 2, 2),
+            (129..=256, DType::BF16) => (256, 1, 2),
+            _ => panic!(
+                "attention_bwd: head_dim {hd} unsupported for {dtype:?} (bf16 up to 256, f32 up to 128)"
+            ),
+        };
+        assert!(
+            s.batch * s.n_kv_heads < 65536,
+            "attention_bwd: batch * n_kv_heads >= 65536"
+        );
+        let sfx = dtype.suffix();
+
+        let mut dsum = self
+            .alloc_dtype(rows_total, DType::F32)
+            .unwrap_or_else(|e| panic!("attention_bwd: allocating dsum: {e}"));
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(rows_total.div_ceil(4), "attention_bwd rows") as u32,
+                1,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = [
+            Arg::In(out),
+            Arg::In(dout),
+            Arg::Out(&mut dsum),
+            Arg::I64(rows_total as i64),
+            Arg::I32(int(hd, "head_dim")),
+        ];
+        // SAFETY: attention_bwd_prep_T(const T* out, const T* dout, float* dsum, long long rows,
+        // int head_dim); out/dout hold rows_total * hd values, dsum rows_total.
+        unsafe { self.launch(&format!("attention_bwd_prep_{sfx}"), cfg, &mut args) };
+
+        let mask_ptr: u64 = key_mask.map_or(0, |m| self.addr(m));
+        let mask_f32 = key_mask.map_or(0, |m| m.dtype.flag());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let scale_log2 = std::f32::consts::LOG2_E * scale;
+        let dims = [
+            Arg::I32(int(seq, "seq")),
+            Arg::I32(int(s.n_heads, "n_heads")),
+            Arg::I32(int(s.n_kv_heads, "n_kv_heads")),
+            Arg::I32(int(hd, "head_dim")),
+            Arg::F32(scale_log2),
+            Arg::F32(scale),
+        ];
+        let group = s.n_heads / s.n_kv_heads;
+        let (q_rows, kv_keys) = (4 * rpw_q, 4 * rpw_kv);
+        let cfg_q = LaunchConfig {
+            grid_dim: (
+                int((seq * group).div_ceil(q_rows), "attention_bwd row blocks") as u32,
+                (s.batch * s.n_kv_heads) as u32,
+                1,
+            ),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![
+            Arg::In(q),
+            Arg::In(k),
+            Arg::In(v),
+            Arg::Ptr(mask_ptr),
+            Arg::I32(mask_f32),
+            Arg::In(dout),
+            Arg::In(lse),
+            Arg::In(&dsum),
+            Arg::Out(dq),
+        ];
+        args.extend(dims.iter().map(copy_scalar));
+        args.push(Arg::I32(q_rows as i32));
+        // SAFETY: attention_bwd_dq_T_hdD(const T* q, const T* k, const T* v, const void* mask,
+        // int, const T* dout, const float* lse, const float* dsum, T* dq, int seq, int n_heads,
+        // int n_kv_heads, int head_dim, float, float, int rows_per_block); sizes checked above.
+        unsafe {
+            self.launch(
+                &format!("attention_bwd_dq_{sfx}_hd{hd_class}"),
+                cfg_q,
+                &mut args,
+            )
+        };
+
+        let cfg_kv = LaunchConfig {
+            grid_dim: (
+                int(seq.div_ceil(kv_keys), "attention_bwd key blocks") as u32,
+                (s.batch * s.n_kv_heads) as u32,
+                1,
+            ),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![
+            Arg::In(q),
+            Arg::In(k),
+            Arg::In(v),
+            Arg::Ptr(mask_ptr),
+            Arg::I32(mask_f32),
+            Arg::In(dout),
+            Arg::In(lse),
+            Arg::In(&dsum),
+            Arg::Out(dk),
+            Arg::Out(dv),
+        ];
+        args.extend(dims.iter().map(copy_scalar));
+        args.push(Arg::I32(kv_keys as i32));
+        // SAFETY: attention_bwd_dkv_T_hdD(..., T* dk, T* dv, int seq, int n_heads, int n_kv_heads,
+        // int head_dim, float, float, int keys_per_block); sizes checked above.
+        unsafe {
+            self.launch(
+                &format!("attention_bwd_dkv_{sfx}_hd{hd_class}"),
+                cfg_kv,
+                &mut args,
+            )
+        };
+    }
+
+    /// The `BackwardOps::attention_bwd` entry: the trait passes no lse, so the forward is rerun
+    /// into scratch to get it (one extra forward per layer), then [`Self::attention_bwd_with_lse`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_bwd_impl(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        key_mask: Option<&CudaBuf>,
+        out: &CudaBuf,
+        dout: &CudaBuf,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        s: AttnShape,
+    ) {
+        let rows_total = s.batch * s.q_len * s.n_heads;
+        let mut lse = self
+            .alloc_dtype(rows_total, DType::F32)
+            .unwrap_or_else(|e| panic!("attention_bwd: allocating lse: {e}"));
+        let mut scratch = self
+            .alloc_dtype(q.len, q.dtype)
+            .unwrap_or_else(|e| panic!("attention_bwd: allocating scratch: {e}"));
+        self.attention_with_lse(q, k, v, key_mask, &mut scratch, &mut lse, s);
+        self.attention_bwd_with_lse(q, k, v, key_mask, out, &lse, dout, dq, dk, dv, s);
+    }
+}
+
+/// The scalar arguments shared by the two backward launches (buffers are never copied).
+fn copy_scalar<'a>(a: &Arg<'_>) -> Arg<'a> {
+    match a {
+        Arg::I32(v) => Arg::I32(*v),
+        Arg::I64(v) => Arg::I64(*v),
+        Arg::F32(v) => Arg::F32(*v),
+        Arg::Ptr(v) => Arg::Ptr(*v),
+        _ => unreachable!("only scalars are shared"),
     }
 }

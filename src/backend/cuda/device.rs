@@ -2,7 +2,7 @@
 //! op forwards to the launcher in the file named after its kernel file).
 
 use super::ptx::{KERNELS_COMPILED, NOT_COMPILED_REASON, NVCC_VERSION, PTX_ARCH, PTX_MODULES};
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, BackwardOps};
 use crate::model::ModelConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::sys::CUdevice_attribute;
@@ -304,7 +304,7 @@ impl CudaBackend {
         let given: String = args.iter().map(Arg::code).collect();
         assert_eq!(
             given, *signature,
-            "launcher/kernel signature mismatch for {name} (p = 8-byte pointer or long long, i = int, f = float)"
+            "launcher/kernel signature mismatch for {name} (p = 8-byte pointer or long long, i = int, f = float, d = double)"
         );
         let mut b = self.dev.stream.launch_builder(f);
         for a in args.iter_mut() {
@@ -317,6 +317,7 @@ impl CudaBackend {
                 Arg::I32(v) => b.arg(&*v),
                 Arg::I64(v) => b.arg(&*v),
                 Arg::F32(v) => b.arg(&*v),
+                Arg::F64(v) => b.arg(&*v),
             };
         }
         // SAFETY: argument count and classes match the kernel (checked above); sizes are the
@@ -353,6 +354,7 @@ pub(super) enum Arg<'a> {
     I32(i32),
     I64(i64),
     F32(f32),
+    F64(f64),
 }
 
 impl Arg<'_> {
@@ -363,6 +365,7 @@ impl Arg<'_> {
             }
             Arg::I32(_) => 'i',
             Arg::F32(_) => 'f',
+            Arg::F64(_) => 'd',
         }
     }
 }
@@ -512,5 +515,66 @@ impl Backend for CudaBackend {
         dst_row: usize,
     ) {
         self.gather_rows_impl(src, src_rows, dim, dst, dst_row)
+    }
+}
+
+/// The backward ops on the GPU, for training and attacks; each forwards to its launcher (see
+/// docs/CUDA.md for the kernels). `attention_bwd` reruns the forward for the log-sum-exp the
+/// trait does not carry; `CudaBackend::attention_bwd_with_lse` skips that.
+impl BackwardOps for CudaBackend {
+    fn gemm(
+        &self,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        self.gemm_impl(a, b, out, m, n, k, trans_a, trans_b, scale, accumulate)
+    }
+    fn rmsnorm_bwd(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dy: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        dx: &mut CudaBuf,
+        accumulate: bool,
+    ) {
+        self.rmsnorm_bwd_impl(x, w, dy, dim, eps, dx, accumulate)
+    }
+    fn attention_bwd(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        key_mask: Option<&CudaBuf>,
+        out: &CudaBuf,
+        dout: &CudaBuf,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        shape: AttnShape,
+    ) {
+        self.attention_bwd_impl(q, k, v, key_mask, out, dout, dq, dk, dv, shape)
+    }
+    fn swiglu_bwd(
+        &self,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        dout: &CudaBuf,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+    ) {
+        self.swiglu_bwd_impl(gate, up, dout, dgate, dup)
+    }
+    fn axpy(&self, alpha: f32, x: &CudaBuf, y: &mut CudaBuf) {
+        self.axpy_impl(alpha, x, y)
     }
 }

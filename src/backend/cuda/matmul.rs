@@ -179,4 +179,101 @@ impl CudaBackend {
         // SAFETY: add_bias_T(T* x, const void* bias, int, long long n, int width); sizes checked.
         unsafe { self.launch(&name, cfg, &mut args) };
     }
+
+    /// `out[m,n] = (accumulate ? out : 0) + scale * op(a) op(b)` (the backward's GEMM; see
+    /// `BackwardOps::gemm` for the layouts). Runs `gemm_generic` (SIMT, f32 math) for every
+    /// shape and dtype mix.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_impl(
+        &self,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        assert_eq!(a.len, m * k, "gemm: a has {} values, not {m}x{k}", a.len);
+        assert_eq!(b.len, k * n, "gemm: b has {} values, not {k}x{n}", b.len);
+        assert_eq!(
+            out.len,
+            m * n,
+            "gemm: out has {} values, not {m}x{n}",
+            out.len
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                self.stream()
+                    .memset_zeros(&mut out.data)
+                    .unwrap_or_else(|e| panic!("gemm: zeroing out: {e}"));
+            }
+            return;
+        }
+        assert!(
+            m.div_ceil(64) < 65536,
+            "gemm: m = {m} needs more than 65535 row tiles"
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n.div_ceil(64), "gemm column tiles") as u32,
+                m.div_ceil(64) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (a_f32, b_f32, out_f32) = (a.dtype.flag(), b.dtype.flag(), out.dtype.flag());
+        let mut args = [
+            Arg::In(a),
+            Arg::I32(a_f32),
+            Arg::In(b),
+            Arg::I32(b_f32),
+            Arg::Out(out),
+            Arg::I32(out_f32),
+            Arg::I32(int(m, "gemm m")),
+            Arg::I32(int(n, "gemm n")),
+            Arg::I32(int(k, "gemm k")),
+            Arg::I32(trans_a as i32),
+            Arg::I32(trans_b as i32),
+            Arg::F32(scale),
+            Arg::I32(accumulate as i32),
+        ];
+        // SAFETY: gemm_generic(const void* a, int, const void* b, int, void* out, int, int M,
+        // int N, int K, int trans_a, int trans_b, float scale, int accumulate); sizes checked
+        // above (a and b hold m*k and k*n values whichever way they are transposed).
+        unsafe { self.launch("gemm_generic", cfg, &mut args) };
+    }
+
+    /// `y += alpha * x`; x and y may differ in dtype (a bf16 gradient into an f32 sum).
+    pub(super) fn axpy_impl(&self, alpha: f32, x: &CudaBuf, y: &mut CudaBuf) {
+        assert_eq!(x.len, y.len, "axpy: sizes differ");
+        if x.len == 0 {
+            return;
+        }
+        let name = match (x.dtype.suffix(), y.dtype.suffix()) {
+            (a, b) if a == b => format!("axpy_{a}"),
+            (a, b) => format!("axpy_{a}_{b}"),
+        };
+        let blocks = x.len.div_ceil(256 * 4).clamp(1, self.sm_count() * 8);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = [
+            Arg::F32(alpha),
+            Arg::In(x),
+            Arg::Out(y),
+            Arg::I64(x.len as i64),
+        ];
+        // SAFETY: axpy_*(float alpha, const TX* x, TY* y, long long n); sizes checked above.
+        unsafe { self.launch(&name, cfg, &mut args) };
+    }
 }

@@ -17,7 +17,7 @@ pub use plan::MemoryPlan;
 pub mod ptx {
     /// One kernels/*.cu file: its PTX text and the `extern "C"` entry points in it, each with
     /// its parameter signature (one letter per parameter: `p` 8-byte pointer or long long,
-    /// `i` 32-bit int, `f` f32).
+    /// `i` 32-bit int, `f` f32, `d` f64).
     #[derive(Debug, Clone, Copy)]
     pub struct PtxModule {
         pub name: &'static str,
@@ -28,13 +28,19 @@ pub mod ptx {
 }
 
 #[cfg(feature = "cuda")]
+mod adamw;
+#[cfg(feature = "cuda")]
 mod attention;
 #[cfg(feature = "cuda")]
 mod capture;
 #[cfg(feature = "cuda")]
 mod embedding;
 #[cfg(feature = "cuda")]
+mod kl;
+#[cfg(feature = "cuda")]
 mod matmul;
+#[cfg(feature = "cuda")]
+mod pgd;
 #[cfg(feature = "cuda")]
 mod rmsnorm;
 #[cfg(feature = "cuda")]
@@ -91,6 +97,40 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "swiglu_f32",
     "argmax_bf16",
     "argmax_f32",
+    // backward
+    "gemm_generic",
+    "axpy_bf16",
+    "axpy_f32",
+    "axpy_bf16_f32",
+    "axpy_f32_bf16",
+    "rmsnorm_bwd_bf16",
+    "rmsnorm_bwd_f32",
+    "swiglu_bwd_bf16",
+    "swiglu_bwd_f32",
+    "rope_bwd_bf16",
+    "rope_bwd_f32",
+    "embedding_bwd_bf16",
+    "embedding_bwd_f32",
+    "attention_bwd_prep_bf16",
+    "attention_bwd_prep_f32",
+    "attention_bwd_dq_bf16_hd32",
+    "attention_bwd_dq_bf16_hd64",
+    "attention_bwd_dq_bf16_hd128",
+    "attention_bwd_dq_bf16_hd256",
+    "attention_bwd_dq_f32_hd32",
+    "attention_bwd_dq_f32_hd64",
+    "attention_bwd_dq_f32_hd128",
+    "attention_bwd_dkv_bf16_hd32",
+    "attention_bwd_dkv_bf16_hd64",
+    "attention_bwd_dkv_bf16_hd128",
+    "attention_bwd_dkv_bf16_hd256",
+    "attention_bwd_dkv_f32_hd32",
+    "attention_bwd_dkv_f32_hd64",
+    "attention_bwd_dkv_f32_hd128",
+    // optimisers and losses
+    "adamw_step",
+    "pgd_step",
+    "kl_retain",
 ];
 
 /// True when an NVIDIA driver can be loaded and it sees at least one GPU (false without the

@@ -87,4 +87,49 @@ impl CudaBackend {
         // float eps); sizes checked above.
         unsafe { self.launch(&name, row_config(rows, dim), &mut args) };
     }
+
+    /// Backward of `rmsnorm` with respect to `x` (frozen weights): `dx (+)= ...`; x, dy and dx
+    /// share a dtype, `w` is a side tensor.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rmsnorm_bwd_impl(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dy: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        dx: &mut CudaBuf,
+        accumulate: bool,
+    ) {
+        assert!(dim > 0, "rmsnorm_bwd: dim is 0");
+        assert_eq!(w.len, dim, "rmsnorm_bwd: weight length");
+        assert!(
+            x.len == dy.len && x.len == dx.len,
+            "rmsnorm_bwd: x, dy and dx sizes differ"
+        );
+        assert_eq!(x.len % dim, 0, "rmsnorm_bwd: x is not rows of {dim}");
+        assert!(
+            x.dtype == dy.dtype && x.dtype == dx.dtype,
+            "rmsnorm_bwd: x, dy and dx must share a dtype"
+        );
+        let rows = x.len / dim;
+        if rows == 0 {
+            return;
+        }
+        let name = format!("rmsnorm_bwd_{}", x.dtype.suffix());
+        let (w_f32, dim_i) = (w.dtype.flag(), int(dim, "rmsnorm_bwd dim"));
+        let mut args = [
+            Arg::In(x),
+            Arg::In(w),
+            Arg::I32(w_f32),
+            Arg::In(dy),
+            Arg::Out(dx),
+            Arg::I32(dim_i),
+            Arg::F32(eps),
+            Arg::I32(accumulate as i32),
+        ];
+        // SAFETY: rmsnorm_bwd_T(const T* x, const void* w, int, const T* dy, T* dx, int dim,
+        // float eps, int accumulate); sizes checked above.
+        unsafe { self.launch(&name, row_config(rows, dim), &mut args) };
+    }
 }

@@ -15,6 +15,41 @@ impl CudaBackend {
         start_pos: usize,
         inv_freq: &CudaBuf,
     ) {
+        self.rope_launch(
+            "rope", x, batch, seq_len, n_heads, head_dim, start_pos, inv_freq,
+        )
+    }
+
+    /// Backward of [`Backend::rope`](crate::backend::Backend::rope) on the gradient `dx`, in
+    /// place: the inverse rotation (CPU twin: `cpu::rope::rope_bwd`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_bwd(
+        &self,
+        dx: &mut CudaBuf,
+        batch: usize,
+        seq_len: usize,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &CudaBuf,
+    ) {
+        self.rope_launch(
+            "rope_bwd", dx, batch, seq_len, n_heads, head_dim, start_pos, inv_freq,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rope_launch(
+        &self,
+        op: &str,
+        x: &mut CudaBuf,
+        batch: usize,
+        seq_len: usize,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &CudaBuf,
+    ) {
         assert_eq!(head_dim % 2, 0, "rope: head_dim {head_dim} is odd");
         assert_eq!(x.len, batch * seq_len * n_heads * head_dim, "rope: x size");
         assert_eq!(
@@ -27,7 +62,7 @@ impl CudaBackend {
         if work == 0 {
             return;
         }
-        let name = format!("rope_{}", x.dtype.suffix());
+        let name = format!("{op}_{}", x.dtype.suffix());
         let rows_i = rows as i64;
         let (seq_i, heads_i, hd_i) = (
             int(seq_len, "rope seq_len"),
@@ -51,7 +86,7 @@ impl CudaBackend {
             Arg::In(inv_freq),
             Arg::I32(inv_f32),
         ];
-        // SAFETY: rope_T(T* x, long long rows, int seq_len, int n_heads, int head_dim,
+        // SAFETY: rope_T / rope_bwd_T(T* x, long long rows, int seq_len, int n_heads, int head_dim,
         // int start_pos, const void* inv_freq, int); sizes checked above.
         unsafe { self.launch(&name, cfg, &mut args) };
     }
