@@ -239,6 +239,39 @@ fn training_from_a_capture_file_matches_recomputing_step_for_step() {
     );
 }
 
+#[test]
+fn a_run_resumed_with_a_capture_file_continues_the_recomputing_run() {
+    let m = tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        save_every: 1,
+        ..write_data(tmp.path())
+    };
+    let file = tmp.path().join("run.frozen");
+    capture_to(&m, &c, &file, FrozenDtype::F32);
+    let stop = Arc::new(AtomicBool::new(false));
+    let full = tmp.path().join("full");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", c.clone(), &full, false).unwrap();
+    t.quiet = true;
+    t.run(&stop).unwrap();
+
+    let part = tmp.path().join("part");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", c.clone(), &part, false).unwrap();
+    t.quiet = true;
+    t.stop_after = Some(3);
+    t.run(&stop).unwrap();
+    // Where the frozen representations come from is not part of the run's identity.
+    let with = TrainConfig {
+        frozen_reps: Some(file),
+        ..c.clone()
+    };
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", with, &part, true).unwrap();
+    t.quiet = true;
+    assert!(t.frozen.is_some() && t.state.step == 3);
+    t.run(&stop).unwrap();
+    assert_eq!(metrics(&part), metrics(&full));
+}
+
 fn open_err(m: &LoadedModel, path: &Path, c: &TrainConfig) -> String {
     match FrozenReps::open(path, &model(m), c) {
         Ok(_) => panic!("{} must be refused for {c:?}", path.display()),
