@@ -9,6 +9,7 @@ use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
 use crate::model::{ModelConfig, ModelWeights};
 use crate::train::adamw::{adamw_step, Moments};
 use crate::train::data::TokenBatch;
+use crate::train::step::FrozenInputs;
 use crate::train::trainer::{objective_step, TrainConfig};
 use crate::util::Rng;
 use anyhow::{ensure, Context, Result};
@@ -146,6 +147,7 @@ pub fn bench_train_step(a: &TrainStepArgs) -> Result<()> {
                 &sets[2],
                 Some(&mut grads),
                 None,
+                FrozenInputs::default(),
             )?;
             ensure!(terms.total.is_finite(), "loss is not finite");
             for (i, p) in adapter.pairs.iter_mut().enumerate() {

@@ -83,6 +83,9 @@ enum Cmd {
     },
     /// Train a safety LoRA (triplet, RepBend or Circuit Breakers); writes a PEFT adapter.
     Train(Box<repshield::train::commands::TrainArgs>),
+    /// Run the frozen model once over the training data and write its representations to a
+    /// file that `train --frozen-reps` reads instead of recomputing them every step.
+    Capture(Box<repshield::train::commands::CaptureArgs>),
     /// Fold a LoRA adapter into the weights and write a Hugging Face model directory.
     Merge {
         #[arg(long)]
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Attack(a) => repshield::attack::commands::cmd_attack(&a),
         Cmd::JudgeCheck(a) => repshield::attack::commands::cmd_judge_check(&a),
         Cmd::Train(a) => repshield::train::commands::cmd_train(&a),
+        Cmd::Capture(a) => repshield::train::commands::cmd_capture(&a),
         Cmd::Loss(a) => repshield::train::commands::cmd_loss(&a),
         Cmd::Generate {
             model,

@@ -162,6 +162,7 @@ fn check_method(method: Method, key: &str) {
         &f.retain,
         Some(&mut grads),
         None,
+        Default::default(),
     )
     .unwrap();
 

@@ -1,6 +1,7 @@
-//! `repshield train` and `repshield loss`.
+//! `repshield train`, `repshield capture` and `repshield loss`.
 
 use super::data::{read_jsonl, Encoder, Layout, TokenBatch};
+use super::frozen::{capture, CaptureOptions, FrozenDtype};
 use super::step::LossTerms;
 use super::trainer::{objective_step, Method, TrainConfig, Trainer};
 use crate::backend::cpu::CpuBackend;
@@ -62,6 +63,10 @@ pub struct TrainArgs {
     /// Per-block activation recompute (less memory, about one extra forward per step).
     #[arg(long)]
     pub recompute: bool,
+    /// Read the frozen model's representations from this `repshield capture` file instead of
+    /// recomputing them every step.
+    #[arg(long)]
+    pub frozen_reps: Option<PathBuf>,
     /// Continue from `<out>/checkpoint`.
     #[arg(long)]
     pub resume: bool,
@@ -114,8 +119,128 @@ impl TrainArgs {
         if self.target_layers.is_some() {
             c.target_layers = self.target_layers.clone();
         }
+        if self.frozen_reps.is_some() {
+            c.frozen_reps = self.frozen_reps.clone();
+        }
         Ok(c)
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CaptureArgs {
+    /// .gguf file, Hugging Face directory, or `smollm2`.
+    #[arg(long)]
+    pub model: String,
+    /// The training config (TOML, as for `repshield train`): data files, layout, mask,
+    /// method, target layers and batch size decide what is captured.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The capture file to write (replaced atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Comma-separated hidden-state indices of the harmful term.
+    #[arg(long, value_delimiter = ',')]
+    pub target_layers: Option<Vec<usize>>,
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub max_prompt: Option<usize>,
+    #[arg(long)]
+    pub max_response: Option<usize>,
+    #[arg(long)]
+    pub benign: Option<PathBuf>,
+    #[arg(long)]
+    pub refusal: Option<PathBuf>,
+    #[arg(long)]
+    pub harmful: Option<PathBuf>,
+    #[arg(long)]
+    pub retain: Option<PathBuf>,
+    /// `f32` reproduces a recompute bit for bit; `bf16` halves the file.
+    #[arg(long, value_enum, default_value_t = FrozenDtype::F32)]
+    pub dtype: FrozenDtype,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl CaptureArgs {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_toml(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(
+            method,
+            batch,
+            max_prompt,
+            max_response,
+            benign,
+            refusal,
+            harmful,
+            retain
+        );
+        if self.target_layers.is_some() {
+            c.target_layers = self.target_layers.clone();
+        }
+        Ok(c)
+    }
+}
+
+/// `repshield capture`: the frozen model's representations of the training data, once.
+pub fn cmd_capture(a: &CaptureArgs) -> Result<()> {
+    cpu_only(&a.device)?;
+    let cfg = a.config()?;
+    let m = model::load_model(&a.model)?;
+    let model = Llama::new(CpuBackend, &m.config, &m.weights)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: stopping after this forward; the output file stays as it was");
+        });
+    }
+    let t0 = std::time::Instant::now();
+    let sum = capture(
+        &model,
+        &m.tokenizer,
+        &cfg,
+        &a.out,
+        &CaptureOptions {
+            dtype: a.dtype,
+            quiet: false,
+            stop: Some(stop),
+        },
+    )?;
+    for s in &sum.header.sections {
+        let rows: usize = s.examples.iter().map(|e| e.rows).sum();
+        eprintln!(
+            "  {} {:?}: {} examples, {} rows ({:?} mask), indices {:?}",
+            s.spec.set.as_str(),
+            s.spec.kind,
+            s.examples.len(),
+            rows,
+            s.spec.mask,
+            s.spec.indices
+        );
+    }
+    println!(
+        "captured {:?} frozen representations of {} in {} forwards, {:.1}s: {} ({:.1} MiB); train with --frozen-reps {} (or frozen_reps in the config)",
+        cfg.method,
+        m.source.display(),
+        sum.forwards,
+        t0.elapsed().as_secs_f64(),
+        a.out.display(),
+        sum.file_bytes as f64 / (1 << 20) as f64,
+        a.out.display()
+    );
+    Ok(())
 }
 
 fn cpu_only(device: &str) -> Result<()> {
@@ -154,6 +279,13 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
         tr.state.step,
         a.out.display()
     );
+    if let Some(f) = &tr.frozen {
+        eprintln!(
+            "frozen representations from {} (captured {:?}); the frozen forward is skipped",
+            f.path().display(),
+            f.header.dtype
+        );
+    }
     let outcome = tr.run(&stop)?;
     if outcome.interrupted {
         println!(
@@ -344,6 +476,7 @@ pub fn cmd_loss(a: &LossArgs) -> Result<()> {
         &retain,
         Some(&mut grads),
         None,
+        Default::default(),
     )?;
     let norms = lora_grad_norms(&model, &grads)?;
     if a.json {

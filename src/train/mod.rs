@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod commands;
 pub mod data;
+pub mod frozen;
 pub mod mining;
 pub mod step;
 pub mod trainer;

@@ -11,7 +11,7 @@ use crate::objectives::kl::kl_retain;
 use crate::objectives::repbend::{repbend_loss, RepBendConfig};
 use crate::objectives::triplet::{triplet_loss, TripletConfig};
 use crate::objectives::Reps;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use serde::Serialize;
 
 /// Every term of one evaluation, unweighted, plus the weighted total.
@@ -56,6 +56,25 @@ impl LossTerms {
     }
 }
 
+/// The frozen model's output on one micro-batch, read from a capture file
+/// (`train::frozen`) instead of recomputed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrozenSet {
+    /// `[n_idx, batch * seq, dim]` at the set's frozen indices (increasing), as the frozen
+    /// forward returns them; empty when only logits are read.
+    pub reps: Vec<f64>,
+    /// `[batch * seq, vocab]`.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Frozen outputs per set of a step; a `None` set runs the frozen forward.
+#[derive(Debug, Clone, Default)]
+pub struct FrozenInputs {
+    pub benign: Option<FrozenSet>,
+    pub harmful: Option<FrozenSet>,
+    pub retain: Option<FrozenSet>,
+}
+
 /// One set's tuned forward (recorded) and frozen forward, captured at `indices`.
 struct SetPass<B: BackwardOps> {
     acts: Activations<B>,
@@ -75,7 +94,8 @@ fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>>
 }
 
 /// `adv` attacks the tuned pass (hard-negative mining: soft tokens in its input, or the latent
-/// adversary in its residual stream); the frozen pass always sees the clean tokens.
+/// adversary in its residual stream); the frozen pass always sees the clean tokens, which is
+/// why `frozen` (its captured output, when given) stands in for it.
 fn run_set<B: BackwardOps>(
     model: &Llama<B>,
     tb: &TokenBatch,
@@ -83,6 +103,7 @@ fn run_set<B: BackwardOps>(
     orig_indices: &[usize],
     logits: bool,
     adv: Option<&AdvInput>,
+    frozen: Option<FrozenSet>,
 ) -> Result<SetPass<B>> {
     let be = &model.backend;
     let clean_mask = be.upload_f32(&tb.attention_mask)?;
@@ -115,21 +136,49 @@ fn run_set<B: BackwardOps>(
         true,
         hook.as_ref(),
     )?;
-    let (orig_out, _) = model.forward_train(
-        Input::Ids(&tb.input_ids),
-        tb.batch,
-        tb.seq,
-        Some(&clean_mask),
-        orig_indices,
-        mode,
-        false,
-    )?;
     let dl = |o: &Option<B::Buf>| o.as_ref().map(|b| be.download(b)).transpose();
+    let (orig, orig_logits) = match frozen {
+        Some(f) => {
+            let mut n_idx = orig_indices.to_vec();
+            n_idx.sort_unstable();
+            n_idx.dedup();
+            ensure!(
+                f.reps.len() == n_idx.len() * tb.batch * tb.seq * model.cfg.hidden_size,
+                "frozen representations: {} values for indices {orig_indices:?} of a [{}, {}] batch",
+                f.reps.len(),
+                tb.batch,
+                tb.seq
+            );
+            ensure!(
+                f.logits.is_some() == logits,
+                "frozen representations: logits {} but the objective {} them",
+                if f.logits.is_some() {
+                    "given"
+                } else {
+                    "missing"
+                },
+                if logits { "needs" } else { "does not read" }
+            );
+            (f.reps, f.logits)
+        }
+        None => {
+            let (orig_out, _) = model.forward_train(
+                Input::Ids(&tb.input_ids),
+                tb.batch,
+                tb.seq,
+                Some(&clean_mask),
+                orig_indices,
+                mode,
+                false,
+            )?;
+            (stack(be, &orig_out.hidden)?, dl(&orig_out.logits)?)
+        }
+    };
     Ok(SetPass {
         tuned: stack(be, &out.hidden)?,
-        orig: stack(be, &orig_out.hidden)?,
+        orig,
         tuned_logits: dl(&out.logits)?,
-        orig_logits: dl(&orig_out.logits)?,
+        orig_logits,
         acts,
         key_mask: match adv_bufs {
             Some((_, m)) => m,
@@ -183,9 +232,10 @@ fn retain_kl<B: BackwardOps>(
     temperature: f64,
     weight: f64,
     grads: Option<&mut LoraGrads<B>>,
+    frozen: Option<FrozenSet>,
 ) -> Result<f64> {
     let all: [usize; 0] = [];
-    let pass = run_set(model, retain, &all, &all, true, None)?;
+    let pass = run_set(model, retain, &all, &all, true, None, frozen)?;
     let mask: Vec<f64> = retain.attention_mask.iter().map(|&m| m as f64).collect();
     let (zo, zt) = (
         pass.orig_logits.as_ref().unwrap(),
@@ -222,12 +272,13 @@ pub fn triplet_step<B: BackwardOps>(
     retain: &TokenBatch,
     mut grads: Option<&mut LoraGrads<B>>,
     adv: Option<&AdvInput>,
+    frozen: FrozenInputs,
 ) -> Result<LossTerms> {
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let h = run_set(model, harmful, &all, targets, false, adv)?;
-    let b = run_set(model, benign, &all, &all, false, None)?;
+    let h = run_set(model, harmful, &all, targets, false, adv, frozen.harmful)?;
+    let b = run_set(model, benign, &all, &all, false, None, frozen.benign)?;
     let (bm, hm) = (f64_mask(benign, mask), f64_mask(harmful, mask));
     let (terms, g) = triplet_loss(
         cfg,
@@ -246,7 +297,14 @@ pub fn triplet_step<B: BackwardOps>(
         backward_set(model, &h, &all, Some(&g.harmful), None, gr)?;
     }
     drop(h);
-    let kl = retain_kl(model, retain, cfg.temperature, cfg.w_kl, grads)?;
+    let kl = retain_kl(
+        model,
+        retain,
+        cfg.temperature,
+        cfg.w_kl,
+        grads,
+        frozen.retain,
+    )?;
     Ok(LossTerms {
         terms: vec![
             ("benign".into(), terms.benign),
@@ -269,12 +327,13 @@ pub fn repbend_step<B: BackwardOps>(
     retain: &TokenBatch,
     mut grads: Option<&mut LoraGrads<B>>,
     adv: Option<&AdvInput>,
+    frozen: FrozenInputs,
 ) -> Result<LossTerms> {
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let s = run_set(model, safe, &all, &all, false, None)?;
-    let u = run_set(model, unsafe_, targets, targets, false, adv)?;
+    let s = run_set(model, safe, &all, &all, false, None, frozen.benign)?;
+    let u = run_set(model, unsafe_, targets, targets, false, adv, frozen.harmful)?;
     let (sm, um) = (f64_mask(safe, mask), f64_mask(unsafe_, mask));
     let (terms, g) = repbend_loss(
         cfg,
@@ -293,7 +352,14 @@ pub fn repbend_step<B: BackwardOps>(
         backward_set(model, &u, targets, Some(&g.unsafe_), None, gr)?;
     }
     drop((s, u));
-    let kl = retain_kl(model, retain, cfg.temperature, cfg.epsilon, grads)?;
+    let kl = retain_kl(
+        model,
+        retain,
+        cfg.temperature,
+        cfg.epsilon,
+        grads,
+        frozen.retain,
+    )?;
     Ok(LossTerms {
         terms: vec![
             ("safe_dist".into(), terms.safe_dist),
@@ -317,12 +383,13 @@ pub fn circuit_breaker_step<B: BackwardOps>(
     harmful: &TokenBatch,
     grads: Option<&mut LoraGrads<B>>,
     adv: Option<&AdvInput>,
+    frozen: FrozenInputs,
 ) -> Result<LossTerms> {
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let r = run_set(model, retain, &all, &all, false, None)?;
-    let h = run_set(model, harmful, targets, targets, false, adv)?;
+    let r = run_set(model, retain, &all, &all, false, None, frozen.retain)?;
+    let h = run_set(model, harmful, targets, targets, false, adv, frozen.harmful)?;
     let rm = f64_mask(retain, MaskMode::All);
     let hm = f64_mask(harmful, MaskMode::All);
     let (terms, g) = circuit_breaker_loss(

@@ -5,8 +5,9 @@
 
 use super::adamw::{adamw_step, AdamWConfig, Moments};
 use super::data::{read_jsonl, Encoder, Example, Layout, MaskMode, TokenBatch};
+use super::frozen::FrozenReps;
 use super::mining::{AdvInput, Miner, MinerState, MiningConfig, MiningKind};
-use super::step::{circuit_breaker_step, repbend_step, triplet_step, LossTerms};
+use super::step::{circuit_breaker_step, repbend_step, triplet_step, FrozenInputs, LossTerms};
 use crate::backend::BackwardOps;
 use crate::llama::peft::{load_peft, save_peft, write_atomic};
 use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
@@ -63,6 +64,9 @@ pub struct TrainConfig {
     pub mining: MiningConfig,
     /// Keep only each block's input in the forward and recompute the rest in the backward.
     pub recompute: bool,
+    /// A `repshield capture` file: the frozen model's representations are read from it instead
+    /// of recomputed every step (same results; checked against model, data and settings).
+    pub frozen_reps: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +96,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             mining: MiningConfig::default(),
             recompute: false,
+            frozen_reps: None,
         }
     }
 }
@@ -140,6 +145,16 @@ impl TrainConfig {
                 (0..=top.min(cfg.num_layers - 1)).collect()
             }
         }
+    }
+
+    /// Whether a checkpoint of `other` can be resumed under `self`: everything but where the
+    /// frozen representations come from (that does not change the results) must agree.
+    pub fn same_run(&self, other: &TrainConfig) -> bool {
+        let strip = |c: &TrainConfig| TrainConfig {
+            frozen_reps: None,
+            ..c.clone()
+        };
+        strip(self) == strip(other)
     }
 
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
@@ -290,13 +305,14 @@ pub fn objective_step<B: BackwardOps>(
     retain: &TokenBatch,
     grads: Option<&mut LoraGrads<B>>,
     adv: Option<&AdvInput>,
+    frozen: FrozenInputs,
 ) -> Result<LossTerms> {
     match c.method {
         Method::Triplet => triplet_step(
-            model, &c.triplet, c.mask, targets, benign, harmful, retain, grads, adv,
+            model, &c.triplet, c.mask, targets, benign, harmful, retain, grads, adv, frozen,
         ),
         Method::Repbend => repbend_step(
-            model, &c.repbend, c.mask, targets, benign, harmful, retain, grads, adv,
+            model, &c.repbend, c.mask, targets, benign, harmful, retain, grads, adv, frozen,
         ),
         Method::CircuitBreakers => circuit_breaker_step(
             model,
@@ -308,6 +324,7 @@ pub fn objective_step<B: BackwardOps>(
             harmful,
             grads,
             adv,
+            frozen,
         ),
     }
 }
@@ -324,6 +341,8 @@ pub struct Trainer<'a, B: BackwardOps> {
     /// Behave as if Ctrl-C arrived after this many steps in this run (tests, time-boxed runs).
     pub stop_after: Option<usize>,
     pub miner: Miner,
+    /// The frozen representations file of `frozen_reps`, opened and checked.
+    pub frozen: Option<FrozenReps>,
 }
 
 pub struct TrainOutcome {
@@ -366,7 +385,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                     .with_context(|| format!("reading {}/state.json", ck.display()))?,
             )
             .with_context(|| format!("{}/state.json: corrupt checkpoint state", ck.display()))?;
-            if st.config != config {
+            if !st.config.same_run(&config) {
                 bail!(
                     "--resume: the checkpoint in {} was made with a different configuration; rerun with the same options (or a fresh --out)",
                     ck.display()
@@ -374,6 +393,13 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             }
             let adapter = load_peft(&ck, &model.cfg)?;
             let moments = load_moments(&ck.join("optimizer.safetensors"), &adapter)?;
+            let st = TrainState {
+                config: TrainConfig {
+                    frozen_reps: config.frozen_reps.clone(),
+                    ..st.config
+                },
+                ..st
+            };
             (adapter, moments, st)
         } else {
             let lcfg = LoraConfig {
@@ -403,6 +429,12 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             };
             (adapter, moments, st)
         };
+        let frozen = state
+            .config
+            .frozen_reps
+            .as_deref()
+            .map(|p| FrozenReps::open(p, &model, &state.config))
+            .transpose()?;
         model.attach_lora(&adapter)?;
         model.recompute = state.config.recompute;
         let mut miner = Miner::new(state.config.mining.clone(), state.config.seed);
@@ -421,11 +453,12 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             quiet: false,
             stop_after: None,
             miner,
+            frozen,
         })
     }
 
-    /// The next micro-batch of each set, and the indices of the harmful examples in it.
-    fn batches(&mut self) -> Result<(TokenBatch, TokenBatch, TokenBatch, Vec<usize>)> {
+    /// The next micro-batch of each set, and the indices of the examples in each.
+    fn batches(&mut self) -> Result<[(TokenBatch, Vec<usize>); 3]> {
         let c = &self.state.config;
         let enc = Encoder::new(
             self.tokenizer,
@@ -438,10 +471,14 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             let idx = s.take(k);
             (idx.iter().map(|&i| set[i].clone()).collect(), idx)
         };
-        let (b, _) = pick(&mut self.state.samplers[0], &self.data.benign, c.batch);
+        let (b, bidx) = pick(&mut self.state.samplers[0], &self.data.benign, c.batch);
         let (h, hidx) = pick(&mut self.state.samplers[1], &self.data.harmful, c.batch);
-        let (r, _) = pick(&mut self.state.samplers[2], &self.data.retain, c.batch);
-        Ok((enc.batch(&b)?, enc.batch(&h)?, enc.batch(&r)?, hidx))
+        let (r, ridx) = pick(&mut self.state.samplers[2], &self.data.retain, c.batch);
+        Ok([
+            (enc.batch(&b)?, bidx),
+            (enc.batch(&h)?, hidx),
+            (enc.batch(&r)?, ridx),
+        ])
     }
 
     /// Writes adapter, optimiser moments and state into `out/checkpoint` atomically (a fresh
@@ -525,7 +562,11 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             let mut terms = LossTerms::default();
             let mut mining_rows = 0;
             for _ in 0..c.grad_accum {
-                let (b, h, r, hidx) = self.batches()?;
+                let [(b, bidx), (h, hidx), (r, ridx)] = self.batches()?;
+                let frozen = match &self.frozen {
+                    Some(f) => f.inputs((&b, &bidx), (&h, &hidx), (&r, &ridx))?,
+                    None => FrozenInputs::default(),
+                };
                 let adv = match c.mining.kind {
                     MiningKind::None => None,
                     MiningKind::Embedding => {
@@ -560,6 +601,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                     &r,
                     Some(&mut grads),
                     adv.as_ref(),
+                    frozen,
                 )?;
                 if let Some(bad) = t.non_finite() {
                     bar.abandon();
