@@ -440,3 +440,37 @@ fn universal_attack_reports_on_the_held_out_behaviours() {
     ]);
     assert!(!ok && err.contains("--test-behaviors"), "{err}");
 }
+
+#[test]
+fn bench_train_step_runs_a_real_shape_and_prints_its_table() {
+    // SmolLM2's shape with random weights, a tiny batch: the whole step (three sets, tuned and
+    // frozen passes, backward, AdamW) runs and reports a finite time per step.
+    let (ok, out, err) = repshield(&[
+        "bench",
+        "train-step",
+        "--shape",
+        "smollm2",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "3",
+        "--response-len",
+        "3",
+        "--rank",
+        "2",
+        "--repeats",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("step 1:") && err.contains("loss"), "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("| seconds per optimiser step"))
+        .unwrap_or_else(|| panic!("no table in {out}"));
+    let secs: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+    assert!(secs > 0.0 && secs.is_finite(), "{row}");
+    assert!(
+        out.contains("targets [18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]"),
+        "{out}"
+    );
+}
