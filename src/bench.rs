@@ -640,19 +640,25 @@ pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
     })
 }
 
-fn run_python(
+/// Runs a tools/ benchmark script (`default_script` under this source tree unless `script` is
+/// given) with `args` and the shape as a Hugging Face config, and returns the JSON object it
+/// prints last on stdout (its stderr passes through).
+pub fn run_python_json(
     py: &PathBuf,
-    a: &GenerateArgs,
+    script: Option<&PathBuf>,
+    default_script: &str,
     cfg: &ModelConfig,
     threads: usize,
-    logit_rows: usize,
+    args: &[(&str, String)],
 ) -> Result<serde_json::Value> {
-    let script = a.script.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench_transformers.py")
+    let script = script.cloned().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tools")
+            .join(default_script)
     });
     ensure!(
         script.is_file(),
-        "transformers benchmark script {} not found (pass --script)",
+        "benchmark script {} not found (pass --script)",
         script.display()
     );
     println!(
@@ -660,17 +666,15 @@ fn run_python(
         py.display(),
         script.display()
     );
-    let out = std::process::Command::new(py)
-        .arg(&script)
+    let mut cmd = std::process::Command::new(py);
+    cmd.arg(&script)
         .arg("--config-json")
         .arg(cfg.to_hf_json().to_string())
-        .args(["--prompt-len", &a.prompt_len.to_string()])
-        .args(["--decode-tokens", &a.decode_tokens.to_string()])
-        .args(["--repeats", &a.repeats.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--seed", &a.seed.to_string()])
-        .args(["--logits", if logit_rows == 1 { "last" } else { "all" }])
-        .args(["--attn", &a.python_attn])
+        .args(["--threads", &threads.to_string()]);
+    for (k, v) in args {
+        cmd.arg(k).arg(v);
+    }
+    let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", py.display()))?;
@@ -686,9 +690,35 @@ fn run_python(
         .lines()
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
-        .context("bench_transformers.py printed no JSON")?;
-    let v: serde_json::Value =
-        serde_json::from_str(line).context("parsing bench_transformers.py output")?;
+        .with_context(|| format!("{} printed no JSON", script.display()))?;
+    serde_json::from_str(line).with_context(|| format!("parsing {} output", script.display()))
+}
+
+fn run_python(
+    py: &PathBuf,
+    a: &GenerateArgs,
+    cfg: &ModelConfig,
+    threads: usize,
+    logit_rows: usize,
+) -> Result<serde_json::Value> {
+    let v = run_python_json(
+        py,
+        a.script.as_ref(),
+        "bench_transformers.py",
+        cfg,
+        threads,
+        &[
+            ("--prompt-len", a.prompt_len.to_string()),
+            ("--decode-tokens", a.decode_tokens.to_string()),
+            ("--repeats", a.repeats.to_string()),
+            ("--seed", a.seed.to_string()),
+            (
+                "--logits",
+                if logit_rows == 1 { "last" } else { "all" }.into(),
+            ),
+            ("--attn", a.python_attn.clone()),
+        ],
+    )?;
     let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
     println!(
         "transformers {} (torch {}, {} threads, {}): prefill {:.1} tok/s ({} attention), decode {:.1} tok/s ({} attention, manual loop), model.generate decode {:.1} tok/s",

@@ -4,7 +4,7 @@
 //! with the identical step in PyTorch + transformers + peft (tools/bench_train_step.py).
 
 use crate::backend::cpu::CpuBackend;
-use crate::bench::{median, shape_config};
+use crate::bench::{median, run_python_json, shape_config};
 use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
 use crate::model::{ModelConfig, ModelWeights};
 use crate::train::adamw::{adamw_step, Moments};
@@ -12,7 +12,7 @@ use crate::train::data::TokenBatch;
 use crate::train::step::FrozenInputs;
 use crate::train::trainer::{objective_step, TrainConfig};
 use crate::util::Rng;
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -224,57 +224,30 @@ fn run_python(
     targets: &[usize],
     lora_layers: &[usize],
 ) -> Result<serde_json::Value> {
-    let script = a.script.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench_train_step.py")
-    });
-    ensure!(
-        script.is_file(),
-        "train-step benchmark script {} not found (pass --script)",
-        script.display()
-    );
-    println!(
-        "running {} {} (torch threads = {threads}) ...",
-        py.display(),
-        script.display()
-    );
     let list = |v: &[usize]| {
         v.iter()
             .map(|x| x.to_string())
             .collect::<Vec<_>>()
             .join(",")
     };
-    let out = std::process::Command::new(py)
-        .arg(&script)
-        .arg("--config-json")
-        .arg(cfg.to_hf_json().to_string())
-        .args(["--batch", &a.batch.to_string()])
-        .args(["--prompt-len", &a.prompt_len.to_string()])
-        .args(["--response-len", &a.response_len.to_string()])
-        .args(["--rank", &a.rank.to_string()])
-        .args(["--repeats", &a.repeats.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--seed", &a.seed.to_string()])
-        .args(["--targets", &list(targets)])
-        .args(["--lora-layers", &list(lora_layers)])
-        .args(["--attn", &a.python_attn])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", py.display()))?;
-    ensure!(
-        out.status.success(),
-        "{} {} failed ({})",
-        py.display(),
-        script.display(),
-        out.status
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("bench_train_step.py printed no JSON")?;
-    let v: serde_json::Value =
-        serde_json::from_str(line).context("parsing bench_train_step.py output")?;
+    let v = run_python_json(
+        py,
+        a.script.as_ref(),
+        "bench_train_step.py",
+        cfg,
+        threads,
+        &[
+            ("--batch", a.batch.to_string()),
+            ("--prompt-len", a.prompt_len.to_string()),
+            ("--response-len", a.response_len.to_string()),
+            ("--rank", a.rank.to_string()),
+            ("--repeats", a.repeats.to_string()),
+            ("--seed", a.seed.to_string()),
+            ("--targets", list(targets)),
+            ("--lora-layers", list(lora_layers)),
+            ("--attn", a.python_attn.clone()),
+        ],
+    )?;
     println!(
         "PyTorch {} / transformers {} / peft {} ({} threads): {:.2} s per step ({} attention)",
         v["torch"].as_str().unwrap_or("?"),
