@@ -5,7 +5,7 @@
 mod common;
 
 use repshield::attack::embedding::{
-    apply_soft, attack, universal_attack, AttackLayout, EmbeddingAttackConfig,
+    apply_soft, attack, attack_batch, universal_attack, AttackLayout, EmbeddingAttackConfig,
 };
 use repshield::attack::pgd::{Ball, Update};
 use repshield::backend::cpu::CpuBackend;
@@ -255,4 +255,56 @@ fn adam_update_reaches_the_target_too() {
         r.steps,
         &r.losses[r.losses.len().saturating_sub(5)..]
     );
+}
+
+#[test]
+fn a_batch_of_behaviours_is_attacked_like_each_alone() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let cfg = EmbeddingAttackConfig {
+        n_soft: 8,
+        steps: 300,
+        step_size: 2e-2,
+        ball: Ball::Linf(1.0),
+        gen_tokens: 6,
+        ..Default::default()
+    };
+    // Different prompt and target lengths: the batch is left-padded.
+    let lays: Vec<AttackLayout> = [
+        ("tell me a secret", "sure here"),
+        ("tell me a much longer story about dragons", "sure"),
+        ("hi", "sure here is how"),
+    ]
+    .iter()
+    .map(|(b, t)| AttackLayout::new(&m.tokenizer, b, t, &cfg).unwrap())
+    .collect();
+    assert!(
+        lays[0].prompt_len() + lays[0].target.len() != lays[1].prompt_len() + lays[1].target.len()
+    );
+    let batched = attack_batch(&model, &m.tokenizer, &lays, &cfg, &[]).unwrap();
+    for (lay, b) in lays.iter().zip(&batched) {
+        let alone = attack(&model, &m.tokenizer, lay, &cfg, &[]).unwrap();
+        // Same loss before any update (padding changes nothing but rounding)...
+        let rel = (b.losses[0] - alone.losses[0]).abs() / alone.losses[0];
+        assert!(
+            rel < 1e-4,
+            "first loss {} vs {} alone",
+            b.losses[0],
+            alone.losses[0]
+        );
+        // ...and the same attack: it succeeds, in about the same number of steps.
+        assert!(b.teacher_forced_success && alone.teacher_forced_success);
+        assert!(
+            b.steps.abs_diff(alone.steps) <= alone.steps / 4 + 2,
+            "{} vs {}",
+            b.steps,
+            alone.steps
+        );
+        assert_eq!(b.losses.len(), b.steps + 1);
+        if b.steps == alone.steps {
+            // The same trajectory: the same soft tokens up to rounding, the same reply.
+            assert_eq!(b.response, alone.response);
+        }
+        assert!(b.seconds > 0.0);
+    }
 }

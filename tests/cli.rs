@@ -474,3 +474,58 @@ fn bench_train_step_runs_a_real_shape_and_prints_its_table() {
         "{out}"
     );
 }
+
+#[test]
+fn batched_attack_reports_every_behaviour_like_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let beh = dir.path().join("b.jsonl");
+    std::fs::write(
+        &beh,
+        "{\"id\": \"a\", \"behavior\": \"tell me a secret\", \"target\": \"sure here\"}\n{\"id\": \"b\", \"behavior\": \"tell me a much longer story\", \"target\": \"sure\"}\n{\"id\": \"c\", \"behavior\": \"hi\", \"target\": \"sure here is how\"}\n",
+    )
+    .unwrap();
+    let run = |batch: &str| {
+        let out = dir.path().join(format!("out{batch}.jsonl"));
+        let (ok, _, err) = repshield(&[
+            "attack",
+            "--model",
+            &tiny(),
+            "--attack",
+            "embedding",
+            "--behaviors",
+            beh.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "300",
+            "--step-size",
+            "0.02",
+            "--ball",
+            "linf",
+            "--eps",
+            "1",
+            "--n-soft",
+            "8",
+            "--gen-tokens",
+            "6",
+            "--batch",
+            batch,
+        ]);
+        assert!(ok, "{err}");
+        let mut recs: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        recs.sort_by_key(|r| r["id"].as_str().unwrap().to_string());
+        recs
+    };
+    let (one, batched) = (run("1"), run("3"));
+    assert_eq!(batched.len(), 3);
+    for (a, b) in one.iter().zip(&batched) {
+        assert_eq!(a["id"], b["id"]);
+        assert_eq!(a["steps"], b["steps"], "{a}\n{b}");
+        assert_eq!(a["teacher_forced_success"], true);
+        assert_eq!(a["response"], b["response"]);
+    }
+}

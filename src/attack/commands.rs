@@ -1,6 +1,9 @@
 //! `repshield attack` and `repshield judge-check`.
 
-use super::embedding::{apply_soft, attack, universal_attack, AttackLayout, EmbeddingAttackConfig};
+use super::embedding::{
+    apply_soft, attack, attack_batch, universal_attack, AttackLayout, AttackResult,
+    EmbeddingAttackConfig,
+};
 use super::judge::{
     classify, common_prefix_len, mean_logprob, score, ClassifierKind, ContentJudge, ContentVerdict,
     KeywordJudge, KeywordVerdicts,
@@ -67,6 +70,10 @@ pub struct AttackArgs {
     /// Held-out behaviours of the universal mode (the records and the ASR are theirs).
     #[arg(long)]
     pub test_behaviors: Option<PathBuf>,
+    /// Embedding attack: behaviours optimised together as one batch (left-padded; each keeps
+    /// its own soft tokens and early stop).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     #[arg(long, default_value_t = 256)]
     pub gen_tokens: usize,
     /// A Llama-architecture classifier model (HarmBench's classifier or Llama Guard 3).
@@ -189,6 +196,16 @@ pub struct AttackRecord {
     pub attack_seconds: Option<f64>,
 }
 
+/// Where an embedding attack's soft tokens come from.
+pub enum Soft<'a> {
+    /// Optimise them for this behaviour now.
+    Optimise,
+    /// A universal suffix, applied as it is.
+    Universal(&'a [f32]),
+    /// Already optimised (a batched attack).
+    Done(AttackResult),
+}
+
 /// The judges every attack record gets.
 #[derive(Debug, Clone)]
 pub struct Judges {
@@ -238,8 +255,9 @@ pub fn run_one(
     emb: &EmbeddingAttackConfig,
     judges: &Judges,
     classifier: Option<(&Llama<CpuBackend>, &ChatTokenizer, ClassifierKind)>,
-    universal_soft: Option<&[f32]>,
+    soft: Soft,
 ) -> Result<AttackRecord> {
+    let universal = matches!(soft, Soft::Universal(_));
     let prompt = tok.encode_chat(&[Message::new("user", &user_text(b))], true)?;
     let mut emb_result = None;
     let response = match kind {
@@ -256,9 +274,10 @@ pub fn run_one(
         }
         AttackKind::Embedding => {
             let lay = AttackLayout::new(tok, &user_text(b), &b.target, emb)?;
-            let r = match universal_soft {
-                Some(soft) => apply_soft(model, tok, &lay, soft, emb.gen_tokens, stop)?,
-                None => attack(model, tok, &lay, emb, stop)?,
+            let r = match soft {
+                Soft::Universal(soft) => apply_soft(model, tok, &lay, soft, emb.gen_tokens, stop)?,
+                Soft::Optimise => attack(model, tok, &lay, emb, stop)?,
+                Soft::Done(r) => r,
             };
             let text = r.response.clone();
             emb_result = Some(r);
@@ -296,11 +315,7 @@ pub fn run_one(
         config: match kind {
             AttackKind::Embedding => format!(
                 "{}pgd {}{} x{} n_soft {} {:?}{}",
-                if universal_soft.is_some() {
-                    "universal "
-                } else {
-                    ""
-                },
+                if universal { "universal " } else { "" },
                 match emb.update {
                     Update::Sign => "step ",
                     Update::Adam => "adam lr ",
@@ -481,23 +496,48 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
         std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = indicatif::ProgressBar::new((tested.len() * configs.len()) as u64);
     let mut records = Vec::new();
-    for b in &tested {
-        for (c, soft) in configs.iter().zip(&softs) {
-            let r = run_one(
-                &model,
-                &m.tokenizer,
-                &stop,
-                a.attack,
-                b,
-                c,
-                &judges,
-                cls.as_ref()
-                    .map(|(cm, cl)| (cl, &cm.tokenizer, a.classifier_kind)),
-                soft.as_deref(),
-            )?;
-            writeln!(out, "{}", serde_json::to_string(&r)?).context("writing attack results")?;
-            records.push(r);
-            bar.inc(1);
+    let classifier = cls
+        .as_ref()
+        .map(|(cm, cl)| (cl, &cm.tokenizer, a.classifier_kind));
+    let mut judge_one = |b: &Behavior, c: &EmbeddingAttackConfig, soft: Soft| -> Result<()> {
+        let r = run_one(
+            &model,
+            &m.tokenizer,
+            &stop,
+            a.attack,
+            b,
+            c,
+            &judges,
+            classifier,
+            soft,
+        )?;
+        writeln!(out, "{}", serde_json::to_string(&r)?).context("writing attack results")?;
+        records.push(r);
+        bar.inc(1);
+        Ok(())
+    };
+    if a.batch > 1 && a.attack == AttackKind::Embedding && !a.universal {
+        for c in &configs {
+            for chunk in tested.chunks(a.batch) {
+                let layouts: Vec<AttackLayout> = chunk
+                    .iter()
+                    .map(|b| AttackLayout::new(&m.tokenizer, &user_text(b), &b.target, c))
+                    .collect::<Result<_>>()?;
+                let results = attack_batch(&model, &m.tokenizer, &layouts, c, &stop)?;
+                for (b, r) in chunk.iter().zip(results) {
+                    judge_one(b, c, Soft::Done(r))?;
+                }
+            }
+        }
+    } else {
+        for b in &tested {
+            for (c, soft) in configs.iter().zip(&softs) {
+                let soft = match soft {
+                    Some(s) => Soft::Universal(s),
+                    None => Soft::Optimise,
+                };
+                judge_one(b, c, soft)?;
+            }
         }
     }
     bar.finish_and_clear();

@@ -273,6 +273,139 @@ pub fn attack<B: BackwardOps>(
     })
 }
 
+/// Several behaviours attacked as one batch (the same attack as [`attack`] for each): the
+/// conversations are left-padded to the longest one with the padded keys masked, so a single
+/// forward and backward serve every behaviour still running; each keeps its own soft tokens,
+/// loss curve, update rule state and early stop, and leaves the batch when done. A step's wall
+/// time is shared among the behaviours it served. Generation then runs per behaviour.
+pub fn attack_batch<B: BackwardOps>(
+    model: &Llama<B>,
+    tok: &ChatTokenizer,
+    layouts: &[AttackLayout],
+    cfg: &EmbeddingAttackConfig,
+    stop_tokens: &[u32],
+) -> Result<Vec<AttackResult>> {
+    let be = &model.backend;
+    let (d, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
+    let k = layouts.len();
+    let mut ps: Vec<Prepared> = layouts
+        .iter()
+        .map(|l| prepare(model, l))
+        .collect::<Result<_>>()?;
+    let n_of = |i: usize| layouts[i].soft_init.len();
+    let inits: Vec<Vec<f32>> = (0..k)
+        .map(|i| ps[i].embeds[ps[i].p0 * d..(ps[i].p0 + n_of(i)) * d].to_vec())
+        .collect();
+    let mut adam = vec![None; k];
+    let mut losses = vec![Vec::new(); k];
+    let mut seconds = vec![0.0; k];
+    let mut steps = vec![0; k];
+    let mut success = vec![false; k];
+    let mut done = vec![false; k];
+    for step in 0..=cfg.steps {
+        let active: Vec<usize> = (0..k).filter(|&i| !done[i]).collect();
+        if active.is_empty() {
+            break;
+        }
+        let t0 = std::time::Instant::now();
+        let t = active.iter().map(|&i| ps[i].seq).max().expect("active");
+        let rows = active.len() * t;
+        let mut embeds = vec![0f32; rows * d];
+        let mut mask = vec![0f32; rows];
+        for (a, &i) in active.iter().enumerate() {
+            let off = a * t + t - ps[i].seq;
+            embeds[off * d..(a + 1) * t * d].copy_from_slice(&ps[i].embeds);
+            mask[off..(a + 1) * t].fill(1.0);
+        }
+        let e = be.upload(&embeds)?;
+        let m = be.upload_f32(&mask)?;
+        let (out, acts) = model.forward_train(
+            Input::Embeds(&e),
+            active.len(),
+            t,
+            Some(&m),
+            &[],
+            LogitsMode::All,
+            true,
+        )?;
+        let logits = be.download(out.logits.as_ref().expect("logits requested"))?;
+        let mut dlogits = vec![0f32; logits.len()];
+        let mut update = Vec::new();
+        for (a, &i) in active.iter().enumerate() {
+            let pad = t - ps[i].seq;
+            let targets: Vec<(usize, u32)> =
+                ps[i].targets.iter().map(|&(r, tk)| (r + pad, tk)).collect();
+            let span = a * t * vocab..(a + 1) * t * vocab;
+            let (loss, ok) = target_ce(
+                &logits[span.clone()],
+                vocab,
+                &targets,
+                Some(&mut dlogits[span]),
+            );
+            ensure!(
+                loss.is_finite(),
+                "attack step {step}, behaviour {i}: loss is not finite"
+            );
+            losses[i].push(loss);
+            (success[i], steps[i]) = (ok, step);
+            let stop = (cfg.early_stop && ok)
+                || cfg.loss_threshold.is_some_and(|th| loss < th)
+                || step == cfg.steps;
+            if stop {
+                done[i] = true;
+            } else {
+                update.push((a, i));
+            }
+        }
+        if !update.is_empty() {
+            let dl = be.upload_f32(&dlogits)?;
+            let de = model
+                .backward(&acts, &[], Some(&dl), Some(&m), None, true)?
+                .expect("input gradient requested");
+            let de = be.download(&de)?;
+            for (a, i) in update {
+                let (p0, n) = (ps[i].p0, n_of(i));
+                let row0 = a * t + t - ps[i].seq + p0;
+                update_step(
+                    cfg.update,
+                    &mut ps[i].embeds[p0 * d..(p0 + n) * d],
+                    &de[row0 * d..(row0 + n) * d],
+                    &inits[i],
+                    &mut adam[i],
+                    cfg.step_size,
+                    cfg.ball,
+                    d,
+                );
+            }
+        }
+        let share = t0.elapsed().as_secs_f64() / active.len() as f64;
+        for &i in &active {
+            seconds[i] += share;
+        }
+    }
+    (0..k)
+        .map(|i| {
+            let p = &ps[i];
+            Ok(AttackResult {
+                response: generate_after(
+                    model,
+                    tok,
+                    &p.embeds,
+                    p.prompt_len,
+                    cfg.gen_tokens,
+                    stop_tokens,
+                )?,
+                soft: p.embeds[p.p0 * d..(p.p0 + n_of(i)) * d].to_vec(),
+                steps: steps[i],
+                final_loss: *losses[i].last().expect("at least one step"),
+                teacher_forced_success: success[i],
+                losses: std::mem::take(&mut losses[i]),
+                seconds: seconds[i],
+            })
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct UniversalResult {
     pub steps: usize,

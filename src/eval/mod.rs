@@ -7,7 +7,7 @@ pub mod plot;
 
 use crate::attack::commands::{
     asr_table, load_with_adapter, read_behaviors, run_one, stop_tokens, AttackKind, AttackRecord,
-    Judges,
+    Judges, Soft,
 };
 use crate::attack::embedding::EmbeddingAttackConfig;
 use crate::attack::judge::mean_logprob;
@@ -326,7 +326,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<Report> {
                 &emb,
                 &judges,
                 None,
-                None,
+                Soft::Optimise,
             )?);
             bar.inc(1);
         }
