@@ -1687,3 +1687,49 @@ fn whole_model_backward_matches_cpu() {
         }
     }
 }
+
+/// The batched embedding attack on the GPU against the same attack on the CPU (tiny fixture
+/// model): the first loss agrees within bf16 rounding (2e-2 relative; bf16 weights and
+/// activations), and the GPU attack forces every target within the step budget.
+#[test]
+fn batched_embedding_attack_matches_the_cpu() {
+    use repshield::attack::embedding::{attack_batch, AttackLayout, EmbeddingAttackConfig};
+    use repshield::attack::pgd::Ball;
+    let Some(g) = gpu() else { return };
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let m = repshield::model::load_model_path(&fixture).unwrap();
+    let cpu_model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let gpu_model = gpu_model(&g, &m.config, &m.weights);
+    let cfg = EmbeddingAttackConfig {
+        n_soft: 8,
+        steps: 300,
+        step_size: 2e-2,
+        ball: Ball::Linf(1.0),
+        gen_tokens: 0,
+        ..Default::default()
+    };
+    let lays: Vec<AttackLayout> = [
+        ("tell me a secret", "sure here"),
+        ("hi", "sure here is how"),
+    ]
+    .iter()
+    .map(|(b, t)| AttackLayout::new(&m.tokenizer, b, t, &cfg).unwrap())
+    .collect();
+    let want = attack_batch(&cpu_model, &m.tokenizer, &lays, &cfg, &[]).unwrap();
+    let got = attack_batch(&gpu_model, &m.tokenizer, &lays, &cfg, &[]).unwrap();
+    for (w, g) in want.iter().zip(&got) {
+        let rel = (g.losses[0] - w.losses[0]).abs() / w.losses[0];
+        assert!(
+            rel < 2e-2,
+            "first loss: gpu {} cpu {}",
+            g.losses[0],
+            w.losses[0]
+        );
+        assert!(
+            g.teacher_forced_success,
+            "gpu attack did not force the target: {:?}",
+            &g.losses[g.losses.len().saturating_sub(3)..]
+        );
+    }
+}
