@@ -439,6 +439,23 @@ fn universal_attack_reports_on_the_held_out_behaviours() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("--test-behaviors"), "{err}");
+    // Without a GPU (or without compiled kernels) --device cuda says why and runs nothing.
+    if repshield::backend::cuda::unavailable_reason().is_some() {
+        let (ok, _, err) = repshield(&[
+            "attack",
+            "--model",
+            &tiny(),
+            "--attack",
+            "direct",
+            "--behaviors",
+            test.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ]);
+        assert!(!ok && err.contains("--device cuda:"), "{err}");
+    }
 }
 
 #[test]

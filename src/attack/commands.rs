@@ -10,6 +10,7 @@ use super::judge::{
 };
 use super::pgd::{Ball, Update};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackwardOps};
 use crate::llama::generate::{generate, GenerateOptions, Sampling};
 use crate::llama::peft::load_peft;
 use crate::llama::Llama;
@@ -70,6 +71,9 @@ pub struct AttackArgs {
     /// Held-out behaviours of the universal mode (the records and the ASR are theirs).
     #[arg(long)]
     pub test_behaviors: Option<PathBuf>,
+    /// Where to run: cpu, cuda, or auto (CUDA when a GPU and compiled kernels are present).
+    #[arg(long, value_parser = ["cpu", "cuda", "auto"], default_value = "cpu")]
+    pub device: String,
     /// Embedding attack: behaviours optimised together as one batch (left-padded; each keeps
     /// its own soft tokens and early stop).
     #[arg(long, default_value_t = 1)]
@@ -232,7 +236,7 @@ pub fn stop_tokens(m: &LoadedModel) -> Vec<u32> {
     stop
 }
 
-fn greedy(model: &Llama<CpuBackend>, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>> {
+fn greedy<B: Backend>(model: &Llama<B>, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>> {
     let opts = GenerateOptions {
         max_new_tokens: n,
         sampling: Sampling::Greedy,
@@ -246,15 +250,15 @@ fn greedy(model: &Llama<CpuBackend>, ids: &[u32], n: usize, stop: &[u32]) -> Res
 
 /// Runs one attack configuration on one behaviour and judges the response.
 #[allow(clippy::too_many_arguments)]
-pub fn run_one(
-    model: &Llama<CpuBackend>,
+pub fn run_one<B: BackwardOps>(
+    model: &Llama<B>,
     tok: &ChatTokenizer,
     stop: &[u32],
     kind: AttackKind,
     b: &Behavior,
     emb: &EmbeddingAttackConfig,
     judges: &Judges,
-    classifier: Option<(&Llama<CpuBackend>, &ChatTokenizer, ClassifierKind)>,
+    classifier: Option<(&Llama<B>, &ChatTokenizer, ClassifierKind)>,
     soft: Soft,
 ) -> Result<AttackRecord> {
     let universal = matches!(soft, Soft::Universal(_));
@@ -348,8 +352,17 @@ pub fn load_with_adapter(
     spec: &str,
     adapter: Option<&Path>,
 ) -> Result<(LoadedModel, Llama<CpuBackend>)> {
+    load_on(CpuBackend, spec, adapter)
+}
+
+/// Loads a model (and an adapter) onto a backend.
+pub fn load_on<B: Backend>(
+    be: B,
+    spec: &str,
+    adapter: Option<&Path>,
+) -> Result<(LoadedModel, Llama<B>)> {
     let m = model::load_model(spec)?;
-    let mut llama = Llama::new(CpuBackend, &m.config, &m.weights)?;
+    let mut llama = Llama::new(be, &m.config, &m.weights)?;
     if let Some(dir) = adapter {
         llama.attach_lora(&load_peft(dir, &m.config)?)?;
     }
@@ -426,15 +439,37 @@ pub fn asr_table(records: &[AttackRecord]) -> String {
 }
 
 pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
+    use crate::backend::cuda::unavailable_reason;
+    let cuda = match a.device.as_str() {
+        "cpu" => false,
+        "cuda" => match unavailable_reason() {
+            None => true,
+            Some(why) => bail!("--device cuda: {why}"),
+        },
+        _ => {
+            let why = unavailable_reason();
+            eprintln!(
+                "device: {}",
+                why.as_ref()
+                    .map_or("cuda".to_string(), |w| format!("cpu (CUDA not used: {w})"))
+            );
+            why.is_none()
+        }
+    };
+    if cuda {
+        #[cfg(feature = "cuda")]
+        return attack_on(a, crate::backend::cuda::CudaBackend::new(0)?);
+    }
+    attack_on(a, CpuBackend)
+}
+
+fn attack_on<B: BackwardOps + Clone>(a: &AttackArgs, be: B) -> Result<()> {
     let behaviors = read_behaviors(&a.behaviors, a.limit)?;
-    let (m, model) = load_with_adapter(&a.model, a.adapter.as_deref())?;
+    let (m, model) = load_on(be.clone(), &a.model, a.adapter.as_deref())?;
     let stop = stop_tokens(&m);
     let judges = Judges::default();
     let cls = match &a.classifier {
-        Some(spec) => {
-            let (cm, cl) = load_with_adapter(spec, None)?;
-            Some((cm, cl))
-        }
+        Some(spec) => Some(load_on(be, spec, None)?),
         None => None,
     };
     let ball = match a.ball.as_str() {

@@ -246,7 +246,7 @@ pub fn cmd_capture(a: &CaptureArgs) -> Result<()> {
 fn cpu_only(device: &str) -> Result<()> {
     match device {
         "cpu" | "auto" => Ok(()),
-        other => bail!("--device {other}: training runs on the CPU in this build (the CUDA backward kernels are not written yet)"),
+        other => bail!("--device {other}: training runs on the CPU in this build (the CUDA backward kernels exist but the trainer does not drive them yet)"),
     }
 }
 
