@@ -455,6 +455,18 @@ fn universal_attack_reports_on_the_held_out_behaviours() {
             "cuda",
         ]);
         assert!(!ok && err.contains("--device cuda:"), "{err}");
+        let (ok, _, err) = repshield(&[
+            "train",
+            "--method",
+            "triplet",
+            "--model",
+            &tiny(),
+            "--out",
+            dir.path().join("t").to_str().unwrap(),
+            "--device",
+            "cuda",
+        ]);
+        assert!(!ok && err.contains("--device cuda:"), "{err}");
     }
 }
 

@@ -438,15 +438,17 @@ pub fn asr_table(records: &[AttackRecord]) -> String {
     s
 }
 
-pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
+/// `--device cpu|cuda|auto`: whether to run on CUDA (auto: when a GPU and compiled kernels
+/// are present, saying which); `cuda` without them is an error that says why.
+pub fn pick_device(device: &str) -> Result<bool> {
     use crate::backend::cuda::unavailable_reason;
-    let cuda = match a.device.as_str() {
+    Ok(match device {
         "cpu" => false,
         "cuda" => match unavailable_reason() {
             None => true,
             Some(why) => bail!("--device cuda: {why}"),
         },
-        _ => {
+        "auto" => {
             let why = unavailable_reason();
             eprintln!(
                 "device: {}",
@@ -455,8 +457,12 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
             );
             why.is_none()
         }
-    };
-    if cuda {
+        other => bail!("--device {other}: expected cpu, cuda or auto"),
+    })
+}
+
+pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
+    if pick_device(&a.device)? {
         #[cfg(feature = "cuda")]
         return attack_on(a, crate::backend::cuda::CudaBackend::new(0)?);
     }

@@ -11,7 +11,6 @@ use crate::attack::commands::{
 };
 use crate::attack::embedding::EmbeddingAttackConfig;
 use crate::attack::judge::mean_logprob;
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::llama::generate::{generate, GenerateOptions, Sampling};
 use crate::llama::{Input, Llama, LogitsMode};
@@ -108,8 +107,8 @@ pub struct Report {
 }
 
 /// Per-token KL(original || tuned), perplexity under the tuned model, on response tokens.
-pub fn benign_kl_ppl(
-    model: &Llama<CpuBackend>,
+pub fn benign_kl_ppl<B: Backend>(
+    model: &Llama<B>,
     m: &LoadedModel,
     set: &[Example],
 ) -> Result<(f64, f64)> {
@@ -143,7 +142,11 @@ pub fn benign_kl_ppl(
             LogitsMode::All,
             false,
         )?;
-        let (lt, lo) = (t.logits.expect("logits"), o.logits.expect("logits"));
+        let be = &model.backend;
+        let (lt, lo) = (
+            be.download(t.logits.as_ref().expect("logits"))?,
+            be.download(o.logits.as_ref().expect("logits"))?,
+        );
         let rm = tb.mask(MaskMode::ResponseAll);
         kl += kl_retain(&lo, &lt, &rm, 1, v, 1.0, 1.0, None);
         kl_n += rm.iter().sum::<f64>();
@@ -168,8 +171,8 @@ pub fn benign_kl_ppl(
 }
 
 /// Representation separation at `indices` on held-out harmful and benign pairs.
-pub fn separation(
-    model: &Llama<CpuBackend>,
+pub fn separation<B: Backend>(
+    model: &Llama<B>,
     m: &LoadedModel,
     harmful: &[Example],
     benign: &[Example],
@@ -217,6 +220,7 @@ pub fn separation(
             )?;
             let rm = tb.mask(MaskMode::ResponseAll);
             for (k, ((_, ht), (_, ho))) in t.hidden.iter().zip(&o.hidden).enumerate() {
+                let (ht, ho) = (model.backend.download(ht)?, model.backend.download(ho)?);
                 let a = &mut acc[s][k];
                 for (r, &w) in rm.iter().enumerate() {
                     if w == 0.0 {
@@ -250,8 +254,8 @@ pub fn separation(
 
 /// Mean response-token representation of each example at hidden-state `index`, from the
 /// evaluated model (`use_lora`) or the original one.
-pub fn example_means(
-    model: &Llama<CpuBackend>,
+pub fn example_means<B: Backend>(
+    model: &Llama<B>,
     m: &LoadedModel,
     set: &[Example],
     index: usize,
@@ -278,7 +282,7 @@ pub fn example_means(
             LogitsMode::None,
             use_lora,
         )?;
-        let h = &o.hidden[0].1;
+        let h = model.backend.download(&o.hidden[0].1)?;
         let rm = tb.mask(MaskMode::ResponseAll);
         for b in 0..tb.batch {
             let mut v = vec![0.0; d];

@@ -5,6 +5,7 @@ use super::frozen::{capture, CaptureOptions, FrozenDtype};
 use super::step::LossTerms;
 use super::trainer::{objective_step, Method, TrainConfig, Trainer};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::BackwardOps;
 use crate::llama::peft::load_peft;
 use crate::llama::{Llama, LoraGrads, LoraModule};
 use crate::model::{self, LoadedModel};
@@ -246,15 +247,35 @@ pub fn cmd_capture(a: &CaptureArgs) -> Result<()> {
 fn cpu_only(device: &str) -> Result<()> {
     match device {
         "cpu" | "auto" => Ok(()),
-        other => bail!("--device {other}: training runs on the CPU in this build (the CUDA backward kernels exist but the trainer does not drive them yet)"),
+        other => bail!("--device {other}: capture runs on the CPU in this build"),
     }
 }
 
 pub fn cmd_train(a: &TrainArgs) -> Result<()> {
-    cpu_only(&a.device)?;
     let cfg = a.config()?;
     let m = model::load_model(&a.model)?;
-    let model = Llama::new(CpuBackend, &m.config, &m.weights)?;
+    if crate::attack::commands::pick_device(&a.device)? {
+        #[cfg(feature = "cuda")]
+        return train_on(
+            a,
+            cfg,
+            &m,
+            Llama::new(
+                crate::backend::cuda::CudaBackend::new(0)?,
+                &m.config,
+                &m.weights,
+            )?,
+        );
+    }
+    train_on(a, cfg, &m, Llama::new(CpuBackend, &m.config, &m.weights)?)
+}
+
+fn train_on<B: BackwardOps>(
+    a: &TrainArgs,
+    cfg: TrainConfig,
+    m: &LoadedModel,
+    model: Llama<B>,
+) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -303,7 +324,7 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
     if let (Some(f), Some(l)) = (outcome.first_total, outcome.last_total) {
         println!("loss: first step {f:.4} -> last step {l:.4}");
     }
-    let s = summary(&tr.model, &m, &cfg, &a.heldout_harmful, &a.heldout_benign)?;
+    let s = summary(&tr.model, m, &cfg, &a.heldout_harmful, &a.heldout_benign)?;
     println!(
         "held-out: cos(tuned, original) of harmful representations at target indices = {:.3}; KL(original || tuned) on benign chat = {:.4} nats/token",
         s.harmful_cos, s.benign_kl
@@ -318,8 +339,8 @@ pub struct Summary {
 
 /// Mean cosine similarity between tuned and original harmful representations (response
 /// tokens, target indices) and mean per-token KL(original || tuned) at T = 1 on benign chat.
-pub fn summary(
-    model: &Llama<CpuBackend>,
+pub fn summary<B: crate::backend::Backend>(
+    model: &Llama<B>,
     m: &LoadedModel,
     c: &TrainConfig,
     harmful: &Path,
