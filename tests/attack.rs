@@ -5,7 +5,8 @@
 mod common;
 
 use repshield::attack::embedding::{
-    apply_soft, attack, attack_batch, universal_attack, AttackLayout, EmbeddingAttackConfig,
+    apply_soft, attack, attack_batch, restart_start, universal_attack, AttackLayout,
+    EmbeddingAttackConfig,
 };
 use repshield::attack::pgd::{Ball, Update};
 use repshield::backend::cpu::CpuBackend;
@@ -307,4 +308,30 @@ fn a_batch_of_behaviours_is_attacked_like_each_alone() {
         }
         assert!(b.seconds > 0.0);
     }
+}
+
+#[test]
+fn restarts_start_elsewhere_inside_the_ball() {
+    let init: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+    let cfg = |restart, ball| EmbeddingAttackConfig {
+        restart,
+        ball,
+        init_noise: 0.5,
+        ..Default::default()
+    };
+    assert_eq!(restart_start(&init, &cfg(0, Ball::None), 8), init);
+    let a = restart_start(&init, &cfg(1, Ball::None), 8);
+    let b = restart_start(&init, &cfg(2, Ball::None), 8);
+    assert!(a != init && b != a);
+    assert_eq!(
+        a,
+        restart_start(&init, &cfg(1, Ball::None), 8),
+        "seeded by the restart"
+    );
+    let c = restart_start(&init, &cfg(1, Ball::Linf(0.05)), 8);
+    assert!(c
+        .iter()
+        .zip(&init)
+        .all(|(x, y)| (x - y).abs() <= 0.05 + 1e-6));
+    assert!(c.iter().zip(&init).any(|(x, y)| (x - y).abs() > 0.04));
 }

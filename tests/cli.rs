@@ -549,6 +549,51 @@ fn batched_attack_reports_every_behaviour_like_one_at_a_time() {
         recs.sort_by_key(|r| r["id"].as_str().unwrap().to_string());
         recs
     };
+    // Two restarts per behaviour: reported as two configs and in the "any" row.
+    let out = dir.path().join("restarts.jsonl");
+    let (ok, table, err) = repshield(&[
+        "attack",
+        "--model",
+        &tiny(),
+        "--attack",
+        "embedding",
+        "--behaviors",
+        beh.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--step-size",
+        "0.02",
+        "--n-soft",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--restarts",
+        "2",
+        "--batch",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 6);
+    let of = |id: &str, restart: bool| {
+        recs.iter()
+            .find(|r| {
+                r["id"] == id && r["config"].as_str().unwrap().ends_with("restart 1") == restart
+            })
+            .unwrap()
+    };
+    assert_ne!(of("a", false)["losses"][0], of("a", true)["losses"][0]);
+    assert!(
+        table.contains("restart 1 |") && table.contains("| any attack or config | - | 3 |"),
+        "{table}"
+    );
+
     let (one, batched) = (run("1"), run("3"));
     assert_eq!(batched.len(), 3);
     for (a, b) in one.iter().zip(&batched) {

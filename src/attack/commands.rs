@@ -55,6 +55,13 @@ pub struct AttackArgs {
     pub step_size: Vec<f32>,
     #[arg(long, default_value_t = 20)]
     pub n_soft: usize,
+    /// Embedding attack: runs per step size; restart 0 starts from the init tokens, restart r
+    /// from them plus noise seeded by r (each reported as its own config, and in "any").
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
+    /// Embedding attack: the restarts' noise, in units of the init embeddings' RMS.
+    #[arg(long, default_value_t = 0.5)]
+    pub init_noise: f32,
     /// Embedding attack: project the perturbation onto an L2 (per token) or Linf ball.
     #[arg(long, value_parser = ["none", "l2", "linf"], default_value = "none")]
     pub ball: String,
@@ -318,7 +325,7 @@ pub fn run_one<B: BackwardOps>(
         attack: kind,
         config: match kind {
             AttackKind::Embedding => format!(
-                "{}pgd {}{} x{} n_soft {} {:?}{}",
+                "{}pgd {}{} x{} n_soft {} {:?}{}{}",
                 if universal { "universal " } else { "" },
                 match emb.update {
                     Update::Sign => "step ",
@@ -328,7 +335,12 @@ pub fn run_one<B: BackwardOps>(
                 emb.steps,
                 emb.n_soft,
                 emb.ball,
-                if emb.early_stop { "" } else { " no-early-stop" }
+                if emb.early_stop { "" } else { " no-early-stop" },
+                if emb.restart > 0 {
+                    format!(" restart {}", emb.restart)
+                } else {
+                    String::new()
+                }
             ),
             _ => "-".into(),
         },
@@ -487,15 +499,19 @@ fn attack_on<B: BackwardOps + Clone>(a: &AttackArgs, be: B) -> Result<()> {
         AttackKind::Embedding => a
             .step_size
             .iter()
-            .map(|&s| EmbeddingAttackConfig {
-                n_soft: a.n_soft,
-                steps: a.steps,
-                step_size: s,
-                update: a.update,
-                ball,
-                early_stop: !a.no_early_stop,
-                gen_tokens: a.gen_tokens,
-                ..Default::default()
+            .flat_map(|&s| {
+                (0..a.restarts.max(1)).map(move |restart| EmbeddingAttackConfig {
+                    n_soft: a.n_soft,
+                    steps: a.steps,
+                    step_size: s,
+                    update: a.update,
+                    ball,
+                    early_stop: !a.no_early_stop,
+                    gen_tokens: a.gen_tokens,
+                    restart,
+                    init_noise: a.init_noise,
+                    ..Default::default()
+                })
             })
             .collect(),
         _ => vec![EmbeddingAttackConfig {

@@ -27,6 +27,11 @@ pub struct EmbeddingAttackConfig {
     /// ...or when the loss falls below this.
     pub loss_threshold: Option<f64>,
     pub gen_tokens: usize,
+    /// Restart number: 0 starts from the init tokens' embeddings; restart r >= 1 adds Gaussian
+    /// noise seeded by r, of standard deviation `init_noise` x the init embeddings' RMS, then
+    /// projects the start onto the ball (which stays centred on the init tokens).
+    pub restart: usize,
+    pub init_noise: f32,
 }
 
 impl Default for EmbeddingAttackConfig {
@@ -41,6 +46,8 @@ impl Default for EmbeddingAttackConfig {
             early_stop: true,
             loss_threshold: None,
             gen_tokens: 256,
+            restart: 0,
+            init_noise: 0.5,
         }
     }
 }
@@ -106,6 +113,22 @@ pub struct AttackResult {
     /// The optimised soft-token embeddings, `[n_soft, hidden]` (hard-negative mining reuses them).
     #[serde(skip)]
     pub soft: Vec<f32>,
+}
+
+/// The start of restart `cfg.restart` from the init tokens' embeddings `init` (see
+/// [`EmbeddingAttackConfig::restart`]).
+pub fn restart_start(init: &[f32], cfg: &EmbeddingAttackConfig, dim: usize) -> Vec<f32> {
+    let mut e = init.to_vec();
+    if cfg.restart == 0 || cfg.init_noise == 0.0 {
+        return e;
+    }
+    let rms = (init.iter().map(|x| x * x).sum::<f32>() / init.len().max(1) as f32).sqrt();
+    let mut rng = crate::util::Rng::new(0x72657374 ^ cfg.restart as u64);
+    for x in &mut e {
+        *x += rng.normal() * cfg.init_noise * rms;
+    }
+    super::pgd::project(&mut e, init, cfg.ball, dim);
+    e
 }
 
 /// Embeddings of one attacked conversation with its soft-token rows, and the target rows.
@@ -221,6 +244,7 @@ pub fn attack<B: BackwardOps>(
     let mut p = prepare(model, layout)?;
     let soft_rows = p.p0 * d..(p.p0 + n) * d;
     let init: Vec<f32> = p.embeds[soft_rows.clone()].to_vec();
+    p.embeds[soft_rows.clone()].copy_from_slice(&restart_start(&init, cfg, d));
 
     let t0 = std::time::Instant::now();
     let mut losses = Vec::new();
@@ -296,6 +320,10 @@ pub fn attack_batch<B: BackwardOps>(
     let inits: Vec<Vec<f32>> = (0..k)
         .map(|i| ps[i].embeds[ps[i].p0 * d..(ps[i].p0 + n_of(i)) * d].to_vec())
         .collect();
+    for (i, p) in ps.iter_mut().enumerate() {
+        let rows = p.p0 * d..(p.p0 + n_of(i)) * d;
+        p.embeds[rows].copy_from_slice(&restart_start(&inits[i], cfg, d));
+    }
     let mut adam = vec![None; k];
     let mut losses = vec![Vec::new(); k];
     let mut seconds = vec![0.0; k];
@@ -438,7 +466,7 @@ pub fn universal_attack<B: BackwardOps>(
         .map(|l| prepare(model, l))
         .collect::<Result<_>>()?;
     let init: Vec<f32> = ps[0].embeds[ps[0].p0 * d..(ps[0].p0 + n) * d].to_vec();
-    let mut soft = init.clone();
+    let mut soft = restart_start(&init, cfg, d);
     let t0 = std::time::Instant::now();
     let mut losses = Vec::new();
     let (mut steps, mut forced) = (0, 0);
