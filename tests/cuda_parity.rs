@@ -1696,8 +1696,15 @@ fn batched_embedding_attack_matches_the_cpu() {
     use repshield::attack::embedding::{attack_batch, AttackLayout, EmbeddingAttackConfig};
     use repshield::attack::pgd::Ball;
     let Some(g) = gpu() else { return };
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    // The build tree's fixtures, or the working directory's when the binary was built elsewhere
+    // (tools/gpu-suite.sh runs it from the repository root of a copy).
+    let rel = "tests/fixtures/tiny-llama";
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let fixture = if built.exists() {
+        built
+    } else {
+        std::path::PathBuf::from(rel)
+    };
     let m = repshield::model::load_model_path(&fixture).unwrap();
     let cpu_model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
     let gpu_model = gpu_model(&g, &m.config, &m.weights);

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The CUDA checks for a machine that has a GPU but no Rust toolchain, in two halves:
+#
+#   tools/gpu-suite.sh build   # here (Rust + the pinned nvcc): builds the CUDA test and bench
+#                              # binaries with --features cuda into .device/bin (gitignored),
+#                              # stripped, with the fixtures they read
+#   tools/gpu-suite.sh run OUT # there, from the repository root (.device/bin carried along):
+#                              # nvidia-smi, the CUDA parity suite, compute-sanitizer memcheck
+#                              # and racecheck on one pass of it, and the CPU engine's
+#                              # whole-model tests; logs and a summary.md land in OUT
+#
+# The binaries embed the PTX, so the GPU machine needs only its driver (and compute-sanitizer
+# from its CUDA install for the sanitizer passes, skipped with a note when absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+build() {
+  CUDA_HOME="$(bash tools/install-cuda-toolchain.sh)"
+  export CUDA_HOME REPSHIELD_REQUIRE_NVCC=1
+  local target="${CARGO_TARGET_DIR:-target}"
+  cargo build --release --features cuda --bins
+  local json
+  json="$(cargo test --release --features cuda --test cuda_parity --no-run --message-format=json 2>/dev/null)"
+  local test_bin
+  test_bin="$(printf '%s\n' "$json" | grep -o '"executable":"[^"]*cuda_parity[^"]*"' | tail -n 1 | cut -d'"' -f4)"
+  [ -x "$test_bin" ] || { echo "cuda_parity test binary not found" >&2; exit 1; }
+  rm -rf .device/bin && mkdir -p .device/bin
+  cp "$test_bin" .device/bin/cuda_parity
+  cp "$target/release/repshield" .device/bin/repshield
+  strip .device/bin/cuda_parity .device/bin/repshield
+  du -sh .device/bin/* >&2
+  echo "carry .device/bin; on the GPU machine run: bash tools/gpu-suite.sh run \$OUT" >&2
+}
+
+run() {
+  local out="${1:?usage: tools/gpu-suite.sh run OUT}"
+  mkdir -p "$out"
+  local bin=.device/bin
+  [ -x "$bin/cuda_parity" ] || { echo "$bin/cuda_parity missing: run 'build' first and carry .device/bin" >&2; exit 1; }
+  local s="$out/summary.md"
+  {
+    echo "# CUDA suite, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+    echo '```'
+  } > "$s"
+  # The suite: every test prints its own comparison; a GPU must be present, so any "skipping"
+  # line here is a failure of the setup, not a pass.
+  set +e
+  "$bin/cuda_parity" --test-threads=1 --nocapture > "$out/parity.log" 2>&1
+  local rc=$?
+  set -e
+  {
+    echo
+    echo "## cuda_parity (exit $rc)"
+    echo
+    grep -E '^test result|^test .* (FAILED|ok)$|skipping' "$out/parity.log" | sed 's/^/    /' | tail -n 60
+  } >> "$s"
+  local sanitizer
+  sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+  for tool in memcheck racecheck; do
+    if [ -z "$sanitizer" ]; then
+      printf '\n## compute-sanitizer %s\n\nnot found on this machine\n' "$tool" >> "$s"
+      continue
+    fi
+    set +e
+    "$sanitizer" --tool "$tool" --error-exitcode 99 "$bin/cuda_parity" --test-threads=1 > "$out/$tool.log" 2>&1
+    local src=$?
+    set -e
+    {
+      printf '\n## compute-sanitizer %s (exit %s)\n\n' "$tool" "$src"
+      grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$out/$tool.log" | sed 's/^/    /' | tail -n 10
+    } >> "$s"
+  done
+  cat "$s"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: tools/gpu-suite.sh build | run OUT" >&2; exit 2 ;;
+esac
