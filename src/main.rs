@@ -348,24 +348,11 @@ fn run_generate_file<B: Backend>(
 /// `true` when the CUDA backend should run: `--device cuda` insists (an error names why it
 /// cannot), `--device auto` takes it when a GPU and compiled kernels are present.
 fn use_cuda(device: Device) -> Result<bool> {
-    use repshield::backend::cuda::unavailable_reason;
-    match device {
-        Device::Cpu => Ok(false),
-        Device::Cuda => match unavailable_reason() {
-            None => Ok(true),
-            Some(why) => bail!("--device cuda: {why}"),
-        },
-        Device::Auto => match unavailable_reason() {
-            None => {
-                eprintln!("device: cuda");
-                Ok(true)
-            }
-            Some(why) => {
-                eprintln!("device: cpu (CUDA not used: {why})");
-                Ok(false)
-            }
-        },
-    }
+    repshield::backend::cuda::pick_device(match device {
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+        Device::Auto => "auto",
+    })
 }
 
 fn info(spec: &str) -> Result<model::ModelConfig> {

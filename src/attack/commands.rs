@@ -450,31 +450,8 @@ pub fn asr_table(records: &[AttackRecord]) -> String {
     s
 }
 
-/// `--device cpu|cuda|auto`: whether to run on CUDA (auto: when a GPU and compiled kernels
-/// are present, saying which); `cuda` without them is an error that says why.
-pub fn pick_device(device: &str) -> Result<bool> {
-    use crate::backend::cuda::unavailable_reason;
-    Ok(match device {
-        "cpu" => false,
-        "cuda" => match unavailable_reason() {
-            None => true,
-            Some(why) => bail!("--device cuda: {why}"),
-        },
-        "auto" => {
-            let why = unavailable_reason();
-            eprintln!(
-                "device: {}",
-                why.as_ref()
-                    .map_or("cuda".to_string(), |w| format!("cpu (CUDA not used: {w})"))
-            );
-            why.is_none()
-        }
-        other => bail!("--device {other}: expected cpu, cuda or auto"),
-    })
-}
-
 pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
-    if pick_device(&a.device)? {
+    if crate::backend::cuda::pick_device(&a.device)? {
         #[cfg(feature = "cuda")]
         return attack_on(a, crate::backend::cuda::CudaBackend::new(0)?);
     }

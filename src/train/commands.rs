@@ -271,7 +271,7 @@ fn cpu_only(device: &str) -> Result<()> {
 pub fn cmd_train(a: &TrainArgs) -> Result<()> {
     let cfg = a.config()?;
     let m = model::load_model(&a.model)?;
-    if crate::attack::commands::pick_device(&a.device)? {
+    if crate::backend::cuda::pick_device(&a.device)? {
         #[cfg(feature = "cuda")]
         return train_on(
             a,

@@ -161,6 +161,28 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// `--device cpu|cuda|auto`: whether to run on CUDA (auto: when a GPU and compiled kernels
+/// are present, saying which); `cuda` without them is an error that says why.
+pub fn pick_device(device: &str) -> anyhow::Result<bool> {
+    Ok(match device {
+        "cpu" => false,
+        "cuda" => match unavailable_reason() {
+            None => true,
+            Some(why) => anyhow::bail!("--device cuda: {why}"),
+        },
+        "auto" => {
+            let why = unavailable_reason();
+            eprintln!(
+                "device: {}",
+                why.as_ref()
+                    .map_or("cuda".to_string(), |w| format!("cpu (CUDA not used: {w})"))
+            );
+            why.is_none()
+        }
+        other => anyhow::bail!("--device {other}: expected cpu, cuda or auto"),
+    })
+}
+
 /// True when [`CudaBackend::new`]`(0)` can succeed: the `cuda` feature is on, the kernels were
 /// compiled, a driver is installed and a GPU is visible.
 pub fn cuda_available() -> bool {
