@@ -8,10 +8,19 @@
 // All arithmetic is f32.
 #pragma once
 
+#ifndef REPSHIELD_EMU
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
+
+// `T* name` pointing at the block's dynamic shared memory.
+#ifdef REPSHIELD_EMU
+#define DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(emu_dynamic_smem())
+#else
+#define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }

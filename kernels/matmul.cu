@@ -43,6 +43,16 @@
 
 namespace {
 
+#ifdef REPSHIELD_EMU
+// The CPU emulator (tools/cuda-emu) runs these four instructions as warp collectives.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) { emu_cp_async_16(dst, src, src_bytes); }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N> __device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu_ldmatrix_x4(r, p); }
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  emu_mma_bf16_16816(d, a, b0, b1);
+}
+#else
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -68,6 +78,7 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 __device__ __forceinline__ void store_out(void* out, int out_f32, long long i, float v, float scale, int accumulate) {
   v *= scale;
@@ -94,7 +105,7 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
   static_assert((BM * CHUNKS_PER_ROW) % THREADS == 0 && (BN * CHUNKS_PER_ROW) % THREADS == 0, "tile/threads");
 
-  extern __shared__ uint4 smem_raw[];
+  DYNAMIC_SMEM(uint4, smem_raw);
   bf16* As = reinterpret_cast<bf16*>(smem_raw);        // [kStages][BM][kBKP]
   bf16* Bs = As + kStages * BM * kBKP;                 // [kStages][BN][kBKP]
 

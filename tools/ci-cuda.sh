@@ -6,7 +6,10 @@
 #      kernel fails the build);
 #   3. lints the CUDA code (it is compiled only with the feature);
 #   4. runs the CUDA test suite: the PTX checks and no-GPU error paths run, every GPU test
-#      prints "skipping: no CUDA driver" and passes.
+#      prints "skipping: no CUDA driver" and passes;
+#   5. runs the same suite on the CPU emulator of the driver (tools/cuda-emu/README.md): every
+#      kernel and launcher against its CPU twin, with threads run first to last and then last
+#      to first (a result that changes with the order is a race).
 # Uses the release profile so the dependencies are shared with `cargo test --release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,3 +37,11 @@ cargo clippy --release --features cuda --all-targets -- -D warnings
 echo "-- cargo test --release --features cuda --test cuda_parity"
 # --nocapture: each GPU test's "skipping: no CUDA driver ..." line shows in the log.
 cargo test --release --features cuda --test cuda_parity -- --nocapture
+
+echo "-- the same suite on the CUDA emulator (tools/cuda-emu)"
+emu="$(bash tools/cuda-emu/build.sh)"
+for order in forward reverse; do
+  echo "-- cuda_parity on the emulator, thread order: $order"
+  LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" REPSHIELD_EMU_ORDER="$order" \
+    cargo test --release --features cuda --test cuda_parity
+done

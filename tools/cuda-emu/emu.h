@@ -1,0 +1,243 @@
+// The CUDA kernel dialect on the host, for the CPU emulator of the CUDA driver
+// (tools/cuda-emu/README.md). Force-included (g++ -include) before every kernels/*.cu, which
+// then compiles as ordinary C++ with REPSHIELD_EMU defined.
+//
+// Execution model (driver.cpp): one block at a time; every thread of the block is a fiber with
+// its own stack; a fiber runs until it reaches a barrier (__syncthreads, or a warp-collective
+// operation: shuffles, votes, ldmatrix, mma), and a barrier opens when every live thread of its
+// scope (block or warp) has reached it. __shared__ variables are function-local statics: one
+// copy, reused by each block in turn. Device memory is host memory.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+
+#define REPSHIELD_EMU 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+// ---- runtime (driver.cpp) -------------------------------------------------------------------
+struct EmuThread {
+  dim3 tid;
+  int linear;  // x + y * bx + z * bx * by
+};
+extern "C" {
+EmuThread* emu_current();
+const dim3* emu_block_idx();
+const dim3* emu_block_dim();
+const dim3* emu_grid_dim();
+void emu_syncthreads();
+// Barrier over the current thread's warp; `mask` must name exactly the warp's live lanes
+// (otherwise the emulator reports the divergence and aborts).
+void emu_syncwarp(unsigned mask);
+// 32 lanes x 16 words of exchange space for the current warp.
+uint64_t* emu_warp_slots();
+void* emu_dynamic_smem();
+[[noreturn]] void emu_trap(const char* what);
+}
+
+#define threadIdx (emu_current()->tid)
+#define blockIdx (*emu_block_idx())
+#define blockDim (*emu_block_dim())
+#define gridDim (*emu_grid_dim())
+
+inline void __syncthreads() { emu_syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_syncwarp(mask); }
+[[noreturn]] inline void __trap() { emu_trap("__trap() called"); }
+
+inline int emu_lane() { return emu_current()->linear & 31; }
+
+// ---- bf16 ------------------------------------------------------------------------------------
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = uint32_t(h.bits) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  __nv_bfloat16 h;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    h.bits = uint16_t((u >> 16) | 0x40);  // quiet NaN, sign kept
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    h.bits = uint16_t(u >> 16);
+  }
+  return h;
+}
+
+// ---- vector types ------------------------------------------------------------------------------
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+
+template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcs(const T* p) { return *p; }
+
+// ---- math --------------------------------------------------------------------------------------
+// Built with -ffp-contract=off, so these round once per operation like the _rn intrinsics.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return sqrt(a); }
+inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+inline float __expf(float a) { return expf(a); }
+inline float __logf(float a) { return logf(a); }
+using std::max;
+using std::min;
+
+inline float atomicAdd(float* p, float v) {
+  float old = *p;  // fibers of one block never run at the same time, and blocks run in turn
+  *p = old + v;
+  return old;
+}
+inline double atomicAdd(double* p, double v) {
+  double old = *p;
+  *p = old + v;
+  return old;
+}
+
+// ---- warp collectives ------------------------------------------------------------------------
+template <typename T> inline T emu_shfl_from(unsigned mask, T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+  uint64_t* s = emu_warp_slots();
+  const int lane = emu_lane();
+  uint64_t w = 0;
+  memcpy(&w, &v, sizeof(T));
+  s[lane * 16] = w;
+  emu_syncwarp(mask);
+  if (!((mask >> (src_lane & 31)) & 1u)) emu_trap("shuffle from a lane outside the mask");
+  T r;
+  memcpy(&r, &s[(src_lane & 31) * 16], sizeof(T));
+  emu_syncwarp(mask);
+  return r;
+}
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = emu_lane();
+  int src = lane ^ lane_mask;
+  if (width < 32 && (src / width) != (lane / width)) src = lane;
+  return emu_shfl_from(mask, v, src);
+}
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  const int lane = emu_lane();
+  const int src = (lane / width) * width + (src_lane % width);
+  return emu_shfl_from(mask, v, src);
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = emu_lane();
+  int src = lane + int(delta);
+  if ((src / width) != (lane / width)) src = lane;
+  return emu_shfl_from(mask, v, src);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  uint64_t* s = emu_warp_slots();
+  const int lane = emu_lane();
+  s[lane * 16] = pred != 0;
+  emu_syncwarp(mask);
+  unsigned r = 0;
+  for (int l = 0; l < 32; l++)
+    if (((mask >> l) & 1u) && s[l * 16]) r |= 1u << l;
+  emu_syncwarp(mask);
+  return r;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+
+// ---- the PTX instructions matmul.cu issues through inline asm --------------------------------
+// cp.async: copied at issue (a legal schedule of an asynchronous copy); commit/wait are no-ops.
+inline void emu_cp_async_16(void* dst, const void* src, int src_bytes) {
+  if (src_bytes > 16 || src_bytes < 0) emu_trap("cp.async with src-size outside 0..16");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
+    emu_trap("cp.async.cg 16: misaligned address");
+  memset(dst, 0, 16);
+  if (src_bytes) memcpy(dst, src, size_t(src_bytes));
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 give the row addresses of matrix i
+// (16 bytes each); lane l receives, of every matrix i, row l / 4, elements 2 (l % 4) and +1.
+inline void emu_ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) emu_trap("ldmatrix: row address not 16-byte aligned");
+  uint64_t* s = emu_warp_slots();
+  const int lane = emu_lane();
+  s[lane * 16] = reinterpret_cast<uintptr_t>(p);
+  emu_syncwarp(0xffffffffu);
+  for (int i = 0; i < 4; i++) {
+    const char* row = reinterpret_cast<const char*>(s[(8 * i + lane / 4) * 16]);
+    memcpy(&r[i], row + 4 * (lane % 4), 4);
+  }
+  emu_syncwarp(0xffffffffu);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b. Fragments (PTX ISA, g =
+// lane / 4, t = lane % 4; a register holds two bf16, the lower-addressed one in its low half):
+//   A 16x16: a[0] (g, 2t..2t+1), a[1] (g+8, 2t..), a[2] (g, 2t+8..), a[3] (g+8, 2t+8..)
+//   B 16x8:  b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
+//   C 16x8:  d[0..1] (g, 2t..2t+1), d[2..3] (g+8, 2t..)
+inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  uint64_t* s = emu_warp_slots();
+  const int lane = emu_lane();
+  for (int i = 0; i < 4; i++) s[lane * 16 + i] = a[i];
+  s[lane * 16 + 4] = b0;
+  s[lane * 16 + 5] = b1;
+  emu_syncwarp(0xffffffffu);
+  auto half = [](uint64_t reg, int hi) {
+    __nv_bfloat16 h;
+    h.bits = uint16_t(hi ? (reg >> 16) : reg);
+    return __bfloat162float(h);
+  };
+  // A(row, k) and B(k, n) looked up in the lane that holds them.
+  auto A = [&](int row, int k) {
+    const int g = row % 8, hi8 = row / 8, kh = k / 8, kk = k % 8;
+    const int owner = g * 4 + kk / 2;
+    return half(s[owner * 16 + hi8 + 2 * kh], kk % 2);
+  };
+  auto B = [&](int k, int n) {
+    const int kh = k / 8, kk = k % 8;
+    const int owner = n * 4 + kk / 2;
+    return half(s[owner * 16 + 4 + kh], kk % 2);
+  };
+  const int g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int e = 0; e < 4; e++) {
+    const int row = g + (e / 2) * 8, col = 2 * t + (e % 2);
+    float acc = d[e];
+    for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+    out[e] = acc;
+  }
+  emu_syncwarp(0xffffffffu);
+  for (int e = 0; e < 4; e++) d[e] = out[e];
+}
