@@ -28,6 +28,14 @@
 //       x [rows, width] += bias [width] (side tensor, f32 or bf16).   (+=)
 //
 // Backward
+//   gemm_nn_bf16_128x128, gemm_nn_bf16_64x64
+//       out [M, N] = (accumulate ? out : 0) + scale * a b, a [M, K] and b [K, N] bf16, both
+//       row-major (dX = dY W with W [out, in]: no transposed copy of the frozen weight). The
+//       tensor-core kernel above with b's tiles stored k-major in shared memory ([BK][BN + 8])
+//       and read with ldmatrix.trans. Requires K % 8 == 0 and N % 8 == 0 (16-byte chunks of
+//       a's and b's rows) and 16-byte-aligned a, b; ragged M, N, K as above.
+//       grid = (ceil(N / BN), ceil(M / BM)); block = 256 / 128; dynamic shared memory
+//       = 4 * (BM * 40 + 32 * (BN + 8)) * 2 bytes (75776 for 128x128, raised at load).
 //   gemm_generic
 //       out [M, N] = (accumulate ? out : 0) + scale * op(a) op(b)     (= or +=)
 //       op(a) = a [M, K], or with trans_a the transpose of a [K, M];
@@ -49,6 +57,7 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N> __device__ __forceinline__ void cp_async_wait() {}
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu_ldmatrix_x4(r, p); }
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu_ldmatrix_x4_trans(r, p); }
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   emu_mma_bf16_16816(d, a, b0, b1);
 }
@@ -66,6 +75,15 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// The same four 8x8 matrices, each transposed on the way: lane l receives elements (2 (l % 4), l / 4)
+// and (2 (l % 4) + 1, l / 4) of every matrix. With rows = k and columns = n in shared memory, that
+// is exactly an m16n8k16 B fragment.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
@@ -95,7 +113,8 @@ constexpr int kBK = 32;          // k per pipeline stage: two m16n8k16 steps
 constexpr int kBKP = kBK + 8;    // padded smem row (80 bytes): ldmatrix rows hit distinct banks
 constexpr int kStages = 4;
 
-template <int BM, int BN, int WM, int WN>
+// B_KN = false: w is [N, K] (x w^T, the projections); true: w is [K, N] (x w, the backward's dX).
+template <int BM, int BN, int WM, int WN, bool B_KN = false>
 __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out,
                                         int out_f32, int M, int N, int K, float scale, int accumulate) {
   constexpr int WARPS_N = BN / WN;
@@ -104,10 +123,12 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
   constexpr int CHUNKS_PER_ROW = kBK / 8;
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
   static_assert((BM * CHUNKS_PER_ROW) % THREADS == 0 && (BN * CHUNKS_PER_ROW) % THREADS == 0, "tile/threads");
+  constexpr int BNP = BN + 8;  // padded k-major B row (B_KN): 8 rows of ldmatrix hit distinct banks
+  constexpr int B_STAGE = B_KN ? kBK * BNP : BN * kBKP;
 
   DYNAMIC_SMEM(uint4, smem_raw);
   bf16* As = reinterpret_cast<bf16*>(smem_raw);        // [kStages][BM][kBKP]
-  bf16* Bs = As + kStages * BM * kBKP;                 // [kStages][BN][kBKP]
+  bf16* Bs = As + kStages * BM * kBKP;                 // [kStages][BN][kBKP], or [kStages][kBK][BNP]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
@@ -123,12 +144,23 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
       const bool ok = gm < M && gk < K;
       cp_async_16(As + (stage * BM + row) * kBKP + kc, ok ? x + (long long)gm * K + gk : x, ok ? 16 : 0);
     }
+    if constexpr (B_KN) {
+      constexpr int N_CHUNKS = BN / 8;
 #pragma unroll
-    for (int i = 0; i < BN * CHUNKS_PER_ROW / THREADS; i++) {
-      const int c = tid + i * THREADS, row = c / CHUNKS_PER_ROW, kc = (c % CHUNKS_PER_ROW) * 8;
-      const int gn = block_n + row, gk = k0 + kc;
-      const bool ok = gn < N && gk < K;
-      cp_async_16(Bs + (stage * BN + row) * kBKP + kc, ok ? w + (long long)gn * K + gk : w, ok ? 16 : 0);
+      for (int i = 0; i < kBK * N_CHUNKS / THREADS; i++) {
+        const int c = tid + i * THREADS, kr = c / N_CHUNKS, nc = (c % N_CHUNKS) * 8;
+        const int gk = k0 + kr, gn = block_n + nc;
+        const bool ok = gk < K && gn < N;
+        cp_async_16(Bs + stage * B_STAGE + kr * BNP + nc, ok ? w + (long long)gk * N + gn : w, ok ? 16 : 0);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN * CHUNKS_PER_ROW / THREADS; i++) {
+        const int c = tid + i * THREADS, row = c / CHUNKS_PER_ROW, kc = (c % CHUNKS_PER_ROW) * 8;
+        const int gn = block_n + row, gk = k0 + kc;
+        const bool ok = gn < N && gk < K;
+        cp_async_16(Bs + stage * B_STAGE + row * kBKP + kc, ok ? w + (long long)gn * K + gk : w, ok ? 16 : 0);
+      }
     }
   };
 
@@ -159,7 +191,7 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
 
     const int stage = kt % kStages;
     const bf16* a_st = As + stage * BM * kBKP;
-    const bf16* b_st = Bs + stage * BN * kBKP;
+    const bf16* b_st = Bs + stage * B_STAGE;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       unsigned a[MT][4];
@@ -174,9 +206,16 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
         // matrices: (n 0-7, k), (n 0-7, k+8), (n 8-15, k), (n 8-15, k+8) -> b[j], b[j+1]
-        const int nrow = warp_n * WN + j * 8 + (lane & 7) + ((lane >> 4) << 3);
         unsigned r[4];
-        ldmatrix_x4(r, b_st + nrow * kBKP + kk + ((lane >> 3) & 1) * 8);
+        if constexpr (B_KN) {
+          // lane l addresses k row (l & 7) + 8 ((l >> 3) & 1) of the n columns 8 (l >> 4) + 0..7
+          const int krow = kk + (lane & 7) + (((lane >> 3) & 1) << 3);
+          const int ncol = warp_n * WN + j * 8 + ((lane >> 4) << 3);
+          ldmatrix_x4_trans(r, b_st + krow * BNP + ncol);
+        } else {
+          const int nrow = warp_n * WN + j * 8 + (lane & 7) + ((lane >> 4) << 3);
+          ldmatrix_x4(r, b_st + nrow * kBKP + kk + ((lane >> 3) & 1) * 8);
+        }
         b[j][0] = r[0];
         b[j][1] = r[1];
         b[j + 1][0] = r[2];
@@ -363,6 +402,18 @@ extern "C" __global__ void __launch_bounds__(128)
     matmul_bf16_64x64(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out, int out_f32,
                       int M, int N, int K, float scale, int accumulate) {
   gemm_tc<64, 64, 32, 32>(x, w, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_nn_bf16_128x128(const bf16* __restrict__ a, const bf16* __restrict__ b, void* __restrict__ out, int out_f32,
+                         int M, int N, int K, float scale, int accumulate) {
+  gemm_tc<128, 128, 64, 32, true>(a, b, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    gemm_nn_bf16_64x64(const bf16* __restrict__ a, const bf16* __restrict__ b, void* __restrict__ out, int out_f32,
+                       int M, int N, int K, float scale, int accumulate) {
+  gemm_tc<64, 64, 32, 32, true>(a, b, out, out_f32, M, N, K, scale, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

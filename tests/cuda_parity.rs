@@ -13,7 +13,7 @@
 #![cfg(feature = "cuda")]
 
 use repshield::backend::cpu::{self, CpuBackend};
-use repshield::backend::cuda::{self, CudaBackend, CudaBuf, DType, MatmulKernel};
+use repshield::backend::cuda::{self, CudaBackend, CudaBuf, DType, GemmKernel, MatmulKernel};
 use repshield::backend::{AttnShape, Backend, BackwardOps};
 use repshield::llama::{generate, GenerateOptions, Llama, LogitsMode, Sampling};
 use repshield::model::{HostTensor, ModelConfig, ModelWeights, RopeScaling};
@@ -844,7 +844,10 @@ fn gemm_matches_cpu_with_every_transpose() {
         (130, 70, 257),
         (16, 300, 75),
         (200, 16, 48),
+        (37, 264, 200), // tensor cores (a b and a b^T), ragged m, k not a multiple of 32
+        (1500, 1600, 72), // >= 132 tiles of 128x128
     ];
+    let mut used = HashSet::new();
     for &(m, n, k) in shapes {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             for (ad, bd, od) in [
@@ -861,6 +864,12 @@ fn gemm_matches_cpu_with_every_transpose() {
                     } else {
                         poisoned(&g, m * n, od)
                     };
+                    used.insert(match g.gemm_kernel(m, n, k, ta, tb, ad, bd) {
+                        GemmKernel::Projection(_) => "projection",
+                        GemmKernel::TensorCoreNn128 => "nn128",
+                        GemmKernel::TensorCoreNn64 => "nn64",
+                        GemmKernel::Generic => "generic",
+                    });
                     g.gemm(
                         &up(&g, &a, ad),
                         &up(&g, &b, bd),
@@ -894,6 +903,12 @@ fn gemm_matches_cpu_with_every_transpose() {
                 }
             }
         }
+    }
+    for kernel in ["projection", "nn128", "nn64", "generic"] {
+        assert!(
+            used.contains(kernel),
+            "no shape exercised the {kernel} gemm"
+        );
     }
 }
 

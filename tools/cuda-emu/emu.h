@@ -202,6 +202,25 @@ inline void emu_ldmatrix_x4(unsigned (&r)[4], const void* p) {
   emu_syncwarp(0xffffffffu);
 }
 
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: the same row addresses; lane l receives, of
+// every matrix i, elements (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1, column l / 4).
+inline void emu_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) emu_trap("ldmatrix: row address not 16-byte aligned");
+  uint64_t* s = emu_warp_slots();
+  const int lane = emu_lane();
+  s[lane * 16] = reinterpret_cast<uintptr_t>(p);
+  emu_syncwarp(0xffffffffu);
+  for (int i = 0; i < 4; i++) {
+    uint16_t lo, hi;
+    const char* row0 = reinterpret_cast<const char*>(s[(8 * i + 2 * (lane % 4)) * 16]);
+    const char* row1 = reinterpret_cast<const char*>(s[(8 * i + 2 * (lane % 4) + 1) * 16]);
+    memcpy(&lo, row0 + 2 * (lane / 4), 2);
+    memcpy(&hi, row1 + 2 * (lane / 4), 2);
+    r[i] = unsigned(lo) | (unsigned(hi) << 16);
+  }
+  emu_syncwarp(0xffffffffu);
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b. Fragments (PTX ISA, g =
 // lane / 4, t = lane % 4; a register holds two bf16, the lower-addressed one in its low half):
 //   A 16x16: a[0] (g, 2t..2t+1), a[1] (g+8, 2t..), a[2] (g, 2t+8..), a[3] (g+8, 2t+8..)

@@ -86,6 +86,9 @@ pub(super) struct Device {
 
 /// Dynamic shared memory of the 128x128 GEMM tile (4 stages x (128 + 128) rows x 40 bf16).
 pub(super) const GEMM_128_SMEM: u32 = 4 * (128 + 128) * 40 * 2;
+/// Dynamic shared memory of the 128x128 `a b` GEMM tile (4 stages x (128 rows x 40 of a +
+/// 32 k-rows x 136 of b) bf16).
+pub(super) const GEMM_NN_128_SMEM: u32 = 4 * (128 * 40 + 32 * (128 + 8)) * 2;
 
 fn devices() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
@@ -155,12 +158,17 @@ impl Device {
                 functions.insert(entry, (f, signature));
             }
         }
-        if let Some((f, _)) = functions.get("matmul_bf16_128x128") {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                GEMM_128_SMEM as i32,
-            )
-            .context("raising the shared-memory limit of matmul_bf16_128x128")?;
+        for (name, smem) in [
+            ("matmul_bf16_128x128", GEMM_128_SMEM),
+            ("gemm_nn_bf16_128x128", GEMM_NN_128_SMEM),
+        ] {
+            if let Some((f, _)) = functions.get(name) {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .with_context(|| format!("raising the shared-memory limit of {name}"))?;
+            }
         }
         Ok(Self {
             ctx,
@@ -576,5 +584,29 @@ impl BackwardOps for CudaBackend {
     }
     fn axpy(&self, alpha: f32, x: &CudaBuf, y: &mut CudaBuf) {
         self.axpy_impl(alpha, x, y)
+    }
+    fn kl_retain(
+        &self,
+        orig: &CudaBuf,
+        tuned: &CudaBuf,
+        mask: &[f64],
+        batch: usize,
+        vocab: usize,
+        temperature: f64,
+        weight: f64,
+        grad: Option<&mut CudaBuf>,
+    ) -> Result<f64> {
+        // The launcher in kl.rs (an inherent method of the same name and signature).
+        CudaBackend::kl_retain(
+            self,
+            orig,
+            tuned,
+            mask,
+            batch,
+            vocab,
+            temperature,
+            weight,
+            grad,
+        )
     }
 }

@@ -2,7 +2,7 @@
 //! Picks the entry point: the bf16 tensor-core GEMM (two tile sizes), the decode GEMV, or the
 //! SIMT kernel for f32 operands and K not a multiple of 8.
 
-use super::device::{int, Arg, CudaBackend, CudaBuf, DType, GEMM_128_SMEM};
+use super::device::{int, Arg, CudaBackend, CudaBuf, DType, GEMM_128_SMEM, GEMM_NN_128_SMEM};
 use cudarc::driver::LaunchConfig;
 
 /// Rows of x up to which the GEMV streams each weight row once for all of them.
@@ -28,7 +28,44 @@ impl MatmulKernel {
     }
 }
 
+/// Which kernel `gemm` (the backward's `op(a) op(b)`) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmKernel {
+    /// `a b^T` with bf16 operands: the projection GEMM itself (`matmul`'s plan).
+    Projection(MatmulKernel),
+    /// `a b` with bf16 operands, b `[K, N]` row-major (dX = dY W): tensor cores, b read k-major.
+    TensorCoreNn128,
+    TensorCoreNn64,
+    /// Anything else (a transposed, f32 operands, ragged 16-byte chunks): SIMT.
+    Generic,
+}
+
 impl CudaBackend {
+    /// The kernel `gemm` uses for `op(a) [m, k] x op(b) [k, n]` with these operand dtypes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_kernel(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        a: DType,
+        b: DType,
+    ) -> GemmKernel {
+        if trans_a || a != DType::BF16 || b != DType::BF16 || !k.is_multiple_of(8) {
+            GemmKernel::Generic
+        } else if trans_b {
+            GemmKernel::Projection(self.matmul_kernel(m, n, k, a, b))
+        } else if !n.is_multiple_of(8) {
+            GemmKernel::Generic
+        } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
+            GemmKernel::TensorCoreNn128
+        } else {
+            GemmKernel::TensorCoreNn64
+        }
+    }
+
     /// The kernel `matmul` uses for `[m, k] x [n, k]^T` with these operand dtypes: tensor cores
     /// need bf16 x and w and 16-byte k-chunks; 128x128 tiles once they fill every SM, else
     /// 64x64 for more blocks.
@@ -181,8 +218,9 @@ impl CudaBackend {
     }
 
     /// `out[m,n] = (accumulate ? out : 0) + scale * op(a) op(b)` (the backward's GEMM; see
-    /// `BackwardOps::gemm` for the layouts). Runs `gemm_generic` (SIMT, f32 math) for every
-    /// shape and dtype mix.
+    /// `BackwardOps::gemm` for the layouts). bf16 `a b^T` is the projection GEMM; bf16 `a b`
+    /// with 16-byte rows (dX = dY W) runs on tensor cores reading b k-major; everything else
+    /// (transposed a, f32 operands: the LoRA factors' gradients) runs `gemm_generic` (SIMT).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_impl(
         &self,
@@ -215,6 +253,54 @@ impl CudaBackend {
                     .unwrap_or_else(|e| panic!("gemm: zeroing out: {e}"));
             }
             return;
+        }
+        match self.gemm_kernel(m, n, k, trans_a, trans_b, a.dtype, b.dtype) {
+            GemmKernel::Projection(_) => {
+                return self.matmul_impl(a, b, out, m, n, k, scale, accumulate);
+            }
+            GemmKernel::Generic => {}
+            tc => {
+                assert!(
+                    self.addr(a).is_multiple_of(16) && self.addr(b).is_multiple_of(16),
+                    "gemm: a and b must be 16-byte aligned"
+                );
+                let (name, tile, threads, smem) = if tc == GemmKernel::TensorCoreNn128 {
+                    ("gemm_nn_bf16_128x128", 128, 256, GEMM_NN_128_SMEM)
+                } else {
+                    (
+                        "gemm_nn_bf16_64x64",
+                        64,
+                        128,
+                        4 * (64 * 40 + 32 * (64 + 8)) * 2,
+                    )
+                };
+                assert!(
+                    m.div_ceil(tile) < 65536,
+                    "gemm: m = {m} needs more than 65535 row tiles"
+                );
+                let cfg = LaunchConfig {
+                    grid_dim: (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: smem,
+                };
+                let out_f32 = out.dtype.flag();
+                let mut args = [
+                    Arg::In(a),
+                    Arg::In(b),
+                    Arg::Out(out),
+                    Arg::I32(out_f32),
+                    Arg::I32(int(m, "gemm m")),
+                    Arg::I32(int(n, "gemm n")),
+                    Arg::I32(int(k, "gemm k")),
+                    Arg::F32(scale),
+                    Arg::I32(accumulate as i32),
+                ];
+                // SAFETY: gemm_nn_bf16_*(const bf16* a, const bf16* b, void* out, int, int M,
+                // int N, int K, float scale, int accumulate); bf16 operands, k % 8 == 0,
+                // n % 8 == 0 and 16-byte alignment checked above.
+                unsafe { self.launch(name, cfg, &mut args) };
+                return;
+            }
         }
         assert!(
             m.div_ceil(64) < 65536,

@@ -57,7 +57,7 @@ pub use attention::AttentionPlan;
 #[cfg(feature = "cuda")]
 pub use device::{CudaBackend, CudaBuf, DType};
 #[cfg(feature = "cuda")]
-pub use matmul::{MatmulKernel, MATVEC_MAX_M};
+pub use matmul::{GemmKernel, MatmulKernel, MATVEC_MAX_M};
 
 /// Every entry point the launchers may ask for (the `_{dtype}` variants spelled out); a test
 /// checks each against the embedded PTX, so a renamed kernel fails without a GPU.
@@ -98,6 +98,8 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "argmax_bf16",
     "argmax_f32",
     // backward
+    "gemm_nn_bf16_128x128",
+    "gemm_nn_bf16_64x64",
     "gemm_generic",
     "axpy_bf16",
     "axpy_f32",
