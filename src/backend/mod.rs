@@ -239,4 +239,19 @@ pub trait BackwardOps: Backend {
     );
     /// `y += alpha * x`.
     fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf);
+    /// The retain KL of [`crate::objectives::kl::kl_retain`] on logits that stay where they
+    /// are (`[rows, vocab]`, `mask` per row): returns `weight * KL`, writes
+    /// `weight * d KL / d tuned` into `grad` (`=`) when given.
+    #[allow(clippy::too_many_arguments)]
+    fn kl_retain(
+        &self,
+        orig: &Self::Buf,
+        tuned: &Self::Buf,
+        mask: &[f64],
+        batch: usize,
+        vocab: usize,
+        temperature: f64,
+        weight: f64,
+        grad: Option<&mut Self::Buf>,
+    ) -> anyhow::Result<f64>;
 }

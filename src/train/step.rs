@@ -7,7 +7,6 @@ use super::mining::AdvInput;
 use crate::backend::BackwardOps;
 use crate::llama::{Activations, Input, LatentHook, Llama, LogitsMode, LoraGrads};
 use crate::objectives::circuit_breaker::{circuit_breaker_loss, CircuitBreakerConfig};
-use crate::objectives::kl::kl_retain;
 use crate::objectives::repbend::{repbend_loss, RepBendConfig};
 use crate::objectives::triplet::{triplet_loss, TripletConfig};
 use crate::objectives::Reps;
@@ -81,8 +80,9 @@ struct SetPass<B: BackwardOps> {
     key_mask: B::Buf,
     tuned: Vec<f64>,
     orig: Vec<f64>,
-    tuned_logits: Option<Vec<f32>>,
-    orig_logits: Option<Vec<f32>>,
+    /// `[rows, vocab]` f32 on the device: the retain KL reads them where they are.
+    tuned_logits: Option<B::Buf>,
+    orig_logits: Option<B::Buf>,
 }
 
 fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>> {
@@ -136,7 +136,6 @@ fn run_set<B: BackwardOps>(
         true,
         hook.as_ref(),
     )?;
-    let dl = |o: &Option<B::Buf>| o.as_ref().map(|b| be.download(b)).transpose();
     let (orig, orig_logits) = match frozen {
         Some(f) => {
             let mut n_idx = orig_indices.to_vec();
@@ -159,7 +158,8 @@ fn run_set<B: BackwardOps>(
                 },
                 if logits { "needs" } else { "does not read" }
             );
-            (f.reps, f.logits)
+            let logits = f.logits.map(|l| be.upload_f32(&l)).transpose()?;
+            (f.reps, logits)
         }
         None => {
             let (orig_out, _) = model.forward_train(
@@ -171,13 +171,13 @@ fn run_set<B: BackwardOps>(
                 mode,
                 false,
             )?;
-            (stack(be, &orig_out.hidden)?, dl(&orig_out.logits)?)
+            (stack(be, &orig_out.hidden)?, orig_out.logits)
         }
     };
     Ok(SetPass {
         tuned: stack(be, &out.hidden)?,
         orig,
-        tuned_logits: dl(&out.logits)?,
+        tuned_logits: out.logits,
         orig_logits,
         acts,
         key_mask: match adv_bufs {
@@ -193,7 +193,7 @@ fn backward_set<B: BackwardOps>(
     pass: &SetPass<B>,
     indices: &[usize],
     grad: Option<&[f64]>,
-    d_logits: Option<&[f32]>,
+    d_logits: Option<&B::Buf>,
     grads: &mut LoraGrads<B>,
 ) -> Result<()> {
     let be = &model.backend;
@@ -209,11 +209,10 @@ fn backward_set<B: BackwardOps>(
         }
     }
     let refs: Vec<(usize, &B::Buf)> = bufs.iter().map(|(i, b)| (*i, b)).collect();
-    let dl = d_logits.map(|d| be.upload_f32(d)).transpose()?;
     model.backward(
         &pass.acts,
         &refs,
-        dl.as_ref(),
+        d_logits,
         Some(&pass.key_mask),
         Some(grads),
         false,
@@ -241,20 +240,26 @@ fn retain_kl<B: BackwardOps>(
         pass.orig_logits.as_ref().unwrap(),
         pass.tuned_logits.as_ref().unwrap(),
     );
+    let be = &model.backend;
     let vocab = model.cfg.vocab_size;
-    let mut dlog = grads.is_some().then(|| vec![0f32; zt.len()]);
-    let kl = kl_retain(
+    // Fused on the logits' device; the gradient comes back already scaled by `weight`.
+    let grads = grads.filter(|_| weight != 0.0);
+    let mut dlog = grads
+        .as_ref()
+        .map(|_| be.alloc_f32(mask.len() * vocab))
+        .transpose()?;
+    let w = if dlog.is_some() { weight } else { 1.0 };
+    let kl = be.kl_retain(
         zo,
         zt,
         &mask,
         retain.batch,
         vocab,
         temperature,
-        1.0,
-        dlog.as_deref_mut(),
-    );
-    if let (Some(g), Some(d)) = (grads, dlog.as_mut()) {
-        d.iter_mut().for_each(|x| *x *= weight as f32);
+        w,
+        dlog.as_mut(),
+    )? / w;
+    if let (Some(g), Some(d)) = (grads, dlog.as_ref()) {
         backward_set(model, &pass, &all, None, Some(d), g)?;
     }
     Ok(kl)

@@ -253,4 +253,27 @@ impl super::BackwardOps for CpuBackend {
             *yi += alpha * xi;
         }
     }
+    fn kl_retain(
+        &self,
+        orig: &Vec<f32>,
+        tuned: &Vec<f32>,
+        mask: &[f64],
+        batch: usize,
+        vocab: usize,
+        temperature: f64,
+        weight: f64,
+        grad: Option<&mut Vec<f32>>,
+    ) -> anyhow::Result<f64> {
+        anyhow::ensure!(temperature > 0.0, "kl: temperature must be positive");
+        Ok(crate::objectives::kl::kl_retain(
+            orig,
+            tuned,
+            mask,
+            batch,
+            vocab,
+            temperature,
+            weight,
+            grad.map(|g| g.as_mut_slice()),
+        ))
+    }
 }
