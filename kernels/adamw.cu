@@ -3,7 +3,8 @@
 //
 // Contract
 //   p, m, v [n] f32 (parameters, first and second moments; updated in place)
-//   g       [n] side tensor (f32 when g_f32 != 0, else bf16)
+//   g       [n] side tensor (f32 when g_f32 != 0, else bf16), used as g * grad_scale (f32; 1 over
+//           the gradient-accumulation count, as the CPU trainer scales it before its step)
 //   per element, exactly the CPU's operations and roundings (torch.optim.AdamW semantics):
 //     m = b1 m + omb1 g                       (f32; omb1 = 1 - b1 rounded to f32 on the host)
 //     v = b2 v + (omb2 g) g                   (f32)
@@ -15,12 +16,12 @@
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
-    adamw_step(float* __restrict__ p, const void* __restrict__ g, int g_f32, float* __restrict__ m,
+    adamw_step(float* __restrict__ p, const void* __restrict__ g, int g_f32, float grad_scale, float* __restrict__ m,
                float* __restrict__ v, long long n, float b1, float b2, float omb1, float omb2, float decay,
                double step, double bc2, double eps) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float gi = load_side(g, g_f32, i);
+    const float gi = __fmul_rn(load_side(g, g_f32, i), grad_scale);
     const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(omb1, gi));
     const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(omb2, gi), gi));
     m[i] = mi;

@@ -1,13 +1,13 @@
 //! `repshield bench train-step`: one optimiser step of the triplet objective (forward of the
 //! tuned and frozen model on the benign, harmful and retain batches, the loss, the backward to
-//! every LoRA factor, AdamW, re-upload) at a real model shape with random weights, side by side
+//! every LoRA factor, AdamW in place) at a real model shape with random weights, side by side
 //! with the identical step in PyTorch + transformers + peft (tools/bench_train_step.py).
 
 use crate::backend::cpu::CpuBackend;
 use crate::bench::{median, run_python_json, shape_config};
 use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
 use crate::model::{ModelConfig, ModelWeights};
-use crate::train::adamw::{adamw_step, Moments};
+use crate::train::adamw::{LoraOptimizer, Moments};
 use crate::train::data::TokenBatch;
 use crate::train::step::FrozenInputs;
 use crate::train::trainer::{objective_step, TrainConfig};
@@ -124,11 +124,12 @@ pub fn bench_train_step(a: &TrainStepArgs) -> Result<()> {
     let sets: Vec<TokenBatch> = (0..3)
         .map(|_| random_set(&cfg, a.batch, a.prompt_len, a.response_len, &mut rng))
         .collect();
-    let mut moments: Vec<(Moments, Moments)> = adapter
+    let moments: Vec<(Moments, Moments)> = adapter
         .pairs
         .iter()
         .map(|p| (Moments::new(p.a.len()), Moments::new(p.b.len())))
         .collect();
+    let mut opt = LoraOptimizer::new(&model.backend, &adapter, &moments)?;
     let adam = tc.adamw;
 
     let times = crate::backend::cpu::on_pool(|| -> Result<Vec<f64>> {
@@ -150,13 +151,7 @@ pub fn bench_train_step(a: &TrainStepArgs) -> Result<()> {
                 FrozenInputs::default(),
             )?;
             ensure!(terms.total.is_finite(), "loss is not finite");
-            for (i, p) in adapter.pairs.iter_mut().enumerate() {
-                let (ga, gb) = grads.get(p.layer, p.module).expect("gradient slot");
-                let (ma, mb) = &mut moments[i];
-                adamw_step(&adam, step as u64 + 1, &mut p.a, ga, ma);
-                adamw_step(&adam, step as u64 + 1, &mut p.b, gb, mb);
-            }
-            model.attach_lora(&adapter)?;
+            opt.step(&adam, step as u64 + 1, &mut model, &grads, 1.0)?;
             let s = t0.elapsed().as_secs_f64();
             eprintln!(
                 "step {step}{}: {s:.2}s, loss {:.4}",

@@ -179,7 +179,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
     };
     let mut expected: Vec<(String, &str)> = vec![
         ("gemm_generic".into(), "pipipiiiiiifi"),
-        ("adamw_step".into(), "ppipppfffffddd"),
+        ("adamw_step".into(), "ppifpppfffffddd"),
         ("pgd_step".into(), "ppipppiifffif"),
         ("kl_retain".into(), "pipipiffppi"),
     ];
@@ -1097,16 +1097,18 @@ fn adamw_step_is_bit_identical_to_cpu() {
             let mut st = Moments::new(n);
             let mut pg = g.upload_f32(&p).unwrap();
             let (mut mg, mut vg) = (g.alloc_f32(n).unwrap(), g.alloc_f32(n).unwrap());
-            for t in 1..=3u64 {
+            // The gradient scale of 1, 4 and 3 accumulated micro-batches.
+            for (t, gs) in [(1u64, 1.0f32), (2, 0.25), (3, 1.0 / 3.0)] {
                 let grad = random(n, 50 + t, 0.1, gd);
-                adamw_step(&cfg, t, &mut p, &grad, &mut st);
-                g.adamw_step(&cfg, t, &mut pg, &up(&g, &grad, gd), &mut mg, &mut vg);
+                let scaled: Vec<f32> = grad.iter().map(|&x| x * gs).collect();
+                adamw_step(&cfg, t, &mut p, &scaled, &mut st);
+                g.adamw_step(&cfg, t, &mut pg, &up(&g, &grad, gd), gs, &mut mg, &mut vg);
                 // Same operations in the same order, each explicitly rounded: exact.
                 let exact = Tol {
                     atol: 0.0,
                     rtol: 0.0,
                 };
-                let what = format!("adamw n{n} grad {gd:?} step {t}");
+                let what = format!("adamw n{n} grad {gd:?} step {t} scale {gs}");
                 assert_close(&format!("{what}: p"), &g.download(&pg).unwrap(), &p, exact);
                 assert_close(
                     &format!("{what}: m"),

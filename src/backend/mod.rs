@@ -254,4 +254,17 @@ pub trait BackwardOps: Backend {
         weight: f64,
         grad: Option<&mut Self::Buf>,
     ) -> anyhow::Result<f64>;
+    /// One AdamW step of f32 parameters `p` with gradient `g * grad_scale` and f32 moments
+    /// `m`, `v` at step `t` (1-based): [`crate::train::adamw::adamw_step`] where the buffers live.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        cfg: &crate::train::adamw::AdamWConfig,
+        t: u64,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        grad_scale: f32,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    );
 }

@@ -1,6 +1,9 @@
 //! AdamW on the LoRA factors (torch.optim.AdamW semantics: decoupled weight decay applied as
 //! `p *= 1 - lr * wd` before the Adam update, bias-corrected moments).
 
+use crate::backend::BackwardOps;
+use crate::llama::{Llama, LoraAdapter, LoraGrads};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -58,6 +61,97 @@ pub fn adamw_step(cfg: &AdamWConfig, t: u64, p: &mut [f32], g: &[f32], st: &mut 
         st.v[i] = b2 * st.v[i] + (1.0 - b2) * gi * gi;
         let denom = ((st.v[i] as f64) / bc2).sqrt() + cfg.eps;
         p[i] = p[i] * decay - (step * st.m[i] as f64 / denom) as f32;
+    }
+}
+
+/// AdamW over every LoRA pair of a model, on the model's device: the factors are updated in
+/// place in the model's LoRA buffers and the moments live next to them, so a training step
+/// moves no parameter to the host. [`LoraOptimizer::download`] brings the state back for a
+/// checkpoint.
+pub struct LoraOptimizer<B: BackwardOps> {
+    /// `(layer, module)` of each pair, in the adapter's order.
+    pairs: Vec<(usize, crate::llama::LoraModule)>,
+    /// `[m_a, v_a, m_b, v_b]` per pair.
+    moments: Vec<[B::Buf; 4]>,
+}
+
+impl<B: BackwardOps> LoraOptimizer<B> {
+    /// Uploads `moments` (one `(A, B)` pair per adapter pair) to the model's device.
+    pub fn new(be: &B, adapter: &LoraAdapter, moments: &[(Moments, Moments)]) -> Result<Self> {
+        anyhow::ensure!(
+            moments.len() == adapter.pairs.len(),
+            "optimiser state has {} LoRA pairs, the adapter {}",
+            moments.len(),
+            adapter.pairs.len()
+        );
+        let moments = moments
+            .iter()
+            .map(|(a, b)| {
+                Ok([
+                    be.upload_f32(&a.m)?,
+                    be.upload_f32(&a.v)?,
+                    be.upload_f32(&b.m)?,
+                    be.upload_f32(&b.v)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            pairs: adapter.pairs.iter().map(|p| (p.layer, p.module)).collect(),
+            moments,
+        })
+    }
+
+    /// One step (`t` 1-based) of every pair with gradients `grads * grad_scale`.
+    pub fn step(
+        &mut self,
+        cfg: &AdamWConfig,
+        t: u64,
+        model: &mut Llama<B>,
+        grads: &LoraGrads<B>,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let Llama {
+            backend, layers, ..
+        } = model;
+        for (&(layer, module), [ma, va, mb, vb]) in self.pairs.iter().zip(&mut self.moments) {
+            let (ga, gb) = grads
+                .get(layer, module)
+                .with_context(|| format!("no gradient for LoRA layer {layer} {module:?}"))?;
+            let lora = layers[layer].lora[module as usize]
+                .as_mut()
+                .with_context(|| format!("LoRA layer {layer} {module:?} is not attached"))?;
+            backend.adamw_step(cfg, t, &mut lora.a, ga, grad_scale, ma, va);
+            backend.adamw_step(cfg, t, &mut lora.b, gb, grad_scale, mb, vb);
+        }
+        Ok(())
+    }
+
+    /// The factors (into `adapter`) and the moments, from the device.
+    pub fn download(
+        &self,
+        model: &Llama<B>,
+        adapter: &mut LoraAdapter,
+    ) -> Result<Vec<(Moments, Moments)>> {
+        let be = &model.backend;
+        let mut out = Vec::with_capacity(self.moments.len());
+        for (p, [ma, va, mb, vb]) in adapter.pairs.iter_mut().zip(&self.moments) {
+            let lora = model.lora(p.layer, p.module).with_context(|| {
+                format!("LoRA layer {} {:?} is not attached", p.layer, p.module)
+            })?;
+            p.a = be.download(&lora.a)?;
+            p.b = be.download(&lora.b)?;
+            out.push((
+                Moments {
+                    m: be.download(ma)?,
+                    v: be.download(va)?,
+                },
+                Moments {
+                    m: be.download(mb)?,
+                    v: be.download(vb)?,
+                },
+            ));
+        }
+        Ok(out)
     }
 }
 

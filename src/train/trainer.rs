@@ -3,7 +3,7 @@
 //! checkpoint on Ctrl-C, and a hard stop naming the step and term when a loss or gradient
 //! stops being finite (the last checkpoint stays intact).
 
-use super::adamw::{adamw_step, AdamWConfig, Moments};
+use super::adamw::{AdamWConfig, LoraOptimizer, Moments};
 use super::data::{read_jsonl, Encoder, Example, Layout, MaskMode, TokenBatch};
 use super::frozen::FrozenReps;
 use super::mining::{AdvInput, Miner, MinerState, MiningConfig, MiningKind};
@@ -332,8 +332,12 @@ pub fn objective_step<B: BackwardOps>(
 pub struct Trainer<'a, B: BackwardOps> {
     pub model: Llama<B>,
     pub tokenizer: &'a ChatTokenizer,
+    /// Host copies of the LoRA factors and the optimiser moments: the model's LoRA buffers and
+    /// `opt` are the live state during `run`, copied back here for every checkpoint and at the
+    /// end. Replacing the adapter before `run` needs `model.attach_lora` as well.
     pub adapter: LoraAdapter,
     pub moments: Vec<(Moments, Moments)>,
+    opt: LoraOptimizer<B>,
     pub state: TrainState,
     pub data: Datasets,
     pub out: PathBuf,
@@ -436,6 +440,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             .map(|p| FrozenReps::open(p, &model, &state.config))
             .transpose()?;
         model.attach_lora(&adapter)?;
+        let opt = LoraOptimizer::new(&model.backend, &adapter, &moments)?;
         model.recompute = state.config.recompute;
         let mut miner = Miner::new(state.config.mining.clone(), state.config.seed);
         miner.state = state.miner.clone();
@@ -447,6 +452,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             tokenizer,
             adapter,
             moments,
+            opt,
             state,
             data,
             out: out.to_path_buf(),
@@ -481,9 +487,17 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
         ])
     }
 
+    /// Copies the live LoRA factors and optimiser moments from the model's device into
+    /// `adapter` and `moments`.
+    pub fn sync_host(&mut self) -> Result<()> {
+        self.moments = self.opt.download(&self.model, &mut self.adapter)?;
+        Ok(())
+    }
+
     /// Writes adapter, optimiser moments and state into `out/checkpoint` atomically (a fresh
     /// directory renamed over the old one).
-    pub fn save_checkpoint(&self) -> Result<()> {
+    pub fn save_checkpoint(&mut self) -> Result<()> {
+        self.sync_host()?;
         let ck = checkpoint_dir(&self.out);
         let tmp = self.out.join("checkpoint.tmp");
         if tmp.exists() {
@@ -629,21 +643,15 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                     checkpoint_dir(&self.out).display()
                 );
             }
-            // AdamW on the host copies, then re-upload.
-            let gscale = 1.0 / c.grad_accum as f32;
-            for (i, p) in self.adapter.pairs.iter_mut().enumerate() {
-                let (ga, gb) = grads
-                    .get(p.layer, p.module)
-                    .expect("gradient slot for every pair");
-                let mut ga = self.model.backend.download(ga)?;
-                let mut gb = self.model.backend.download(gb)?;
-                ga.iter_mut().for_each(|x| *x *= gscale);
-                gb.iter_mut().for_each(|x| *x *= gscale);
-                let (ma, mb) = &mut self.moments[i];
-                adamw_step(&adam, step as u64 + 1, &mut p.a, &ga, ma);
-                adamw_step(&adam, step as u64 + 1, &mut p.b, &gb, mb);
-            }
-            self.model.attach_lora(&self.adapter)?;
+            // AdamW where the factors live (the GPU's adamw_step kernel is bit-identical to
+            // the CPU's step).
+            self.opt.step(
+                &adam,
+                step as u64 + 1,
+                &mut self.model,
+                &grads,
+                1.0 / c.grad_accum as f32,
+            )?;
             self.state.step += 1;
             done_here += 1;
             self.state.last_total = Some(terms.total);
@@ -684,6 +692,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             ));
         } else {
             bar.finish();
+            self.sync_host()?;
             save_peft(&self.out, &self.adapter, &self.state.model)?;
         }
         Ok(TrainOutcome {

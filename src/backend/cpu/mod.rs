@@ -276,4 +276,26 @@ impl super::BackwardOps for CpuBackend {
             grad.map(|g| g.as_mut_slice()),
         ))
     }
+    fn adamw_step(
+        &self,
+        cfg: &crate::train::adamw::AdamWConfig,
+        t: u64,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        grad_scale: f32,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) {
+        let scaled: std::borrow::Cow<[f32]> = if grad_scale == 1.0 {
+            g.as_slice().into()
+        } else {
+            g.iter().map(|&x| x * grad_scale).collect::<Vec<_>>().into()
+        };
+        let mut st = crate::train::adamw::Moments {
+            m: std::mem::take(m),
+            v: std::mem::take(v),
+        };
+        crate::train::adamw::adamw_step(cfg, t, p, &scaled, &mut st);
+        (*m, *v) = (st.m, st.v);
+    }
 }

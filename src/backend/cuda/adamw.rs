@@ -5,14 +5,17 @@ use crate::train::adamw::AdamWConfig;
 use cudarc::driver::LaunchConfig;
 
 impl CudaBackend {
-    /// One AdamW update of the f32 parameters `p` with gradient `g` (f32 or bf16) and f32
-    /// moments `m`, `v`, at step `t` (1-based): bit-identical to [`crate::train::adamw::adamw_step`].
+    /// One AdamW update of the f32 parameters `p` with gradient `g * grad_scale` (g f32 or
+    /// bf16) and f32 moments `m`, `v`, at step `t` (1-based): bit-identical to scaling `g` in
+    /// f32 and calling [`crate::train::adamw::adamw_step`].
+    #[allow(clippy::too_many_arguments)]
     pub fn adamw_step(
         &self,
         cfg: &AdamWConfig,
         t: u64,
         p: &mut CudaBuf,
         g: &CudaBuf,
+        grad_scale: f32,
         m: &mut CudaBuf,
         v: &mut CudaBuf,
     ) {
@@ -46,6 +49,7 @@ impl CudaBackend {
             Arg::Out(p),
             Arg::In(g),
             Arg::I32(g_f32),
+            Arg::F32(grad_scale),
             Arg::Out(m),
             Arg::Out(v),
             Arg::I64(n),
@@ -58,7 +62,7 @@ impl CudaBackend {
             Arg::F64(bc2),
             Arg::F64(cfg.eps),
         ];
-        // SAFETY: adamw_step(float* p, const void* g, int, float* m, float* v, long long n,
+        // SAFETY: adamw_step(float* p, const void* g, int, float grad_scale, float* m, float* v, long long n,
         // float b1, float b2, float omb1, float omb2, float decay, double step, double bc2,
         // double eps); sizes and dtypes checked above.
         unsafe { self.launch("adamw_step", launch, &mut args) };

@@ -609,4 +609,17 @@ impl BackwardOps for CudaBackend {
             grad,
         )
     }
+    fn adamw_step(
+        &self,
+        cfg: &crate::train::adamw::AdamWConfig,
+        t: u64,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        grad_scale: f32,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+    ) {
+        // The launcher in adamw.rs (an inherent method of the same name and signature).
+        CudaBackend::adamw_step(self, cfg, t, p, g, grad_scale, m, v)
+    }
 }
