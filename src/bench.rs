@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Shape names accepted by `--shape`.
-pub const SHAPES: &[&str] = &["smollm2", "llama3-8b", "mistral-7b", "qwen2.5-0.5b"];
+pub const SHAPES: &[&str] = &["smollm2", "llama3-8b", "mistral-7b", "qwen2.5-0.5b", "tiny"];
 
 /// Model shapes from the Hugging Face `config.json` of each checkpoint (numbers written in, so
 /// benchmarks need no download).
@@ -106,6 +106,17 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
             bos_token_id: Some(151643),
             eos_token_ids: vec![151645],
             ..base("qwen2")
+        },
+        // A toy shape (the test fixtures' size) for smoke runs of the benchmarks.
+        "tiny" => ModelConfig {
+            vocab_size: 512,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            ..base("llama")
         },
         other => bail!("unknown shape {other:?} (known: {})", SHAPES.join(", ")),
     };
@@ -342,6 +353,9 @@ pub enum BenchCmd {
     /// One optimiser step of the triplet objective at a model shape with random weights (CPU
     /// backend), optionally side by side with PyTorch + transformers + peft.
     TrainStep(crate::bench_train::TrainStepArgs),
+    /// Every backend op at a model shape with random inputs against its counted floor
+    /// (CPU or CUDA), optionally side by side with PyTorch.
+    Kernels(crate::bench_kernels::KernelsArgs),
     /// Only measure this machine's f32 FMA peak and read bandwidth.
     Peak,
 }
@@ -394,6 +408,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => bench_generate(&a).map(|_| ()),
         BenchCmd::TrainStep(a) => crate::bench_train::bench_train_step(&a),
+        BenchCmd::Kernels(a) => crate::bench_kernels::bench_kernels(&a),
         BenchCmd::Peak => {
             let p = measure_fma_peak();
             println!(

@@ -4,6 +4,7 @@
 pub mod attack;
 pub mod backend;
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_train;
 pub mod demo;
 pub mod eval;

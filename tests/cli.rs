@@ -603,3 +603,77 @@ fn batched_attack_reports_every_behaviour_like_one_at_a_time() {
         assert_eq!(a["response"], b["response"]);
     }
 }
+
+#[test]
+fn bench_kernels_times_every_op_against_its_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("k.json");
+    let (ok, out, err) = repshield(&[
+        "bench",
+        "kernels",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--repeats",
+        "2",
+        "--tokens",
+        "16",
+        "--ctx",
+        "32",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("| op | shape | ms (median) |"), "{out}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    for want in [
+        "embedding",
+        "rmsnorm",
+        "matmul square",
+        "gemm dX = dY W (down)",
+        "attention prefill",
+        "attention_bwd",
+        "attention decode",
+        "kl_retain (+ grad)",
+        "adamw",
+    ] {
+        assert!(ops.contains(&want), "{want} missing from {ops:?}");
+    }
+    for r in &rows {
+        let (ms, floor, bytes) = (
+            r["ms"].as_f64().unwrap(),
+            r["floor_ms"].as_f64().unwrap(),
+            r["bytes"].as_f64().unwrap(),
+        );
+        assert!(ms > 0.0 && ms.is_finite(), "{r}");
+        assert!(floor > 0.0 && bytes > 0.0, "{r}");
+    }
+    // The matmul's FLOP count: 2 m n k at the square size (4 x hidden = 256 for tiny).
+    let sq = rows.iter().find(|r| r["op"] == "matmul square").unwrap();
+    assert_eq!(sq["flops"].as_f64().unwrap(), 2.0 * 256f64.powi(3));
+    // --only filters.
+    let (ok, out, err) = repshield(&[
+        "bench",
+        "kernels",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--tokens",
+        "16",
+        "--ctx",
+        "32",
+        "--only",
+        "swiglu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| swiglu |") && !out.contains("| adamw |"),
+        "{out}"
+    );
+}

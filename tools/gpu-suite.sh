@@ -6,8 +6,9 @@
 #                              # stripped, with the fixtures they read
 #   tools/gpu-suite.sh run OUT # there, from the repository root (.device/bin carried along):
 #                              # nvidia-smi, the CUDA parity suite, compute-sanitizer memcheck
-#                              # and racecheck on one pass of it, and the CPU engine's
-#                              # whole-model tests; logs and a summary.md land in OUT
+#                              # and racecheck on one pass of it, and `bench kernels` at the
+#                              # llama3-8b and smollm2 shapes (with PyTorch alongside when the
+#                              # machine's python has torch); logs and a summary.md land in OUT
 #
 # The binaries embed the PTX, so the GPU machine needs only its driver (and compute-sanitizer
 # from its CUDA install for the sanitizer passes, skipped with a note when absent).
@@ -71,6 +72,25 @@ run() {
     {
       printf '\n## compute-sanitizer %s (exit %s)\n\n' "$tool" "$src"
       grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$out/$tool.log" | sed 's/^/    /' | tail -n 10
+    } >> "$s"
+  done
+  # Kernel benchmarks against their floors, side by side with PyTorch (cuBLAS, SDPA) when a
+  # Python with torch is there.
+  local py
+  py="$(command -v python3 || command -v python || true)"
+  local cmp=()
+  if [ -n "$py" ] && "$py" -c 'import torch' 2>/dev/null; then
+    cmp=(--compare-python "$py" --script tools/bench_kernels_torch.py)
+  fi
+  for shape in ${GPU_SUITE_SHAPES:-llama3-8b smollm2}; do
+    set +e
+    "$bin/repshield" bench kernels --device cuda --shape "$shape" ${GPU_SUITE_KERNEL_ARGS:-} "${cmp[@]}" \
+      --json "$out/kernels-$shape.json" > "$out/kernels-$shape.md" 2>&1
+    local krc=$?
+    set -e
+    {
+      printf '\n## bench kernels --shape %s (exit %s)\n\n' "$shape" "$krc"
+      grep -E '^\||^tokens|^#' "$out/kernels-$shape.md"
     } >> "$s"
   done
   cat "$s"

@@ -296,6 +296,52 @@ impl CudaBackend {
             .unwrap_or_else(|e| panic!("copying {} indices to the GPU: {e}", data.len()))
     }
 
+    /// Milliseconds of each of `reps` runs of `f` (after one untimed warm-up), measured with
+    /// CUDA events around each run; before each run a 256 MiB buffer is overwritten so that no
+    /// operand is still in the L2 cache.
+    pub fn time_ms_flushed(&self, f: &mut dyn FnMut(), reps: usize) -> Result<Vec<f64>> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let mut flush = self
+            .dev
+            .stream
+            .alloc_zeros::<u8>(256 << 20)
+            .context("allocating the L2 flush buffer")?;
+        f();
+        let mut out = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            self.dev.stream.memset_zeros(&mut flush)?;
+            let start = self.dev.stream.record_event(Some(CU_EVENT_DEFAULT))?;
+            f();
+            let end = self.dev.stream.record_event(Some(CU_EVENT_DEFAULT))?;
+            out.push(start.elapsed_ms(&end)? as f64);
+        }
+        crate::backend::Backend::synchronize(self)?;
+        Ok(out)
+    }
+
+    /// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 10 copies of
+    /// 1 GiB (64 MiB when less than 4 GiB is free).
+    pub fn copy_bandwidth_gbs(&self) -> Result<f64> {
+        let (free, _) = self.mem_info()?;
+        let bytes: usize = if free > 4 << 30 { 1 << 30 } else { 64 << 20 };
+        let src = self.dev.stream.alloc_zeros::<u8>(bytes)?;
+        let mut dst = self.dev.stream.alloc_zeros::<u8>(bytes)?;
+        let stream = self.dev.stream.clone();
+        let mut err = None;
+        let times = self.time_ms_flushed(
+            &mut || {
+                if let Err(e) = stream.memcpy_dtod(&src, &mut dst) {
+                    err.get_or_insert(e);
+                }
+            },
+            10,
+        )?;
+        if let Some(e) = err {
+            return Err(e).context("device-to-device copy");
+        }
+        Ok(2.0 * bytes as f64 / (crate::bench::median(&times) * 1e-3) / 1e9)
+    }
+
     /// Launches kernel `name` on the backend's stream after checking `args` against the
     /// kernel's PTX parameter list (count, and pointer / int / float per position). Launch
     /// errors are bugs (bad grid, missing kernel), never data conditions, so they panic like a

@@ -1,0 +1,499 @@
+//! `repshield bench kernels`: every op of the backend at a model shape with random inputs,
+//! timed after warm-up (median of `--repeats`; on the GPU with CUDA events and the L2 cache
+//! flushed before each repetition), next to its counted floor: the larger of FLOPs / peak and
+//! bytes / measured bandwidth (DESIGN.md, performance method). Optionally side by side with
+//! PyTorch doing the same op (tools/bench_kernels_torch.py: cuBLAS GEMMs, SDPA attention).
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttnShape, BackwardOps};
+use crate::bench::{median, run_python_json, shape_config};
+use crate::model::ModelConfig;
+use crate::train::adamw::AdamWConfig;
+use crate::util::Rng;
+use anyhow::{ensure, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KernelsArgs {
+    /// Model shape: smollm2, llama3-8b, mistral-7b, qwen2.5-0.5b, tiny.
+    #[arg(long, default_value = "llama3-8b")]
+    pub shape: String,
+    /// cpu, cuda, or auto (CUDA when a GPU and compiled kernels are present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Token rows of the prefill/training-style ops (one sequence of this length for attention).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// KV-cache length of the decode attention.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Timed repetitions per op after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 20)]
+    pub repeats: usize,
+    /// Peak dense FLOP/s of the device in TFLOP/s (bf16 tensor cores on a GPU) for the floor;
+    /// default: a table of known GPUs, the measured f32 FMA peak on the CPU.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Only ops whose name contains one of these comma-separated strings.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Also time the same ops in PyTorch with this Python interpreter.
+    #[arg(long)]
+    pub compare_python: Option<PathBuf>,
+    /// Path of bench_kernels_torch.py (default: tools/ of this source tree).
+    #[arg(long)]
+    pub script: Option<PathBuf>,
+    /// Write the rows as JSON to this file as well.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name, from the vendors'
+/// data sheets.
+pub fn known_peak_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    [
+        ("H200", 989.4),
+        ("H100 PCIE", 756.0),
+        ("H100", 989.4),
+        ("A100", 312.0),
+        ("L40S", 362.1),
+        ("L4", 121.0),
+        ("A10G", 70.0),
+    ]
+    .iter()
+    .find(|(k, _)| n.contains(k))
+    .map(|&(_, v)| v)
+}
+
+/// Timing of queued device work, per backend.
+pub trait OpTimer: BackwardOps {
+    /// Milliseconds of each of `reps` runs of `f` (after one untimed warm-up run).
+    fn time_ms(&self, f: &mut dyn FnMut(), reps: usize) -> Result<Vec<f64>>;
+    /// Measured copy bandwidth in GB/s (bytes read + bytes written per second).
+    fn bandwidth_gbs(&self) -> Result<f64>;
+    /// Peak FLOP/s in TFLOP/s and where the figure comes from.
+    fn peak_tflops(&self) -> Option<(f64, String)>;
+}
+
+impl OpTimer for CpuBackend {
+    fn time_ms(&self, f: &mut dyn FnMut(), reps: usize) -> Result<Vec<f64>> {
+        f();
+        Ok((0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect())
+    }
+    fn bandwidth_gbs(&self) -> Result<f64> {
+        Ok(crate::bench::measure_read_bandwidth())
+    }
+    fn peak_tflops(&self) -> Option<(f64, String)> {
+        let p = crate::bench::measure_fma_peak();
+        Some((
+            p.gflops / 1e3,
+            format!("measured f32 FMA peak, {} threads, {}", p.threads, p.isa),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl OpTimer for crate::backend::cuda::CudaBackend {
+    fn time_ms(&self, f: &mut dyn FnMut(), reps: usize) -> Result<Vec<f64>> {
+        self.time_ms_flushed(f, reps)
+    }
+    fn bandwidth_gbs(&self) -> Result<f64> {
+        self.copy_bandwidth_gbs()
+    }
+    fn peak_tflops(&self) -> Option<(f64, String)> {
+        let name = crate::backend::Backend::name(self);
+        known_peak_tflops(&name).map(|p| (p, format!("bf16 dense peak of {name} (data sheet)")))
+    }
+}
+
+/// One timed op.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub op: String,
+    pub shape: String,
+    pub ms: f64,
+    pub flops: f64,
+    pub bytes: f64,
+    /// Max of flops / peak and bytes / bandwidth, in ms.
+    pub floor_ms: f64,
+    pub torch_ms: Option<f64>,
+}
+
+struct Case<'a> {
+    op: &'static str,
+    shape: String,
+    flops: f64,
+    bytes: f64,
+    run: Box<dyn FnMut() + 'a>,
+}
+
+fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+/// The ops at `cfg`'s shape, `t` token rows, decode over `ctx` cached keys. `wb` is the
+/// storage size of the working dtype (2 for bf16 on the GPU, 4 on the CPU).
+fn cases<'a, B: BackwardOps>(
+    be: &'a B,
+    cfg: &ModelConfig,
+    t: usize,
+    ctx: usize,
+    wb: f64,
+) -> Result<Vec<Case<'a>>> {
+    let mut rng = Rng::new(7);
+    let (d, ff, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let (qd, kvd) = (nh * hd, nkv * hd);
+    let mut out: Vec<Case<'a>> = Vec::new();
+    let up = |n: usize, rng: &mut Rng| be.upload(&random(n, rng, 1.0));
+
+    // Embedding gather.
+    {
+        let table = up(v * d, &mut rng)?;
+        let ids: Vec<u32> = (0..t).map(|i| ((i * 7919) % v) as u32).collect();
+        let mut o = be.alloc(t * d)?;
+        out.push(Case {
+            op: "embedding",
+            shape: format!("{t} ids x {d}"),
+            flops: 0.0,
+            bytes: 2.0 * (t * d) as f64 * wb,
+            run: Box::new(move || be.embedding(&table, &ids, d, &mut o)),
+        });
+    }
+    // Norms.
+    {
+        let x = up(t * d, &mut rng)?;
+        let w = be.upload_f32(&random(d, &mut rng, 1.0))?;
+        let mut o = be.alloc(t * d)?;
+        out.push(Case {
+            op: "rmsnorm",
+            shape: format!("[{t}, {d}]"),
+            flops: 4.0 * (t * d) as f64,
+            bytes: 2.0 * (t * d) as f64 * wb,
+            run: Box::new(move || be.rmsnorm(&x, &w, d, 1e-5, &mut o)),
+        });
+        let mut res = up(t * d, &mut rng)?;
+        let delta = up(t * d, &mut rng)?;
+        let w = be.upload_f32(&random(d, &mut rng, 1.0))?;
+        let mut o = be.alloc(t * d)?;
+        out.push(Case {
+            op: "add_rmsnorm",
+            shape: format!("[{t}, {d}]"),
+            flops: 5.0 * (t * d) as f64,
+            bytes: 4.0 * (t * d) as f64 * wb,
+            run: Box::new(move || be.add_rmsnorm(&mut res, &delta, &w, d, 1e-5, &mut o)),
+        });
+    }
+    // Projection GEMMs (x w^T), the decode GEMV, and a square GEMM.
+    // The square GEMM of the cuBLAS comparison: 4096^3 at 7B/8B shapes, smaller for small ones.
+    let sq = (4 * d).clamp(64, 4096);
+    let gemms: [(&'static str, usize, usize, usize); 6] = [
+        ("matmul qkv", t, qd + 2 * kvd, d),
+        ("matmul o", t, d, qd),
+        ("matmul gate+up", t, 2 * ff, d),
+        ("matmul down", t, d, ff),
+        ("matvec down (decode)", 1, d, ff),
+        ("matmul square", sq, sq, sq),
+    ];
+    for (op, m, n, k) in gemms {
+        let x = up(m * k, &mut rng)?;
+        let w = be.upload(&random(n * k, &mut rng, 0.02))?;
+        let mut o = be.alloc(m * n)?;
+        out.push(Case {
+            op,
+            shape: format!("[{m}, {k}] x [{n}, {k}]^T"),
+            flops: 2.0 * (m * n * k) as f64,
+            bytes: ((m * k + n * k + m * n) as f64) * wb,
+            run: Box::new(move || be.matmul(&x, &w, &mut o, m, n, k, 1.0, false)),
+        });
+    }
+    // The backward's dX = dY W through the down projection (W [d, ff]).
+    {
+        let (m, n, k) = (t, ff, d);
+        let dy = up(m * k, &mut rng)?;
+        let w = be.upload(&random(k * n, &mut rng, 0.02))?;
+        let mut dx = be.alloc(m * n)?;
+        out.push(Case {
+            op: "gemm dX = dY W (down)",
+            shape: format!("[{m}, {k}] x [{k}, {n}]"),
+            flops: 2.0 * (m * n * k) as f64,
+            bytes: ((m * k + n * k + m * n) as f64) * wb,
+            run: Box::new(move || be.gemm(&dy, &w, &mut dx, m, n, k, false, false, 1.0, false)),
+        });
+    }
+    // RoPE on q, SwiGLU and its backward.
+    {
+        let mut q = up(t * qd, &mut rng)?;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| cfg.rope_theta.powf(-2.0 * i as f32 / hd as f32))
+            .collect();
+        let inv = be.upload_f32(&inv)?;
+        out.push(Case {
+            op: "rope (q)",
+            shape: format!("[{t}, {nh} x {hd}]"),
+            flops: 3.0 * (t * qd) as f64,
+            bytes: 2.0 * (t * qd) as f64 * wb,
+            run: Box::new(move || be.rope(&mut q, 1, t, nh, hd, 0, &inv)),
+        });
+        let g = up(t * ff, &mut rng)?;
+        let u = up(t * ff, &mut rng)?;
+        let mut o = be.alloc(t * ff)?;
+        out.push(Case {
+            op: "swiglu",
+            shape: format!("[{t}, {ff}]"),
+            flops: 6.0 * (t * ff) as f64,
+            bytes: 3.0 * (t * ff) as f64 * wb,
+            run: Box::new(move || be.swiglu(&g, &u, &mut o)),
+        });
+        let (g, u, dout) = (
+            up(t * ff, &mut rng)?,
+            up(t * ff, &mut rng)?,
+            up(t * ff, &mut rng)?,
+        );
+        let (mut dg, mut du) = (be.alloc(t * ff)?, be.alloc(t * ff)?);
+        out.push(Case {
+            op: "swiglu_bwd",
+            shape: format!("[{t}, {ff}]"),
+            flops: 10.0 * (t * ff) as f64,
+            bytes: 5.0 * (t * ff) as f64 * wb,
+            run: Box::new(move || be.swiglu_bwd(&g, &u, &dout, &mut dg, &mut du)),
+        });
+        let (x, dy) = (up(t * d, &mut rng)?, up(t * d, &mut rng)?);
+        let w = be.upload_f32(&random(d, &mut rng, 1.0))?;
+        let mut dx = be.alloc(t * d)?;
+        out.push(Case {
+            op: "rmsnorm_bwd",
+            shape: format!("[{t}, {d}]"),
+            flops: 8.0 * (t * d) as f64,
+            bytes: 3.0 * (t * d) as f64 * wb,
+            run: Box::new(move || be.rmsnorm_bwd(&x, &w, &dy, d, 1e-5, &mut dx, false)),
+        });
+    }
+    // Attention: causal prefill over one sequence of t tokens, its backward, and decode.
+    {
+        let s = AttnShape {
+            batch: 1,
+            q_len: t,
+            start_pos: 0,
+            capacity: t,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let (q, k, vv) = (
+            up(t * qd, &mut rng)?,
+            up(t * kvd, &mut rng)?,
+            up(t * kvd, &mut rng)?,
+        );
+        let mut o = be.alloc(t * qd)?;
+        // QK^T and PV over the causal half.
+        let flops = 2.0 * 2.0 * (nh * hd) as f64 * (t * (t + 1) / 2) as f64;
+        let bytes = ((2 * t * qd + 2 * t * kvd) as f64) * wb;
+        out.push(Case {
+            op: "attention prefill",
+            shape: format!("1 x {t} tokens, {nh}/{nkv} heads x {hd}"),
+            flops,
+            bytes,
+            run: Box::new(move || be.attention(&q, &k, &vv, None, &mut o, s)),
+        });
+        let (q, k, vv) = (
+            up(t * qd, &mut rng)?,
+            up(t * kvd, &mut rng)?,
+            up(t * kvd, &mut rng)?,
+        );
+        let mut o = be.alloc(t * qd)?;
+        be.attention(&q, &k, &vv, None, &mut o, s);
+        let dout = up(t * qd, &mut rng)?;
+        let (mut dq, mut dk, mut dv) = (be.alloc(t * qd)?, be.alloc(t * kvd)?, be.alloc(t * kvd)?);
+        out.push(Case {
+            op: "attention_bwd",
+            shape: format!("1 x {t} tokens, {nh}/{nkv} heads x {hd}"),
+            // The trait's backward recomputes the forward for its lse: 1 + 2.5 forwards.
+            flops: 3.5 * flops,
+            bytes: bytes * 2.5,
+            run: Box::new(move || {
+                be.attention_bwd(&q, &k, &vv, None, &o, &dout, &mut dq, &mut dk, &mut dv, s)
+            }),
+        });
+        let sd = AttnShape {
+            batch: 1,
+            q_len: 1,
+            start_pos: ctx - 1,
+            capacity: ctx,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let (q, k, vv) = (
+            up(qd, &mut rng)?,
+            up(ctx * kvd, &mut rng)?,
+            up(ctx * kvd, &mut rng)?,
+        );
+        let mut o = be.alloc(qd)?;
+        out.push(Case {
+            op: "attention decode",
+            shape: format!("1 query, {ctx} cached keys"),
+            flops: 4.0 * (nh * hd * ctx) as f64,
+            bytes: (2 * ctx * kvd) as f64 * wb,
+            run: Box::new(move || be.attention(&q, &k, &vv, None, &mut o, sd)),
+        });
+    }
+    // Retain KL over f32 logits and AdamW over a rank-16 LoRA of every projection.
+    {
+        let rows = t.min(1024);
+        let (zo, zt) = (
+            be.upload_f32(&random(rows * v, &mut rng, 2.0))?,
+            be.upload_f32(&random(rows * v, &mut rng, 2.0))?,
+        );
+        let mut g = be.alloc_f32(rows * v)?;
+        let mask = vec![1.0f64; rows];
+        out.push(Case {
+            op: "kl_retain (+ grad)",
+            shape: format!("[{rows}, {v}] f32"),
+            flops: 12.0 * (rows * v) as f64,
+            bytes: 5.0 * (rows * v) as f64 * 4.0,
+            run: Box::new(move || {
+                be.kl_retain(&zo, &zt, &mask, 1, v, 2.0, 1.0, Some(&mut g))
+                    .expect("kl_retain");
+            }),
+        });
+        // Rank 16 on all seven projections of every layer: r (fan_in + fan_out) each.
+        let n = 16 * cfg.num_layers * (7 * d + 2 * qd + 2 * kvd + 3 * ff);
+        let mut p = be.upload_f32(&random(n, &mut rng, 0.02))?;
+        let g = be.upload_f32(&random(n, &mut rng, 1e-3))?;
+        let (mut m, mut vv) = (be.alloc_f32(n)?, be.alloc_f32(n)?);
+        let adam = AdamWConfig::default();
+        out.push(Case {
+            op: "adamw",
+            shape: format!("{n} f32 parameters"),
+            flops: 12.0 * n as f64,
+            bytes: 7.0 * n as f64 * 4.0,
+            run: Box::new(move || be.adamw_step(&adam, 1, &mut p, &g, 1.0, &mut m, &mut vv)),
+        });
+    }
+    Ok(out)
+}
+
+fn run_on<B: OpTimer>(be: &B, a: &KernelsArgs, cfg: &ModelConfig, wb: f64) -> Result<Vec<Row>> {
+    let bw = be.bandwidth_gbs()?;
+    let peak = a
+        .peak_tflops
+        .map(|p| (p, "--peak-tflops".to_string()))
+        .or_else(|| be.peak_tflops());
+    println!("# repshield bench kernels: {} on {}", a.shape, be.name());
+    println!(
+        "tokens {}, decode over {} cached keys, median of {} after a warm-up; bandwidth {bw:.0} GB/s (measured copy); peak {}",
+        a.tokens,
+        a.ctx,
+        a.repeats,
+        match &peak {
+            Some((p, src)) => format!("{p:.1} TFLOP/s ({src})"),
+            None => "unknown (pass --peak-tflops; floors use bandwidth only)".into(),
+        }
+    );
+    let filter: Vec<String> = a
+        .only
+        .as_deref()
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for mut c in cases(be, cfg, a.tokens, a.ctx, wb)? {
+        if !filter.is_empty() && !filter.iter().any(|f| c.op.contains(f.as_str())) {
+            continue;
+        }
+        let times = be.time_ms(&mut *c.run, a.repeats)?;
+        be.synchronize()?;
+        let ms = median(&times);
+        let floor_ms =
+            (c.bytes / (bw * 1e9)).max(peak.as_ref().map_or(0.0, |p| c.flops / (p.0 * 1e12))) * 1e3;
+        rows.push(Row {
+            op: c.op.to_string(),
+            shape: c.shape,
+            ms,
+            flops: c.flops,
+            bytes: c.bytes,
+            floor_ms,
+            torch_ms: None,
+        });
+    }
+    Ok(rows)
+}
+
+fn print_rows(rows: &[Row]) {
+    println!();
+    println!("| op | shape | ms (median) | TFLOP/s | GB/s | floor ms | of floor | PyTorch ms | vs PyTorch |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let s = r.ms / 1e3;
+        let tflops = if r.flops > 0.0 {
+            format!("{:.2}", r.flops / s / 1e12)
+        } else {
+            "-".into()
+        };
+        let (tm, ratio) = match r.torch_ms {
+            Some(t) => (format!("{t:.4}"), format!("{:.2}x", t / r.ms)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {} | {:.4} | {tflops} | {:.0} | {:.4} | {:.0}% | {tm} | {ratio} |",
+            r.op,
+            r.shape,
+            r.ms,
+            r.bytes / s / 1e9,
+            r.floor_ms,
+            100.0 * r.floor_ms / r.ms,
+        );
+    }
+}
+
+pub fn bench_kernels(a: &KernelsArgs) -> Result<()> {
+    ensure!(
+        a.repeats > 0 && a.tokens > 0 && a.ctx > 0,
+        "--repeats, --tokens and --ctx must be positive"
+    );
+    let cfg = shape_config(&a.shape)?;
+    let mut rows = if crate::backend::cuda::pick_device(&a.device)? {
+        #[cfg(feature = "cuda")]
+        {
+            let be = crate::backend::cuda::CudaBackend::new(0)?;
+            run_on(&be, a, &cfg, 2.0)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        unreachable!("pick_device never chooses CUDA without the feature")
+    } else {
+        crate::backend::cpu::on_pool(|| run_on(&CpuBackend, a, &cfg, 4.0))?
+    };
+    if let Some(py) = &a.compare_python {
+        let names: Vec<&str> = rows.iter().map(|r| r.op.as_str()).collect();
+        let v = run_python_json(
+            py,
+            a.script.as_ref(),
+            "bench_kernels_torch.py",
+            &cfg,
+            0,
+            &[
+                ("--tokens", a.tokens.to_string()),
+                ("--ctx", a.ctx.to_string()),
+                ("--repeats", a.repeats.to_string()),
+                ("--ops", names.join(";")),
+            ],
+        )?;
+        for r in &mut rows {
+            r.torch_ms = v.get(&r.op).and_then(|x| x.as_f64());
+        }
+    }
+    print_rows(&rows);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
