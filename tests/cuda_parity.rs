@@ -180,6 +180,9 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
     let mut expected: Vec<(String, &str)> = vec![
         ("gemm_generic".into(), "pipipiiiiiifi"),
         ("adamw_step".into(), "ppifpppfffffddd"),
+        ("row_stats".into(), "pipiipip"),
+        ("row_combine".into(), "piipippippipi"),
+        ("gemm_nn_bf16_128x128".into(), "pppiiiifi"),
         ("pgd_step".into(), "ppipppiifffif"),
         ("kl_retain".into(), "pipipiffppi"),
     ];
@@ -1755,5 +1758,180 @@ fn batched_embedding_attack_matches_the_cpu() {
             "gpu attack did not force the target: {:?}",
             &g.losses[g.losses.len().saturating_sub(3)..]
         );
+    }
+}
+
+/// The objectives' row kernels against their CPU twins, and the triplet objective as the
+/// trainer runs it on the GPU against the f64 reference.
+#[test]
+fn row_kernels_and_device_triplet_match_cpu() {
+    use repshield::backend::cpu::rows;
+    use repshield::objectives::triplet::{
+        triplet_loss, triplet_loss_on, DeviceReps, TripletConfig,
+    };
+    use repshield::objectives::{Distance, Reps};
+    let Some(g) = gpu() else { return };
+    for &(rows_n, dim) in &[(1usize, 1usize), (7, 33), (40, 576), (3, 1000)] {
+        for dtype in dtypes() {
+            let x = random(rows_n * dim, 91, 1.0, dtype);
+            let y = random(rows_n * dim, 92, 1.0, dtype);
+            let v = random(dim, 93, 1.0, dtype);
+            let scale: Vec<f32> = (0..rows_n).map(|r| [1.0, 0.0, 0.5][r % 3]).collect();
+            let (xg, yg, vg) = (up(&g, &x, dtype), up(&g, &y, dtype), up(&g, &v, dtype));
+            for (yv, yy, ygb) in [(false, &y, &yg), (true, &v, &vg)] {
+                let want = rows::row_stats(&x, yy, yv, Some(&scale), dim);
+                let got = g.row_stats(&xg, ygb, yv, Some(&scale), dim).unwrap();
+                for (r, (a, b)) in got.iter().zip(&want).enumerate() {
+                    for k in 0..4 {
+                        // f64 sums rounded once to f32.
+                        assert!(
+                            (a[k] - b[k]).abs() <= 1e-6 * (1.0 + b[k].abs()),
+                            "row_stats rows {rows_n} dim {dim} {dtype:?} y_vec {yv} row {r} stat {k}: {} vs {}",
+                            a[k],
+                            b[k]
+                        );
+                    }
+                }
+            }
+            let cx: Vec<f32> = (0..rows_n).map(|r| 0.5 - r as f32 * 0.1).collect();
+            let cy: Vec<f32> = (0..rows_n)
+                .map(|r| if r % 2 == 0 { 0.0 } else { 1.5 })
+                .collect();
+            let cv: Vec<f32> = (0..rows_n).map(|r| r as f32 * 0.25).collect();
+            let init = random(rows_n * dim, 94, 1.0, DType::F32);
+            for acc in [false, true] {
+                let mut want = init.clone();
+                rows::row_combine(
+                    &mut want,
+                    acc,
+                    Some((&x, &cx)),
+                    Some((&y, &cy)),
+                    Some((&v, &cv)),
+                    dim,
+                );
+                let mut out = if acc {
+                    g.upload_f32(&init).unwrap()
+                } else {
+                    poisoned(&g, rows_n * dim, DType::F32)
+                };
+                g.row_combine(
+                    &mut out,
+                    acc,
+                    Some((&xg, &cx)),
+                    Some((&yg, &cy)),
+                    Some((&vg, &cv)),
+                    dim,
+                );
+                assert_close(
+                    &format!("row_combine rows {rows_n} dim {dim} {dtype:?} acc {acc}"),
+                    &g.download(&out).unwrap(),
+                    &want,
+                    Tol {
+                        atol: 1e-5,
+                        rtol: 1e-5,
+                    },
+                );
+            }
+        }
+    }
+
+    // The whole triplet objective: values and per-index gradients against the f64 reference.
+    let (batch, seq, d) = (2usize, 6usize, 48usize);
+    let rows_n = batch * seq;
+    let all = [0usize, 1, 2];
+    let targets = [1usize, 2];
+    let slab = rows_n * d;
+    let bo = random(all.len() * slab, 95, 1.0, DType::F32);
+    let bt: Vec<f32> = bo
+        .iter()
+        .zip(random(all.len() * slab, 96, 0.2, DType::F32))
+        .map(|(a, b)| a + b)
+        .collect();
+    let ht = random(all.len() * slab, 97, 1.0, DType::F32);
+    let ho = random(targets.len() * slab, 98, 1.0, DType::F32);
+    let bm: Vec<f64> = (0..rows_n).map(|r| (r % 5 != 2) as u8 as f64).collect();
+    let hm: Vec<f64> = (0..rows_n).map(|r| (r % 4 != 0) as u8 as f64).collect();
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let cfg = TripletConfig {
+        benign_pos: Distance::L2,
+        benign_neg: Distance::Cos,
+        harmful_pos: Distance::Mix,
+        harmful_neg: Distance::L2sqn,
+        margin_benign: 1.0,
+        margin_harmful: 12.0,
+        ..Default::default()
+    };
+    let (want, wg) = triplet_loss(
+        &cfg,
+        Reps::new(&f64s(&bt), &all, batch, seq, d),
+        Reps::new(&f64s(&bo), &all, batch, seq, d),
+        &bm,
+        Reps::new(&f64s(&ht), &all, batch, seq, d),
+        Reps::new(&f64s(&ho), &targets, batch, seq, d),
+        &hm,
+        &targets,
+        true,
+    );
+    let wg = wg.unwrap();
+    assert!(want.benign > 0.0 && want.harmful > 0.0, "{want:?}");
+    let upl = |v: &[f32], idx: &[usize]| -> Vec<(usize, CudaBuf)> {
+        idx.iter()
+            .enumerate()
+            .map(|(k, &l)| (l, g.upload_f32(&v[k * slab..(k + 1) * slab]).unwrap()))
+            .collect()
+    };
+    let (btb, bob, htb, hob) = (
+        upl(&bt, &all),
+        upl(&bo, &all),
+        upl(&ht, &all),
+        upl(&ho, &targets),
+    );
+    fn dr(v: &[(usize, CudaBuf)], rows: usize) -> DeviceReps<'_, CudaBackend> {
+        DeviceReps {
+            bufs: v.iter().map(|(l, b)| (*l, b)).collect(),
+            rows,
+        }
+    }
+    let (got, gg) = triplet_loss_on(
+        &g,
+        &cfg,
+        d,
+        &all,
+        &dr(&btb, rows_n),
+        &dr(&bob, rows_n),
+        &bm,
+        &dr(&htb, rows_n),
+        &dr(&hob, rows_n),
+        &hm,
+        &targets,
+        true,
+    )
+    .unwrap();
+    let gg = gg.unwrap();
+    for (name, a, b) in [
+        ("benign", got.benign, want.benign),
+        ("harmful", got.harmful, want.harmful),
+    ] {
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "triplet {name}: {a} vs {b}"
+        );
+    }
+    for (k, &l) in all.iter().enumerate() {
+        for (what, list, w) in [
+            ("benign", &gg.benign, &wg.benign),
+            ("harmful", &gg.harmful, &wg.harmful),
+        ] {
+            let buf = &list.iter().find(|x| x.0 == l).unwrap().1;
+            let want_slab: Vec<f32> = w[k * slab..(k + 1) * slab]
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            let err = rel_l2(&g.download(buf).unwrap(), &want_slab);
+            assert!(
+                err < 1e-4,
+                "triplet {what} gradient at index {l}: relative L2 {err}"
+            );
+        }
     }
 }

@@ -267,4 +267,27 @@ pub trait BackwardOps: Backend {
         m: &mut Self::Buf,
         v: &mut Self::Buf,
     );
+    /// `(|a|^2, |b|^2, a.b, |a - b|^2)` per row of `x` (`[rows, dim]`), with
+    /// `a = scale_r x_r` and `b = scale_r y_r`, or `b = y` (a `[dim]` vector) when `y_vec`.
+    /// The representation objectives' distances and gradients are functions of these.
+    fn row_stats(
+        &self,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        y_vec: bool,
+        scale: Option<&[f32]>,
+        dim: usize,
+    ) -> anyhow::Result<Vec<[f64; 4]>>;
+    /// `out_r (=|+=) cx_r x_r + cy_r y_r + cv_r v` for the rows of `out` (`[rows, dim]`): `x`,
+    /// `y` are `[rows, dim]` and `v` a `[dim]` vector, each with its per-row coefficients.
+    #[allow(clippy::type_complexity)]
+    fn row_combine(
+        &self,
+        out: &mut Self::Buf,
+        accumulate: bool,
+        x: Option<(&Self::Buf, &[f32])>,
+        y: Option<(&Self::Buf, &[f32])>,
+        v: Option<(&Self::Buf, &[f32])>,
+        dim: usize,
+    );
 }

@@ -145,3 +145,142 @@ impl Distance {
         }
     }
 }
+
+/// A distance and its gradient from the statistics `(|a|^2, |b|^2, a.b, |a - b|^2)` of a pair:
+/// `d(a, b)`, `dd/da = da.0 a + da.1 b` and `dd/db = db.0 a + db.1 b`. Every distance here
+/// is a function of these four numbers with gradients in the span of `a` and `b`, so a device
+/// can reduce each row to its statistics and apply the gradient as a row combination
+/// (`BackwardOps::row_stats` / `row_combine`) without the host seeing the vectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistCoef {
+    pub value: f64,
+    pub da: (f64, f64),
+    pub db: (f64, f64),
+}
+
+impl Distance {
+    pub fn from_stats(self, [aa, bb, ab, dd]: [f64; 4]) -> DistCoef {
+        let (na, nb) = (aa.max(0.0).sqrt(), bb.max(0.0).sqrt());
+        let (ea, eb) = (na.max(NORM_EPS), nb.max(NORM_EPS));
+        let c = ab / (ea * eb);
+        let l2 = || {
+            let e = dd.max(0.0).sqrt();
+            if e == 0.0 {
+                // torch's subgradient of the norm at 0
+                DistCoef {
+                    value: 0.0,
+                    da: (0.0, 0.0),
+                    db: (0.0, 0.0),
+                }
+            } else {
+                DistCoef {
+                    value: e,
+                    da: (1.0 / e, -1.0 / e),
+                    db: (-1.0 / e, 1.0 / e),
+                }
+            }
+        };
+        // 1 - cos_sim and its gradient (F.normalize semantics: the |.|^2 terms only above eps).
+        let cos = || DistCoef {
+            value: 1.0 - c,
+            da: (if na > NORM_EPS { c / aa } else { 0.0 }, -1.0 / (ea * eb)),
+            db: (-1.0 / (ea * eb), if nb > NORM_EPS { c / bb } else { 0.0 }),
+        };
+        match self {
+            Self::L2 => l2(),
+            Self::Cos => cos(),
+            Self::L2sqn => {
+                let value = 0.3 * (aa / (ea * ea) + bb / (eb * eb) - 2.0 * ab / (ea * eb)).max(0.0);
+                // diff = 0.6 (a/ea - b/eb); dd/da = (diff - (diff.a / |a|^2) a) / ea,
+                // dd/db = -(diff - (diff.b / |b|^2) b) / eb.
+                let pa = if na > NORM_EPS {
+                    0.6 * (aa / ea - ab / eb) / aa
+                } else {
+                    0.0
+                };
+                let pb = if nb > NORM_EPS {
+                    0.6 * (ab / ea - bb / eb) / bb
+                } else {
+                    0.0
+                };
+                DistCoef {
+                    value,
+                    da: ((0.6 / ea - pa) / ea, -0.6 / (eb * ea)),
+                    db: (-0.6 / (ea * eb), (0.6 / eb + pb) / eb),
+                }
+            }
+            Self::Mix => {
+                let (l, k) = (l2(), cos());
+                let on = if c > 0.0 { 10.0 } else { 0.0 };
+                DistCoef {
+                    value: l.value + 10.0 * (1.0 - c.max(0.0)),
+                    da: (l.da.0 + on * k.da.0, l.da.1 + on * k.da.1),
+                    db: (l.db.0 + on * k.db.0, l.db.1 + on * k.db.1),
+                }
+            }
+        }
+    }
+}
+
+/// `(|a|^2, |b|^2, a.b, |a - b|^2)` in f64.
+pub fn pair_stats(a: &[f64], b: &[f64]) -> [f64; 4] {
+    let mut s = [0.0; 4];
+    for (x, y) in a.iter().zip(b) {
+        s[0] += x * x;
+        s[1] += y * y;
+        s[2] += x * y;
+        s[3] += (x - y) * (x - y);
+    }
+    s
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+    use crate::util::Rng;
+
+    /// from_stats gives every distance's value and gradient exactly as value()/grad() do,
+    /// on random pairs, on a pair with a = b (L2 at 0) and with one side zero.
+    #[test]
+    fn from_stats_matches_value_and_grad() {
+        let mut r = Rng::new(3);
+        let n = 24;
+        let rand = |r: &mut Rng| (0..n).map(|_| r.normal() as f64).collect::<Vec<f64>>();
+        let mut pairs = Vec::new();
+        for _ in 0..5 {
+            pairs.push((rand(&mut r), rand(&mut r)));
+        }
+        let a = rand(&mut r);
+        pairs.push((a.clone(), a.clone()));
+        // a close to b: cos near 1 (Mix's relu on), and one anti-aligned pair (relu off).
+        pairs.push((a.clone(), a.iter().map(|x| x * 1.5 + 1e-3).collect()));
+        pairs.push((a.clone(), a.iter().map(|x| -x).collect()));
+        pairs.push((vec![0.0; n], a.clone()));
+        for dist in [Distance::L2, Distance::Cos, Distance::L2sqn, Distance::Mix] {
+            for (a, b) in &pairs {
+                let k = dist.from_stats(pair_stats(a, b));
+                let want = dist.value(a, b);
+                assert!(
+                    (k.value - want).abs() <= 1e-9 * (1.0 + want.abs()),
+                    "{dist:?} value {} vs {want}",
+                    k.value
+                );
+                let (mut ga, mut gb) = (vec![0.0; n], vec![0.0; n]);
+                dist.grad(a, b, 1.0, Some(&mut ga), Some(&mut gb));
+                for i in 0..n {
+                    let (wa, wb) = (k.da.0 * a[i] + k.da.1 * b[i], k.db.0 * a[i] + k.db.1 * b[i]);
+                    assert!(
+                        (wa - ga[i]).abs() <= 1e-9 * (1.0 + ga[i].abs()),
+                        "{dist:?} da[{i}] {wa} vs {}",
+                        ga[i]
+                    );
+                    assert!(
+                        (wb - gb[i]).abs() <= 1e-9 * (1.0 + gb[i].abs()),
+                        "{dist:?} db[{i}] {wb} vs {}",
+                        gb[i]
+                    );
+                }
+            }
+        }
+    }
+}

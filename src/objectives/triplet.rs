@@ -7,6 +7,7 @@
 //! Representations are multiplied by their token mask first.
 
 use super::{Distance, Reps};
+use crate::backend::BackwardOps;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,4 +213,246 @@ pub fn triplet_loss(
         harmful: gh.unwrap(),
     });
     (terms, grads)
+}
+
+/// One set's representations where the model left them: `(hidden-state index, [rows, dim])`.
+pub struct DeviceReps<'a, B: BackwardOps> {
+    pub bufs: Vec<(usize, &'a B::Buf)>,
+    pub rows: usize,
+}
+
+impl<B: BackwardOps> DeviceReps<'_, B> {
+    fn get(&self, l: usize) -> &B::Buf {
+        self.bufs
+            .iter()
+            .find(|b| b.0 == l)
+            .unwrap_or_else(|| panic!("hidden-state index {l} was not captured"))
+            .1
+    }
+}
+
+/// Per-index gradients of [`triplet_loss_on`], `[rows, dim]` f32 on the device.
+pub struct DeviceTripletGrads<B: BackwardOps> {
+    pub benign: Vec<(usize, B::Buf)>,
+    pub harmful: Vec<(usize, B::Buf)>,
+}
+
+/// [`triplet_loss`] on representations that stay on the model's device: the O(rows x dim)
+/// work (the harmful means, the pair statistics, the gradients) runs as device ops
+/// (`gemm`, `row_stats`, `row_combine`, `axpy`), the hinges and weights on the host in f64
+/// over O(rows) numbers. `benign_*` hold `benign_indices`; `harm_tuned` holds those and the
+/// `targets`, `harm_orig` the targets.
+#[allow(clippy::too_many_arguments)]
+pub fn triplet_loss_on<B: BackwardOps>(
+    be: &B,
+    cfg: &TripletConfig,
+    dim: usize,
+    benign_indices: &[usize],
+    benign_tuned: &DeviceReps<B>,
+    benign_orig: &DeviceReps<B>,
+    benign_mask: &[f64],
+    harm_tuned: &DeviceReps<B>,
+    harm_orig: &DeviceReps<B>,
+    harm_mask: &[f64],
+    targets: &[usize],
+    want_grad: bool,
+) -> anyhow::Result<(TripletTerms, Option<DeviceTripletGrads<B>>)> {
+    let (rb, rh) = (benign_tuned.rows, harm_tuned.rows);
+    assert_eq!(benign_mask.len(), rb, "benign mask size");
+    assert_eq!(harm_mask.len(), rh, "harmful mask size");
+    let nb: f64 = benign_mask.iter().sum();
+    let nh: f64 = harm_mask.iter().sum();
+    assert!(nb > 0.0 && nh > 0.0, "triplet: a set has no masked tokens");
+    let bm32: Vec<f32> = benign_mask.iter().map(|&m| m as f32).collect();
+    let hm32: Vec<f32> = harm_mask.iter().map(|&m| m as f32).collect();
+
+    // mu^l = sum_t m_t (m_t h'_t) / nh, as a [1, rows] x [rows, dim] product.
+    let mut needed: Vec<usize> = benign_indices.to_vec();
+    needed.extend_from_slice(targets);
+    needed.sort_unstable();
+    needed.dedup();
+    let w_mu: Vec<f32> = harm_mask.iter().map(|&m| (m * m / nh) as f32).collect();
+    let w_mu_buf = be.upload_f32(&w_mu)?;
+    let mut mus = Vec::with_capacity(needed.len());
+    for &l in &needed {
+        let mut mu = be.alloc_f32(dim)?;
+        be.gemm(
+            &w_mu_buf,
+            harm_tuned.get(l),
+            &mut mu,
+            1,
+            dim,
+            rh,
+            false,
+            false,
+            1.0,
+            false,
+        );
+        mus.push((l, mu));
+    }
+    let mu = |l: usize| &mus.iter().find(|m| m.0 == l).unwrap().1;
+    // d total / d mu^l: sum_r c_r h'_r (coefficients per harmful row) + s mu^l.
+    let mut gmu_rows: Vec<(usize, Vec<f32>, f64)> =
+        needed.iter().map(|&l| (l, vec![0f32; rh], 0.0)).collect();
+    let mut gh: Vec<(usize, B::Buf)> = Vec::new();
+    if want_grad {
+        for &l in &needed {
+            gh.push((l, be.alloc_f32(rh * dim)?));
+        }
+    }
+    let mut gb: Vec<(usize, B::Buf)> = Vec::new();
+
+    // Benign term: relu(d_bp(x, y) - d_bn(x, mu) + m_b), x = m h'_B, y = m h_B.
+    let denom_b = benign_indices.len() as f64 * nb;
+    let mut benign = 0.0;
+    for &l in benign_indices {
+        let (x, y) = (benign_tuned.get(l), benign_orig.get(l));
+        let sp = be.row_stats(x, y, false, Some(&bm32), dim)?;
+        let sn = be.row_stats(x, mu(l), true, Some(&bm32), dim)?;
+        let (mut cx, mut cy, mut cv) = (vec![0f32; rb], vec![0f32; rb], vec![0f32; rb]);
+        let gmu = gmu_rows.iter_mut().find(|g| g.0 == l).unwrap();
+        let mut gmu_x = vec![0f32; rb];
+        for r in 0..rb {
+            let m = benign_mask[r];
+            if m == 0.0 {
+                continue;
+            }
+            let (p, n) = (
+                cfg.benign_pos.from_stats(sp[r]),
+                cfg.benign_neg.from_stats(sn[r]),
+            );
+            let h = p.value - n.value + cfg.margin_benign;
+            if h <= 0.0 {
+                continue;
+            }
+            benign += h * m / denom_b;
+            let w = cfg.w_benign * m / denom_b;
+            // d/dh'_r = m (w dp/dx - w dn/dx), with x = m h', y = m h.
+            cx[r] = (w * m * m * (p.da.0 - n.da.0)) as f32;
+            cy[r] = (w * m * m * p.da.1) as f32;
+            cv[r] = (-w * m * n.da.1) as f32;
+            // d/dmu = -w dn/db = -w (n.db.0 m h' + n.db.1 mu).
+            gmu_x[r] = (-w * m * n.db.0) as f32;
+            gmu.2 += -w * n.db.1;
+        }
+        if want_grad {
+            let mut g = be.alloc_f32(rb * dim)?;
+            be.row_combine(
+                &mut g,
+                false,
+                Some((x, &cx)),
+                Some((y, &cy)),
+                Some((mu(l), &cv)),
+                dim,
+            );
+            gb.push((l, g));
+            // The benign rows' pull on mu^l, folded into harmful-row coefficients below.
+            let coef = be.upload_f32(&gmu_x)?;
+            let mut gm = be.alloc_f32(dim)?;
+            be.gemm(&coef, x, &mut gm, 1, dim, rb, false, false, 1.0, false);
+            mus_grad_add(be, &mut gh, &gm, l, &hm32, nh)?;
+        }
+    }
+
+    // Harmful term: relu(d_hp(x, mu) - d_hn(x, y) + m_h), x = m h'_H, y = m h_H.
+    let denom_h = targets.len() as f64 * nh;
+    let mut harmful = 0.0;
+    for &l in targets {
+        let (x, y) = (harm_tuned.get(l), harm_orig.get(l));
+        let sp = be.row_stats(x, mu(l), true, Some(&hm32), dim)?;
+        let sn = be.row_stats(x, y, false, Some(&hm32), dim)?;
+        let (mut cx, mut cy, mut cv) = (vec![0f32; rh], vec![0f32; rh], vec![0f32; rh]);
+        let gmu = gmu_rows.iter_mut().find(|g| g.0 == l).unwrap();
+        for r in 0..rh {
+            let m = harm_mask[r];
+            if m == 0.0 {
+                continue;
+            }
+            let (p, n) = (
+                cfg.harmful_pos.from_stats(sp[r]),
+                cfg.harmful_neg.from_stats(sn[r]),
+            );
+            let h = p.value - n.value + cfg.margin_harmful;
+            if h <= 0.0 {
+                continue;
+            }
+            harmful += h * m / denom_h;
+            let w = cfg.w_harmful * m / denom_h;
+            cx[r] = (w * m * m * (p.da.0 - n.da.0)) as f32;
+            cv[r] = (w * m * p.da.1) as f32;
+            cy[r] = (-w * m * m * n.da.1) as f32;
+            // d/dmu = w dp/db = w (p.db.0 m h' + p.db.1 mu).
+            gmu.1[r] += (w * m * p.db.0) as f32;
+            gmu.2 += w * p.db.1;
+        }
+        if want_grad {
+            let g = &mut gh.iter_mut().find(|g| g.0 == l).unwrap().1;
+            be.row_combine(
+                g,
+                true,
+                Some((x, &cx)),
+                Some((y, &cy)),
+                Some((mu(l), &cv)),
+                dim,
+            );
+        }
+    }
+
+    // Back through mu^l: its gradient is sum_r c_r h'_r + s mu^l; every harmful row gets
+    // (m_r^2 / nh) of it.
+    if want_grad {
+        for (l, c, s) in &gmu_rows {
+            let mut gm = be.alloc_f32(dim)?;
+            let coef = be.upload_f32(c)?;
+            be.gemm(
+                &coef,
+                harm_tuned.get(*l),
+                &mut gm,
+                1,
+                dim,
+                rh,
+                false,
+                false,
+                1.0,
+                false,
+            );
+            be.axpy(*s as f32, mu(*l), &mut gm);
+            mus_grad_add(be, &mut gh, &gm, *l, &hm32, nh)?;
+        }
+    }
+    let terms = TripletTerms {
+        benign,
+        harmful,
+        total: cfg.w_benign * benign + cfg.w_harmful * harmful,
+    };
+    Ok((
+        terms,
+        want_grad.then_some(DeviceTripletGrads {
+            benign: gb,
+            harmful: gh,
+        }),
+    ))
+}
+
+/// `gh[l]_r += (m_r^2 / nh) gmu` for every harmful row (the mean's backward).
+fn mus_grad_add<B: BackwardOps>(
+    be: &B,
+    gh: &mut [(usize, B::Buf)],
+    gmu: &B::Buf,
+    l: usize,
+    hm32: &[f32],
+    nh: f64,
+) -> anyhow::Result<()> {
+    let w: Vec<f32> = hm32
+        .iter()
+        .map(|&m| (m as f64 * m as f64 / nh) as f32)
+        .collect();
+    let dim = be.len(gmu);
+    let g = &mut gh
+        .iter_mut()
+        .find(|g| g.0 == l)
+        .ok_or_else(|| anyhow::anyhow!("no harmful gradient slot for index {l}"))?
+        .1;
+    be.row_combine(g, true, None, None, Some((gmu, &w)), dim);
+    Ok(())
 }

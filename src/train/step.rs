@@ -8,7 +8,7 @@ use crate::backend::BackwardOps;
 use crate::llama::{Activations, Input, LatentHook, Llama, LogitsMode, LoraGrads};
 use crate::objectives::circuit_breaker::{circuit_breaker_loss, CircuitBreakerConfig};
 use crate::objectives::repbend::{repbend_loss, RepBendConfig};
-use crate::objectives::triplet::{triplet_loss, TripletConfig};
+use crate::objectives::triplet::{triplet_loss_on, DeviceReps, TripletConfig};
 use crate::objectives::Reps;
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -78,8 +78,10 @@ pub struct FrozenInputs {
 struct SetPass<B: BackwardOps> {
     acts: Activations<B>,
     key_mask: B::Buf,
-    tuned: Vec<f64>,
-    orig: Vec<f64>,
+    /// Hidden states of the tuned pass per captured index, `[rows, dim]` on the device.
+    tuned: Vec<(usize, B::Buf)>,
+    /// The frozen model's, per index (computed, or uploaded from a capture file).
+    orig: Vec<(usize, B::Buf)>,
     /// `[rows, vocab]` f32 on the device: the retain KL reads them where they are.
     tuned_logits: Option<B::Buf>,
     orig_logits: Option<B::Buf>,
@@ -91,6 +93,33 @@ fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>>
         out.extend(be.download(h)?.into_iter().map(|x| x as f64));
     }
     Ok(out)
+}
+
+/// Host f64 slabs `[n_idx, rows, dim]` (the layout of `Reps`) as per-index device buffers.
+fn unstack<B: BackwardOps>(
+    be: &B,
+    data: &[f64],
+    indices: &[usize],
+) -> Result<Vec<(usize, B::Buf)>> {
+    let slab = data.len() / indices.len().max(1);
+    indices
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let v: Vec<f32> = data[k * slab..(k + 1) * slab]
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            Ok((i, be.upload_f32(&v)?))
+        })
+        .collect()
+}
+
+fn device_reps<B: BackwardOps>(bufs: &[(usize, B::Buf)], rows: usize) -> DeviceReps<'_, B> {
+    DeviceReps {
+        bufs: bufs.iter().map(|(i, b)| (*i, b)).collect(),
+        rows,
+    }
 }
 
 /// `adv` attacks the tuned pass (hard-negative mining: soft tokens in its input, or the latent
@@ -159,7 +188,7 @@ fn run_set<B: BackwardOps>(
                 if logits { "needs" } else { "does not read" }
             );
             let logits = f.logits.map(|l| be.upload_f32(&l)).transpose()?;
-            (f.reps, logits)
+            (unstack(be, &f.reps, &n_idx)?, logits)
         }
         None => {
             let (orig_out, _) = model.forward_train(
@@ -171,11 +200,11 @@ fn run_set<B: BackwardOps>(
                 mode,
                 false,
             )?;
-            (stack(be, &orig_out.hidden)?, orig_out.logits)
+            (orig_out.hidden, orig_out.logits)
         }
     };
     Ok(SetPass {
-        tuned: stack(be, &out.hidden)?,
+        tuned: out.hidden,
         orig,
         tuned_logits: out.logits,
         orig_logits,
@@ -187,27 +216,15 @@ fn run_set<B: BackwardOps>(
     })
 }
 
-/// Backpropagates `grad` (f64, `[n_idx, rows, dim]` for `indices`) through a set's activations.
+/// Backpropagates `d_hidden` (per captured index, `[rows, dim]` on the device) and `d_logits`
+/// through a set's activations.
 fn backward_set<B: BackwardOps>(
     model: &Llama<B>,
     pass: &SetPass<B>,
-    indices: &[usize],
-    grad: Option<&[f64]>,
+    bufs: &[(usize, B::Buf)],
     d_logits: Option<&B::Buf>,
     grads: &mut LoraGrads<B>,
 ) -> Result<()> {
-    let be = &model.backend;
-    let mut bufs = Vec::new();
-    if let Some(g) = grad {
-        let slab = g.len() / indices.len().max(1);
-        for (k, &i) in indices.iter().enumerate() {
-            let v: Vec<f32> = g[k * slab..(k + 1) * slab]
-                .iter()
-                .map(|&x| x as f32)
-                .collect();
-            bufs.push((i, be.upload_f32(&v)?));
-        }
-    }
     let refs: Vec<(usize, &B::Buf)> = bufs.iter().map(|(i, b)| (*i, b)).collect();
     model.backward(
         &pass.acts,
@@ -260,7 +277,7 @@ fn retain_kl<B: BackwardOps>(
         dlog.as_mut(),
     )? / w;
     if let (Some(g), Some(d)) = (grads, dlog.as_ref()) {
-        backward_set(model, &pass, &all, None, Some(d), g)?;
+        backward_set(model, &pass, &[], Some(d), g)?;
     }
     Ok(kl)
 }
@@ -285,21 +302,25 @@ pub fn triplet_step<B: BackwardOps>(
     let h = run_set(model, harmful, &all, targets, false, adv, frozen.harmful)?;
     let b = run_set(model, benign, &all, &all, false, None, frozen.benign)?;
     let (bm, hm) = (f64_mask(benign, mask), f64_mask(harmful, mask));
-    let (terms, g) = triplet_loss(
+    // On the device the hidden states stay where the forwards left them.
+    let (terms, g) = triplet_loss_on(
+        &model.backend,
         cfg,
-        Reps::new(&b.tuned, &all, benign.batch, benign.seq, d),
-        Reps::new(&b.orig, &all, benign.batch, benign.seq, d),
+        d,
+        &all,
+        &device_reps(&b.tuned, benign.batch * benign.seq),
+        &device_reps(&b.orig, benign.batch * benign.seq),
         &bm,
-        Reps::new(&h.tuned, &all, harmful.batch, harmful.seq, d),
-        Reps::new(&h.orig, targets, harmful.batch, harmful.seq, d),
+        &device_reps(&h.tuned, harmful.batch * harmful.seq),
+        &device_reps(&h.orig, harmful.batch * harmful.seq),
         &hm,
         targets,
         grads.is_some(),
-    );
+    )?;
     if let (Some(gr), Some(g)) = (grads.as_deref_mut(), g) {
-        backward_set(model, &b, &all, Some(&g.benign), None, gr)?;
+        backward_set(model, &b, &g.benign, None, gr)?;
         drop(b);
-        backward_set(model, &h, &all, Some(&g.harmful), None, gr)?;
+        backward_set(model, &h, &g.harmful, None, gr)?;
     }
     drop(h);
     let kl = retain_kl(
@@ -340,21 +361,28 @@ pub fn repbend_step<B: BackwardOps>(
     let s = run_set(model, safe, &all, &all, false, None, frozen.benign)?;
     let u = run_set(model, unsafe_, targets, targets, false, adv, frozen.harmful)?;
     let (sm, um) = (f64_mask(safe, mask), f64_mask(unsafe_, mask));
+    let be = &model.backend;
+    let (st, so, ut, uo) = (
+        stack(be, &s.tuned)?,
+        stack(be, &s.orig)?,
+        stack(be, &u.tuned)?,
+        stack(be, &u.orig)?,
+    );
     let (terms, g) = repbend_loss(
         cfg,
-        Reps::new(&s.tuned, &all, safe.batch, safe.seq, d),
-        Reps::new(&s.orig, &all, safe.batch, safe.seq, d),
+        Reps::new(&st, &all, safe.batch, safe.seq, d),
+        Reps::new(&so, &all, safe.batch, safe.seq, d),
         &sm,
-        Reps::new(&u.tuned, targets, unsafe_.batch, unsafe_.seq, d),
-        Reps::new(&u.orig, targets, unsafe_.batch, unsafe_.seq, d),
+        Reps::new(&ut, targets, unsafe_.batch, unsafe_.seq, d),
+        Reps::new(&uo, targets, unsafe_.batch, unsafe_.seq, d),
         &um,
         &unsafe_.last_prompt_index,
         targets,
         grads.is_some(),
     );
     if let (Some(gr), Some(g)) = (grads.as_deref_mut(), g) {
-        backward_set(model, &s, &all, Some(&g.safe), None, gr)?;
-        backward_set(model, &u, targets, Some(&g.unsafe_), None, gr)?;
+        backward_set(model, &s, &unstack(be, &g.safe, &all)?, None, gr)?;
+        backward_set(model, &u, &unstack(be, &g.unsafe_, targets)?, None, gr)?;
     }
     drop((s, u));
     let kl = retain_kl(
@@ -397,22 +425,29 @@ pub fn circuit_breaker_step<B: BackwardOps>(
     let h = run_set(model, harmful, targets, targets, false, adv, frozen.harmful)?;
     let rm = f64_mask(retain, MaskMode::All);
     let hm = f64_mask(harmful, MaskMode::All);
+    let be = &model.backend;
+    let (rt, ro, ht, ho) = (
+        stack(be, &r.tuned)?,
+        stack(be, &r.orig)?,
+        stack(be, &h.tuned)?,
+        stack(be, &h.orig)?,
+    );
     let (terms, g) = circuit_breaker_loss(
         cfg,
         step,
         max_steps,
-        Reps::new(&r.tuned, &all, retain.batch, retain.seq, d),
-        Reps::new(&r.orig, &all, retain.batch, retain.seq, d),
+        Reps::new(&rt, &all, retain.batch, retain.seq, d),
+        Reps::new(&ro, &all, retain.batch, retain.seq, d),
         &rm,
-        Reps::new(&h.tuned, targets, harmful.batch, harmful.seq, d),
-        Reps::new(&h.orig, targets, harmful.batch, harmful.seq, d),
+        Reps::new(&ht, targets, harmful.batch, harmful.seq, d),
+        Reps::new(&ho, targets, harmful.batch, harmful.seq, d),
         &hm,
         targets,
         grads.is_some(),
     );
     if let (Some(gr), Some(g)) = (grads, g) {
-        backward_set(model, &r, &all, Some(&g.retain), None, gr)?;
-        backward_set(model, &h, targets, Some(&g.cb), None, gr)?;
+        backward_set(model, &r, &unstack(be, &g.retain, &all)?, None, gr)?;
+        backward_set(model, &h, &unstack(be, &g.cb, targets)?, None, gr)?;
     }
     Ok(LossTerms {
         terms: vec![

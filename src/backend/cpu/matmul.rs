@@ -648,6 +648,32 @@ pub fn gemm_fwd(
         }
         return;
     }
+    if m == 1 {
+        // A row vector times a matrix (the weighted row sums of the objectives and the latent
+        // adversary's bias gradient): summed in a fixed order, so results do not depend on how
+        // a parallel GEMM would split k.
+        let mut acc = vec![0f32; n];
+        for p in 0..k {
+            let ap = a[p];
+            if trans_b {
+                for (j, o) in acc.iter_mut().enumerate() {
+                    *o += ap * b[j * k + p];
+                }
+            } else {
+                for (o, &bv) in acc.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                    *o += ap * bv;
+                }
+            }
+        }
+        for (o, v) in out.iter_mut().zip(acc) {
+            *o = if accumulate {
+                *o + scale * v
+            } else {
+                scale * v
+            };
+        }
+        return;
+    }
     // (column stride, row stride) of each operand as an m x k / k x n matrix.
     let (a_cs, a_rs) = if trans_a {
         (m as isize, 1)

@@ -6,6 +6,7 @@ pub mod embedding;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rows;
 pub mod simd;
 pub mod swiglu;
 
@@ -297,5 +298,29 @@ impl super::BackwardOps for CpuBackend {
         };
         crate::train::adamw::adamw_step(cfg, t, p, &scaled, &mut st);
         (*m, *v) = (st.m, st.v);
+    }
+    fn row_stats(
+        &self,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        y_vec: bool,
+        scale: Option<&[f32]>,
+        dim: usize,
+    ) -> anyhow::Result<Vec<[f64; 4]>> {
+        Ok(rows::row_stats(x, y, y_vec, scale, dim))
+    }
+    fn row_combine(
+        &self,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+        x: Option<(&Vec<f32>, &[f32])>,
+        y: Option<(&Vec<f32>, &[f32])>,
+        v: Option<(&Vec<f32>, &[f32])>,
+        dim: usize,
+    ) {
+        fn s<'a>(t: Option<(&'a Vec<f32>, &'a [f32])>) -> Option<(&'a [f32], &'a [f32])> {
+            t.map(|(b, c)| (b.as_slice(), c))
+        }
+        rows::row_combine(out, accumulate, s(x), s(y), s(v), dim)
     }
 }

@@ -668,4 +668,26 @@ impl BackwardOps for CudaBackend {
         // The launcher in adamw.rs (an inherent method of the same name and signature).
         CudaBackend::adamw_step(self, cfg, t, p, g, grad_scale, m, v)
     }
+    fn row_stats(
+        &self,
+        x: &CudaBuf,
+        y: &CudaBuf,
+        y_vec: bool,
+        scale: Option<&[f32]>,
+        dim: usize,
+    ) -> Result<Vec<[f64; 4]>> {
+        self.row_stats_impl(x, y, y_vec, scale, dim)
+    }
+    fn row_combine(
+        &self,
+        out: &mut CudaBuf,
+        accumulate: bool,
+        x: Option<(&CudaBuf, &[f32])>,
+        y: Option<(&CudaBuf, &[f32])>,
+        v: Option<(&CudaBuf, &[f32])>,
+        dim: usize,
+    ) {
+        self.row_combine_impl(out, accumulate, x, y, v, dim)
+            .unwrap_or_else(|e| panic!("row_combine: {e}"))
+    }
 }

@@ -46,6 +46,8 @@ mod rmsnorm;
 #[cfg(feature = "cuda")]
 mod rope;
 #[cfg(feature = "cuda")]
+mod rows;
+#[cfg(feature = "cuda")]
 mod sampling;
 #[cfg(feature = "cuda")]
 mod swiglu;
@@ -101,6 +103,8 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "gemm_nn_bf16_128x128",
     "gemm_nn_bf16_64x64",
     "gemm_generic",
+    "row_stats",
+    "row_combine",
     "axpy_bf16",
     "axpy_f32",
     "axpy_bf16_f32",

@@ -1,0 +1,148 @@
+//! The triplet objective as the trainer runs it (`triplet_loss_on`: device row statistics and
+//! row combinations, hinges on the host) against the f64 reference `triplet_loss`, on the CPU
+//! backend. tests/cuda_parity.rs runs the same comparison on the GPU.
+
+use repshield::backend::cpu::CpuBackend;
+use repshield::objectives::triplet::{triplet_loss, triplet_loss_on, DeviceReps, TripletConfig};
+use repshield::objectives::{Distance, Reps};
+use repshield::util::Rng;
+
+fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() * scale).collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+#[test]
+fn device_triplet_matches_the_reference_for_every_distance() {
+    let be = CpuBackend;
+    let (batch, seq, d) = (2usize, 5usize, 24usize);
+    let rows = batch * seq;
+    let all = [0usize, 1, 2, 3];
+    let targets = [2usize, 3];
+    let slab = rows * d;
+    // Tuned = original + a small perturbation at some indices (the situation in training), and
+    // one index where they are equal (L2 at exactly 0).
+    let bo = randn(all.len() * slab, 1, 1.0);
+    let mut bt = bo.clone();
+    for (i, x) in randn(all.len() * slab, 2, 0.1).iter().enumerate() {
+        if i >= slab {
+            bt[i] += x;
+        }
+    }
+    let ht = randn(all.len() * slab, 3, 1.0);
+    let ho_full = randn(all.len() * slab, 4, 1.0);
+    let ho: Vec<f32> = targets
+        .iter()
+        .flat_map(|&l| ho_full[l * slab..(l + 1) * slab].to_vec())
+        .collect();
+    let bm = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0];
+    let hm = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0];
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let (bt64, bo64, ht64, ho64) = (f64s(&bt), f64s(&bo), f64s(&ht), f64s(&ho));
+    let slabs = |v: &[f32], idx: &[usize]| -> Vec<(usize, Vec<f32>)> {
+        idx.iter()
+            .enumerate()
+            .map(|(k, &l)| (l, v[k * slab..(k + 1) * slab].to_vec()))
+            .collect()
+    };
+    let (btb, bob, htb, hob) = (
+        slabs(&bt, &all),
+        slabs(&bo, &all),
+        slabs(&ht, &all),
+        slabs(&ho, &targets),
+    );
+    fn reps(v: &[(usize, Vec<f32>)], rows: usize) -> DeviceReps<'_, CpuBackend> {
+        DeviceReps {
+            bufs: v.iter().map(|(l, b)| (*l, b)).collect(),
+            rows,
+        }
+    }
+    let (mut combos, mut active) = (0, 0);
+    for bp in [Distance::L2, Distance::Cos, Distance::L2sqn, Distance::Mix] {
+        for (bn, hp, hn) in [
+            (Distance::Cos, Distance::Cos, Distance::Cos),
+            (Distance::Mix, Distance::L2, Distance::L2sqn),
+            (Distance::L2, Distance::Mix, Distance::L2),
+            (Distance::L2sqn, Distance::L2sqn, Distance::Mix),
+        ] {
+            // Small margins leave some hinges off, wide ones turn every hinge on.
+            for (mb, mh) in [(0.5, 0.4), (30.0, 30.0)] {
+                let cfg = TripletConfig {
+                    benign_pos: bp,
+                    benign_neg: bn,
+                    harmful_pos: hp,
+                    harmful_neg: hn,
+                    margin_benign: mb,
+                    margin_harmful: mh,
+                    ..Default::default()
+                };
+                let (want, wg) = triplet_loss(
+                    &cfg,
+                    Reps::new(&bt64, &all, batch, seq, d),
+                    Reps::new(&bo64, &all, batch, seq, d),
+                    &bm,
+                    Reps::new(&ht64, &all, batch, seq, d),
+                    Reps::new(&ho64, &targets, batch, seq, d),
+                    &hm,
+                    &targets,
+                    true,
+                );
+                let wg = wg.unwrap();
+                let (got, gg) = triplet_loss_on(
+                    &be,
+                    &cfg,
+                    d,
+                    &all,
+                    &reps(&btb, rows),
+                    &reps(&bob, rows),
+                    &bm,
+                    &reps(&htb, rows),
+                    &reps(&hob, rows),
+                    &hm,
+                    &targets,
+                    true,
+                )
+                .unwrap();
+                let gg = gg.unwrap();
+                let what = format!("{bp:?}/{bn:?}/{hp:?}/{hn:?} margins {mb}/{mh}");
+                for (name, g, w) in [
+                    ("benign", got.benign, want.benign),
+                    ("harmful", got.harmful, want.harmful),
+                    ("total", got.total, want.total),
+                ] {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                        "{what} {name}: {g} vs {w}"
+                    );
+                }
+                if want.benign > 0.0 && want.harmful > 0.0 {
+                    active += 1;
+                }
+                for (k, &l) in all.iter().enumerate() {
+                    let (_, b) = gg.benign.iter().find(|g| g.0 == l).unwrap();
+                    let (_, h) = gg.harmful.iter().find(|g| g.0 == l).unwrap();
+                    let e = rel_l2(b, &wg.benign[k * slab..(k + 1) * slab]);
+                    assert!(e < 1e-5, "{what} benign grad at {l}: rel L2 {e}");
+                    let e = rel_l2(h, &wg.harmful[k * slab..(k + 1) * slab]);
+                    assert!(e < 1e-5, "{what} harmful grad at {l}: rel L2 {e}");
+                }
+                combos += 1;
+            }
+        }
+    }
+    assert_eq!(combos, 32);
+    assert!(
+        active >= 16,
+        "only {active} of 32 runs have both terms active"
+    );
+}
