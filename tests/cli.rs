@@ -489,9 +489,41 @@ fn bench_train_step_runs_a_real_shape_and_prints_its_table() {
         "2",
         "--repeats",
         "1",
+        "--device",
+        "cpu",
+        "--peak-tflops",
+        "0.5",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("step 1:") && err.contains("loss"), "{err}");
+    // MFU against the given peak, and the process's peak memory (SmolLM2's random weights alone
+    // are over 0.5 GB in f32).
+    let mfu = out
+        .lines()
+        .find(|l| l.starts_with("| MFU ("))
+        .unwrap_or_else(|| panic!("no MFU row in {out}"));
+    let pct: f64 = mfu
+        .split('|')
+        .nth(2)
+        .unwrap()
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(pct > 0.0 && pct < 100.0, "{mfu}");
+    let mem = out
+        .lines()
+        .find(|l| l.starts_with("| peak memory (process peak RSS)"))
+        .unwrap_or_else(|| panic!("no peak memory row in {out}"));
+    let gib: f64 = mem
+        .split('|')
+        .nth(2)
+        .unwrap()
+        .trim()
+        .trim_end_matches(" GiB")
+        .parse()
+        .unwrap();
+    assert!(gib > 0.5, "{mem}");
     let row = out
         .lines()
         .find(|l| l.starts_with("| seconds per optimiser step"))

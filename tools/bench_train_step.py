@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The PyTorch side of `repshield bench train-step`: one optimiser step of the CRL triplet
-objective in PyTorch + transformers + peft on the CPU, float32, random weights at a given
-model shape, doing the same work as repshield's step:
+objective in PyTorch + transformers + peft (eager, no torch.compile), on the CPU in float32 or
+with `--device cuda` on the GPU in bfloat16, random weights at a given model shape, doing the
+same work as repshield's step:
 
   benign, harmful and retain sets of `batch` random sequences of `prompt-len + response-len`
   tokens (no padding); LoRA of rank `rank` (alpha = rank) on all seven projections of the
@@ -17,7 +18,9 @@ config dict; usable by hand:
       --lora-layers 0,1 --repeats 3 --threads 2
 
 Times one warm-up step and `repeats` steps for each attention implementation and reports the
-median of the faster one. Prints one JSON object on stdout (everything else goes to stderr).
+median of the faster one, with the peak memory (`torch.cuda.max_memory_allocated` on a GPU,
+the process's peak RSS on the CPU). Prints one JSON object on stdout (everything else goes to
+stderr).
 """
 
 import argparse
@@ -43,7 +46,9 @@ def build(cfg_dict, attn, args):
     model_type = d.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **d)
     torch.manual_seed(args.seed)
-    base = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+    base.to(args.device)
     lcfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=MODULES, lora_dropout=0.0,
                       layers_to_transform=args.lora_layers, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, lcfg)
@@ -111,6 +116,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attn", default="eager,sdpa")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     args.targets = [int(x) for x in args.targets.split(",")]
     args.lora_layers = [int(x) for x in args.lora_layers.split(",")]
@@ -129,28 +135,48 @@ def main():
         ids = torch.randint(0, cfg["vocab_size"], (args.batch, seq), generator=g)
         rm = torch.zeros(args.batch, seq)
         rm[:, args.prompt_len:] = 1.0
-        sets.append({"ids": ids, "am": torch.ones(args.batch, seq, dtype=torch.long), "rm": rm})
+        sets.append({"ids": ids.to(args.device),
+                     "am": torch.ones(args.batch, seq, dtype=torch.long, device=args.device),
+                     "rm": rm.to(args.device)})
+    cuda = args.device == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     results = {}
+    peaks = {}
     for attn in args.attn.split(","):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         model = build(cfg, attn, args)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
         times = []
         for step in range(args.repeats + 1):
+            sync()
             t0 = time.perf_counter()
             loss = triplet_step(model, sets, args.targets, opt)
+            sync()
             s = time.perf_counter() - t0
             log(f"{attn} step {step}{' (warm-up)' if step == 0 else ''}: {s:.2f}s, loss {loss:.4f}")
             if step > 0:
                 times.append(s)
         results[attn] = statistics.median(times)
+        if cuda:
+            peaks[attn] = torch.cuda.max_memory_allocated()
+        else:
+            import resource
+            peaks[attn] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         del model, opt
     best = min(results, key=results.get)
     print(json.dumps({
         "step_s": results[best],
         "attn": best,
         "per_attn": results,
+        "peak_bytes": peaks[best],
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

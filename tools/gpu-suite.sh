@@ -6,9 +6,11 @@
 #                              # stripped, with the fixtures they read
 #   tools/gpu-suite.sh run OUT # there, from the repository root (.device/bin carried along):
 #                              # nvidia-smi, the CUDA parity suite, compute-sanitizer memcheck
-#                              # and racecheck on one pass of it, and `bench kernels` at the
-#                              # llama3-8b and smollm2 shapes (with PyTorch alongside when the
-#                              # machine's python has torch); logs and a summary.md land in OUT
+#                              # and racecheck on one pass of it; logs and a summary.md land in OUT
+#   tools/gpu-suite.sh bench OUT # there too, a separate call: `bench kernels` at the llama3-8b
+#                              # and smollm2 shapes and `bench train-step` at the Llama-3-8B
+#                              # shape, with PyTorch alongside when the machine's python has
+#                              # torch; OUT/bench.md
 #
 # The binaries embed the PTX, so the GPU machine needs only its driver (and compute-sanitizer
 # from its CUDA install for the sanitizer passes, skipped with a note when absent).
@@ -74,17 +76,36 @@ run() {
       grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$out/$tool.log" | sed 's/^/    /' | tail -n 10
     } >> "$s"
   done
-  # Kernel benchmarks against their floors, side by side with PyTorch (cuBLAS, SDPA) when a
-  # Python with torch is there.
+  cat "$s"
+}
+
+# Benchmarks, a separate call (each fits a 10-minute limit): kernels against their floors at
+# the llama3-8b and smollm2 shapes, then one triplet training step at the Llama-3-8B shape
+# (batch 4 x (512 + 512)), each side by side with PyTorch on the same GPU when the machine's
+# python has torch. Results land in OUT/bench.md.
+bench() {
+  local out="${1:?usage: tools/gpu-suite.sh bench OUT}"
+  mkdir -p "$out"
+  local bin=.device/bin
+  [ -x "$bin/repshield" ] || { echo "$bin/repshield missing: run 'build' first and carry .device/bin" >&2; exit 1; }
+  local s="$out/bench.md"
+  {
+    echo "# CUDA benchmarks, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+    echo '```'
+  } > "$s"
   local py
   py="$(command -v python3 || command -v python || true)"
-  local cmp=()
+  local kcmp=() tcmp=()
   if [ -n "$py" ] && "$py" -c 'import torch' 2>/dev/null; then
-    cmp=(--compare-python "$py" --script tools/bench_kernels_torch.py)
+    kcmp=(--compare-python "$py" --script tools/bench_kernels_torch.py)
+    tcmp=(--compare-python "$py" --script tools/bench_train_step.py)
   fi
   for shape in ${GPU_SUITE_SHAPES:-llama3-8b smollm2}; do
     set +e
-    "$bin/repshield" bench kernels --device cuda --shape "$shape" ${GPU_SUITE_KERNEL_ARGS:-} "${cmp[@]}" \
+    "$bin/repshield" bench kernels --device cuda --shape "$shape" ${GPU_SUITE_KERNEL_ARGS:-} "${kcmp[@]}" \
       --json "$out/kernels-$shape.json" > "$out/kernels-$shape.md" 2>&1
     local krc=$?
     set -e
@@ -93,11 +114,23 @@ run() {
       grep -E '^\||^tokens|^#' "$out/kernels-$shape.md"
     } >> "$s"
   done
+  if [ -z "${GPU_SUITE_SKIP_TRAIN:-}" ]; then
+    set +e
+    "$bin/repshield" bench train-step --device cuda ${GPU_SUITE_TRAIN_ARGS:---shape llama3-8b --batch 4 --prompt-len 512 --response-len 512} \
+      "${tcmp[@]}" > "$out/train-step.md" 2>&1
+    local trc=$?
+    set -e
+    {
+      printf '\n## bench train-step (exit %s)\n\n' "$trc"
+      grep -E '^\||^# |^PyTorch' "$out/train-step.md"
+    } >> "$s"
+  fi
   cat "$s"
 }
 
 case "${1:-}" in
   build) build ;;
   run) shift; run "$@" ;;
-  *) echo "usage: tools/gpu-suite.sh build | run OUT" >&2; exit 2 ;;
+  bench) shift; bench "$@" ;;
+  *) echo "usage: tools/gpu-suite.sh build | run OUT | bench OUT" >&2; exit 2 ;;
 esac

@@ -62,6 +62,17 @@ impl CudaBuf {
     }
 }
 
+/// Bytes held by live `CudaBuf`s in this process, and the most ever held at once (since the
+/// last `CudaBackend::reset_peak_bytes`): the benchmarks' peak memory.
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.data.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl std::fmt::Debug for CudaBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaBuf({} x {:?})", self.len, self.dtype)
@@ -243,6 +254,20 @@ impl CudaBackend {
         self.dev.sm_count
     }
 
+    /// The most bytes that `CudaBuf`s held at once since the last reset (weights, activations,
+    /// gradients, optimiser state; not the driver's or cudarc's own scratch).
+    pub fn peak_bytes(&self) -> usize {
+        PEAK_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new peak at the bytes held now.
+    pub fn reset_peak_bytes(&self) {
+        PEAK_BYTES.store(
+            LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         Ok(self.dev.ctx.mem_get_info()?)
@@ -263,6 +288,8 @@ impl CudaBackend {
             .stream
             .alloc_zeros::<u8>(bytes)
             .with_context(|| format!("allocating {bytes} bytes on {}", self.dev.name))?;
+        let live = LIVE_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        PEAK_BYTES.fetch_max(live, std::sync::atomic::Ordering::Relaxed);
         Ok(CudaBuf { data, dtype, len })
     }
 
