@@ -35,19 +35,25 @@ build() {
   echo "carry .device/bin; on the GPU machine run: bash tools/gpu-suite.sh run \$OUT" >&2
 }
 
-run() {
-  local out="${1:?usage: tools/gpu-suite.sh run OUT}"
-  mkdir -p "$out"
-  local bin=.device/bin
-  [ -x "$bin/cuda_parity" ] || { echo "$bin/cuda_parity missing: run 'build' first and carry .device/bin" >&2; exit 1; }
-  local s="$out/summary.md"
+# start TITLE FILE NEEDED_BINARY: checks the carried binary and writes the report's header
+# (date, GPU, driver) to FILE.
+start() {
+  [ -x ".device/bin/$3" ] || { echo ".device/bin/$3 missing: run 'build' first and carry .device/bin" >&2; exit 1; }
+  mkdir -p "$(dirname "$2")"
   {
-    echo "# CUDA suite, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "# $1, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
     echo '```'
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
     echo '```'
-  } > "$s"
+  } > "$2"
+}
+
+run() {
+  local out="${1:?usage: tools/gpu-suite.sh run OUT}"
+  local bin=.device/bin
+  local s="$out/summary.md"
+  start "CUDA suite" "$s" cuda_parity
   # The suite: every test prints its own comparison; a GPU must be present, so any "skipping"
   # line here is a failure of the setup, not a pass.
   set +e
@@ -85,17 +91,9 @@ run() {
 # python has torch. Results land in OUT/bench.md.
 bench() {
   local out="${1:?usage: tools/gpu-suite.sh bench OUT}"
-  mkdir -p "$out"
   local bin=.device/bin
-  [ -x "$bin/repshield" ] || { echo "$bin/repshield missing: run 'build' first and carry .device/bin" >&2; exit 1; }
   local s="$out/bench.md"
-  {
-    echo "# CUDA benchmarks, $(date -u +%Y-%m-%dT%H:%MZ)"
-    echo
-    echo '```'
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-    echo '```'
-  } > "$s"
+  start "CUDA benchmarks" "$s" repshield
   local py
   py="$(command -v python3 || command -v python || true)"
   local kcmp=() tcmp=()
