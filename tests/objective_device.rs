@@ -146,3 +146,174 @@ fn device_triplet_matches_the_reference_for_every_distance() {
         "only {active} of 32 runs have both terms active"
     );
 }
+
+fn slabs(v: &[f32], idx: &[usize], slab: usize) -> Vec<(usize, Vec<f32>)> {
+    idx.iter()
+        .enumerate()
+        .map(|(k, &l)| (l, v[k * slab..(k + 1) * slab].to_vec()))
+        .collect()
+}
+
+fn dreps(v: &[(usize, Vec<f32>)], rows: usize) -> DeviceReps<'_, CpuBackend> {
+    DeviceReps {
+        bufs: v.iter().map(|(l, b)| (*l, b)).collect(),
+        rows,
+    }
+}
+
+fn grads_match(what: &str, got: &[(usize, Vec<f32>)], want: &[f64], idx: &[usize], slab: usize) {
+    for (k, &l) in idx.iter().enumerate() {
+        let (_, g) = got.iter().find(|g| g.0 == l).unwrap();
+        let e = rel_l2(g, &want[k * slab..(k + 1) * slab]);
+        assert!(e < 1e-5, "{what} gradient at {l}: rel L2 {e}");
+    }
+}
+
+/// RepBend and Circuit Breakers as training runs them, against their f64 references.
+#[test]
+fn device_repbend_and_circuit_breakers_match_the_references() {
+    use repshield::objectives::circuit_breaker::{
+        circuit_breaker_loss, circuit_breaker_loss_on, CircuitBreakerConfig,
+    };
+    use repshield::objectives::repbend::{repbend_loss, repbend_loss_on, RepBendConfig};
+    let be = CpuBackend;
+    let (batch, seq, d) = (3usize, 5usize, 20usize);
+    let rows = batch * seq;
+    let slab = rows * d;
+    let all = [0usize, 1, 2, 3];
+    let targets = [2usize, 3];
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let st = randn(all.len() * slab, 11, 1.0);
+    // Index 0 unchanged by the adapter: the L2 distances at exactly 0.
+    let so: Vec<f32> = st
+        .iter()
+        .zip(randn(all.len() * slab, 12, 0.3))
+        .enumerate()
+        .map(|(i, (a, b))| if i < slab { *a } else { a + b })
+        .collect();
+    let ut = randn(targets.len() * slab, 13, 1.0);
+    // Some original rows anti-aligned with the tuned ones: relu(cos) off there.
+    let uo: Vec<f32> = ut
+        .iter()
+        .zip(randn(targets.len() * slab, 14, 1.0))
+        .enumerate()
+        .map(|(i, (a, b))| {
+            if (i / d) % 3 == 0 {
+                -a + 0.1 * b
+            } else {
+                a + b
+            }
+        })
+        .collect();
+    let sm: Vec<f64> = (0..rows).map(|r| (r % 4 != 1) as u8 as f64).collect();
+    let um: Vec<f64> = (0..rows).map(|r| (r % 5 != 0) as u8 as f64).collect();
+    let last = [1usize, 3, 4];
+    let (stb, sob, utb, uob) = (
+        slabs(&st, &all, slab),
+        slabs(&so, &all, slab),
+        slabs(&ut, &targets, slab),
+        slabs(&uo, &targets, slab),
+    );
+
+    let rb = RepBendConfig::default();
+    let (want, wg) = repbend_loss(
+        &rb,
+        Reps::new(&f64s(&st), &all, batch, seq, d),
+        Reps::new(&f64s(&so), &all, batch, seq, d),
+        &sm,
+        Reps::new(&f64s(&ut), &targets, batch, seq, d),
+        Reps::new(&f64s(&uo), &targets, batch, seq, d),
+        &um,
+        &last,
+        &targets,
+        true,
+    );
+    let wg = wg.unwrap();
+    let (got, gg) = repbend_loss_on(
+        &be,
+        &rb,
+        d,
+        &all,
+        &dreps(&stb, rows),
+        &dreps(&sob, rows),
+        &sm,
+        &dreps(&utb, rows),
+        &dreps(&uob, rows),
+        &um,
+        seq,
+        &last,
+        &targets,
+        true,
+    )
+    .unwrap();
+    let (gs, gu) = gg.unwrap();
+    for (name, g, w) in [
+        ("safe_dist", got.safe_dist, want.safe_dist),
+        ("unsafe_dist", got.unsafe_dist, want.unsafe_dist),
+        ("unsafe_cos", got.unsafe_cos, want.unsafe_cos),
+        ("total", got.total, want.total),
+    ] {
+        assert!(w != 0.0, "repbend {name} is 0");
+        assert!(
+            (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+            "repbend {name}: {g} vs {w}"
+        );
+    }
+    grads_match("repbend safe", &gs, &wg.safe, &all, slab);
+    grads_match("repbend unsafe", &gu, &wg.unsafe_, &targets, slab);
+
+    for (step, masked) in [(0usize, false), (7, true)] {
+        let cb = CircuitBreakerConfig {
+            alpha: 10.0,
+            retain_masked_mean: masked,
+        };
+        let (want, wg) = circuit_breaker_loss(
+            &cb,
+            step,
+            20,
+            Reps::new(&f64s(&st), &all, batch, seq, d),
+            Reps::new(&f64s(&so), &all, batch, seq, d),
+            &sm,
+            Reps::new(&f64s(&ut), &targets, batch, seq, d),
+            Reps::new(&f64s(&uo), &targets, batch, seq, d),
+            &um,
+            &targets,
+            true,
+        );
+        let wg = wg.unwrap();
+        let (got, gg) = circuit_breaker_loss_on(
+            &be,
+            &cb,
+            step,
+            20,
+            d,
+            &all,
+            &dreps(&stb, rows),
+            &dreps(&sob, rows),
+            &sm,
+            &dreps(&utb, rows),
+            &dreps(&uob, rows),
+            &um,
+            &targets,
+            true,
+        )
+        .unwrap();
+        let (gr, gc) = gg.unwrap();
+        for (name, g, w) in [
+            ("retain", got.retain, want.retain),
+            ("cb", got.cb, want.cb),
+            ("total", got.total, want.total),
+        ] {
+            assert!(w != 0.0, "cb {name} is 0");
+            assert!(
+                (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                "cb step {step} {name}: {g} vs {w}"
+            );
+        }
+        if step > 0 {
+            // c_retain = 0 at step 0: the retain gradient is exactly zero there.
+            grads_match("cb retain", &gr, &wg.retain, &all, slab);
+        }
+        grads_match("cb", &gc, &wg.cb, &targets, slab);
+    }
+}

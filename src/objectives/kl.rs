@@ -68,15 +68,17 @@ pub fn kl_retain(
         }
         kl
     };
-    let total: f64 = match grad {
+    // Row KLs in parallel, summed in row order: a parallel sum's association would depend on
+    // how the work was split, and the loss would differ in its last bits from run to run.
+    let per_row: Vec<f64> = match grad {
         Some(g) => {
             assert_eq!(g.len(), orig.len(), "kl: grad size");
             g.par_chunks_mut(vocab)
                 .enumerate()
                 .map(|(r, gr)| row_kl(r, Some(gr)))
-                .sum()
+                .collect()
         }
-        None => (0..rows).into_par_iter().map(|r| row_kl(r, None)).sum(),
+        None => (0..rows).into_par_iter().map(|r| row_kl(r, None)).collect(),
     };
-    weight * scale * total
+    weight * scale * per_row.iter().sum::<f64>()
 }

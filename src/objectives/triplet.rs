@@ -222,7 +222,7 @@ pub struct DeviceReps<'a, B: BackwardOps> {
 }
 
 impl<B: BackwardOps> DeviceReps<'_, B> {
-    fn get(&self, l: usize) -> &B::Buf {
+    pub fn get(&self, l: usize) -> &B::Buf {
         self.bufs
             .iter()
             .find(|b| b.0 == l)

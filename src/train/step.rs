@@ -6,10 +6,9 @@ use super::data::{MaskMode, TokenBatch};
 use super::mining::AdvInput;
 use crate::backend::BackwardOps;
 use crate::llama::{Activations, Input, LatentHook, Llama, LogitsMode, LoraGrads};
-use crate::objectives::circuit_breaker::{circuit_breaker_loss, CircuitBreakerConfig};
-use crate::objectives::repbend::{repbend_loss, RepBendConfig};
+use crate::objectives::circuit_breaker::{circuit_breaker_loss_on, CircuitBreakerConfig};
+use crate::objectives::repbend::{repbend_loss_on, RepBendConfig};
 use crate::objectives::triplet::{triplet_loss_on, DeviceReps, TripletConfig};
-use crate::objectives::Reps;
 use anyhow::{ensure, Result};
 use serde::Serialize;
 
@@ -85,14 +84,6 @@ struct SetPass<B: BackwardOps> {
     /// `[rows, vocab]` f32 on the device: the retain KL reads them where they are.
     tuned_logits: Option<B::Buf>,
     orig_logits: Option<B::Buf>,
-}
-
-fn stack<B: BackwardOps>(be: &B, hidden: &[(usize, B::Buf)]) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
-    for (_, h) in hidden {
-        out.extend(be.download(h)?.into_iter().map(|x| x as f64));
-    }
-    Ok(out)
 }
 
 /// Host f64 slabs `[n_idx, rows, dim]` (the layout of `Reps`) as per-index device buffers.
@@ -361,28 +352,25 @@ pub fn repbend_step<B: BackwardOps>(
     let s = run_set(model, safe, &all, &all, false, None, frozen.benign)?;
     let u = run_set(model, unsafe_, targets, targets, false, adv, frozen.harmful)?;
     let (sm, um) = (f64_mask(safe, mask), f64_mask(unsafe_, mask));
-    let be = &model.backend;
-    let (st, so, ut, uo) = (
-        stack(be, &s.tuned)?,
-        stack(be, &s.orig)?,
-        stack(be, &u.tuned)?,
-        stack(be, &u.orig)?,
-    );
-    let (terms, g) = repbend_loss(
+    let (terms, g) = repbend_loss_on(
+        &model.backend,
         cfg,
-        Reps::new(&st, &all, safe.batch, safe.seq, d),
-        Reps::new(&so, &all, safe.batch, safe.seq, d),
+        d,
+        &all,
+        &device_reps(&s.tuned, safe.batch * safe.seq),
+        &device_reps(&s.orig, safe.batch * safe.seq),
         &sm,
-        Reps::new(&ut, targets, unsafe_.batch, unsafe_.seq, d),
-        Reps::new(&uo, targets, unsafe_.batch, unsafe_.seq, d),
+        &device_reps(&u.tuned, unsafe_.batch * unsafe_.seq),
+        &device_reps(&u.orig, unsafe_.batch * unsafe_.seq),
         &um,
+        unsafe_.seq,
         &unsafe_.last_prompt_index,
         targets,
         grads.is_some(),
-    );
-    if let (Some(gr), Some(g)) = (grads.as_deref_mut(), g) {
-        backward_set(model, &s, &unstack(be, &g.safe, &all)?, None, gr)?;
-        backward_set(model, &u, &unstack(be, &g.unsafe_, targets)?, None, gr)?;
+    )?;
+    if let (Some(gr), Some((gs, gu))) = (grads.as_deref_mut(), g) {
+        backward_set(model, &s, &gs, None, gr)?;
+        backward_set(model, &u, &gu, None, gr)?;
     }
     drop((s, u));
     let kl = retain_kl(
@@ -425,29 +413,25 @@ pub fn circuit_breaker_step<B: BackwardOps>(
     let h = run_set(model, harmful, targets, targets, false, adv, frozen.harmful)?;
     let rm = f64_mask(retain, MaskMode::All);
     let hm = f64_mask(harmful, MaskMode::All);
-    let be = &model.backend;
-    let (rt, ro, ht, ho) = (
-        stack(be, &r.tuned)?,
-        stack(be, &r.orig)?,
-        stack(be, &h.tuned)?,
-        stack(be, &h.orig)?,
-    );
-    let (terms, g) = circuit_breaker_loss(
+    let (terms, g) = circuit_breaker_loss_on(
+        &model.backend,
         cfg,
         step,
         max_steps,
-        Reps::new(&rt, &all, retain.batch, retain.seq, d),
-        Reps::new(&ro, &all, retain.batch, retain.seq, d),
+        d,
+        &all,
+        &device_reps(&r.tuned, retain.batch * retain.seq),
+        &device_reps(&r.orig, retain.batch * retain.seq),
         &rm,
-        Reps::new(&ht, targets, harmful.batch, harmful.seq, d),
-        Reps::new(&ho, targets, harmful.batch, harmful.seq, d),
+        &device_reps(&h.tuned, harmful.batch * harmful.seq),
+        &device_reps(&h.orig, harmful.batch * harmful.seq),
         &hm,
         targets,
         grads.is_some(),
-    );
-    if let (Some(gr), Some(g)) = (grads, g) {
-        backward_set(model, &r, &unstack(be, &g.retain, &all)?, None, gr)?;
-        backward_set(model, &h, &unstack(be, &g.cb, targets)?, None, gr)?;
+    )?;
+    if let (Some(gr), Some((g_r, g_c))) = (grads, g) {
+        backward_set(model, &r, &g_r, None, gr)?;
+        backward_set(model, &h, &g_c, None, gr)?;
     }
     Ok(LossTerms {
         terms: vec![
