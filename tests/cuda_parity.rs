@@ -1935,3 +1935,163 @@ fn row_kernels_and_device_triplet_match_cpu() {
         }
     }
 }
+
+/// RepBend and Circuit Breakers as training runs them on the GPU against their f64 references
+/// (f32 storage: the row kernels, gather_rows and the selection GEMM chained).
+#[test]
+fn device_repbend_and_circuit_breakers_match_the_references() {
+    use repshield::objectives::circuit_breaker::{
+        circuit_breaker_loss, circuit_breaker_loss_on, CircuitBreakerConfig,
+    };
+    use repshield::objectives::repbend::{repbend_loss, repbend_loss_on, RepBendConfig};
+    use repshield::objectives::triplet::DeviceReps;
+    use repshield::objectives::Reps;
+    let Some(g) = gpu() else { return };
+    let (batch, seq, d) = (3usize, 5usize, 40usize);
+    let rows_n = batch * seq;
+    let slab = rows_n * d;
+    let all = [0usize, 1, 2];
+    let targets = [1usize, 2];
+    let st = random(all.len() * slab, 101, 1.0, DType::F32);
+    let so: Vec<f32> = st
+        .iter()
+        .zip(random(all.len() * slab, 102, 0.3, DType::F32))
+        .map(|(a, b)| a + b)
+        .collect();
+    let ut = random(targets.len() * slab, 103, 1.0, DType::F32);
+    let uo: Vec<f32> = ut
+        .iter()
+        .zip(random(targets.len() * slab, 104, 1.0, DType::F32))
+        .enumerate()
+        .map(|(i, (a, b))| {
+            if (i / d) % 3 == 0 {
+                -a + 0.1 * b
+            } else {
+                a + b
+            }
+        })
+        .collect();
+    let sm: Vec<f64> = (0..rows_n).map(|r| (r % 4 != 1) as u8 as f64).collect();
+    let um: Vec<f64> = (0..rows_n).map(|r| (r % 5 != 0) as u8 as f64).collect();
+    let last = [1usize, 3, 4];
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let upl = |v: &[f32], idx: &[usize]| -> Vec<(usize, CudaBuf)> {
+        idx.iter()
+            .enumerate()
+            .map(|(k, &l)| (l, g.upload_f32(&v[k * slab..(k + 1) * slab]).unwrap()))
+            .collect()
+    };
+    fn dr(v: &[(usize, CudaBuf)], rows: usize) -> DeviceReps<'_, CudaBackend> {
+        DeviceReps {
+            bufs: v.iter().map(|(l, b)| (*l, b)).collect(),
+            rows,
+        }
+    }
+    let (stb, sob, utb, uob) = (
+        upl(&st, &all),
+        upl(&so, &all),
+        upl(&ut, &targets),
+        upl(&uo, &targets),
+    );
+    let check = |what: &str, got: &[(usize, CudaBuf)], want: &[f64], idx: &[usize]| {
+        for (k, &l) in idx.iter().enumerate() {
+            let buf = &got.iter().find(|x| x.0 == l).unwrap().1;
+            let w: Vec<f32> = want[k * slab..(k + 1) * slab]
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            let err = rel_l2(&g.download(buf).unwrap(), &w);
+            assert!(
+                err < 1e-4,
+                "{what} gradient at index {l}: relative L2 {err}"
+            );
+        }
+    };
+
+    let rb = RepBendConfig::default();
+    let (want, wg) = repbend_loss(
+        &rb,
+        Reps::new(&f64s(&st), &all, batch, seq, d),
+        Reps::new(&f64s(&so), &all, batch, seq, d),
+        &sm,
+        Reps::new(&f64s(&ut), &targets, batch, seq, d),
+        Reps::new(&f64s(&uo), &targets, batch, seq, d),
+        &um,
+        &last,
+        &targets,
+        true,
+    );
+    let wg = wg.unwrap();
+    let (got, gg) = repbend_loss_on(
+        &g,
+        &rb,
+        d,
+        &all,
+        &dr(&stb, rows_n),
+        &dr(&sob, rows_n),
+        &sm,
+        &dr(&utb, rows_n),
+        &dr(&uob, rows_n),
+        &um,
+        seq,
+        &last,
+        &targets,
+        true,
+    )
+    .unwrap();
+    let (gs, gu) = gg.unwrap();
+    for (name, a, b) in [
+        ("safe_dist", got.safe_dist, want.safe_dist),
+        ("unsafe_dist", got.unsafe_dist, want.unsafe_dist),
+        ("unsafe_cos", got.unsafe_cos, want.unsafe_cos),
+    ] {
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "repbend {name}: {a} vs {b}"
+        );
+    }
+    check("repbend safe", &gs, &wg.safe, &all);
+    check("repbend unsafe", &gu, &wg.unsafe_, &targets);
+
+    let cb = CircuitBreakerConfig::default();
+    let (want, wg) = circuit_breaker_loss(
+        &cb,
+        5,
+        20,
+        Reps::new(&f64s(&st), &all, batch, seq, d),
+        Reps::new(&f64s(&so), &all, batch, seq, d),
+        &sm,
+        Reps::new(&f64s(&ut), &targets, batch, seq, d),
+        Reps::new(&f64s(&uo), &targets, batch, seq, d),
+        &um,
+        &targets,
+        true,
+    );
+    let wg = wg.unwrap();
+    let (got, gg) = circuit_breaker_loss_on(
+        &g,
+        &cb,
+        5,
+        20,
+        d,
+        &all,
+        &dr(&stb, rows_n),
+        &dr(&sob, rows_n),
+        &sm,
+        &dr(&utb, rows_n),
+        &dr(&uob, rows_n),
+        &um,
+        &targets,
+        true,
+    )
+    .unwrap();
+    let (gr, gc) = gg.unwrap();
+    for (name, a, b) in [("retain", got.retain, want.retain), ("cb", got.cb, want.cb)] {
+        assert!(
+            b != 0.0 && (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "cb {name}: {a} vs {b}"
+        );
+    }
+    check("cb retain", &gr, &wg.retain, &all);
+    check("cb", &gc, &wg.cb, &targets);
+}
