@@ -52,7 +52,7 @@
 namespace {
 
 #ifdef REPSHIELD_EMU
-// The CPU emulator (tools/cuda-emu) runs these four instructions as warp collectives.
+// The CPU emulator (tools/cuda-emu) runs these instructions as warp collectives.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) { emu_cp_async_16(dst, src, src_bytes); }
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N> __device__ __forceinline__ void cp_async_wait() {}
