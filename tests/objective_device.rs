@@ -49,24 +49,12 @@ fn device_triplet_matches_the_reference_for_every_distance() {
     let hm = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0];
     let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let (bt64, bo64, ht64, ho64) = (f64s(&bt), f64s(&bo), f64s(&ht), f64s(&ho));
-    let slabs = |v: &[f32], idx: &[usize]| -> Vec<(usize, Vec<f32>)> {
-        idx.iter()
-            .enumerate()
-            .map(|(k, &l)| (l, v[k * slab..(k + 1) * slab].to_vec()))
-            .collect()
-    };
     let (btb, bob, htb, hob) = (
-        slabs(&bt, &all),
-        slabs(&bo, &all),
-        slabs(&ht, &all),
-        slabs(&ho, &targets),
+        slabs(&bt, &all, slab),
+        slabs(&bo, &all, slab),
+        slabs(&ht, &all, slab),
+        slabs(&ho, &targets, slab),
     );
-    fn reps(v: &[(usize, Vec<f32>)], rows: usize) -> DeviceReps<'_, CpuBackend> {
-        DeviceReps {
-            bufs: v.iter().map(|(l, b)| (*l, b)).collect(),
-            rows,
-        }
-    }
     let (mut combos, mut active) = (0, 0);
     for bp in [Distance::L2, Distance::Cos, Distance::L2sqn, Distance::Mix] {
         for (bn, hp, hn) in [
@@ -103,11 +91,11 @@ fn device_triplet_matches_the_reference_for_every_distance() {
                     &cfg,
                     d,
                     &all,
-                    &reps(&btb, rows),
-                    &reps(&bob, rows),
+                    &dreps(&btb, rows),
+                    &dreps(&bob, rows),
                     &bm,
-                    &reps(&htb, rows),
-                    &reps(&hob, rows),
+                    &dreps(&htb, rows),
+                    &dreps(&hob, rows),
                     &hm,
                     &targets,
                     true,
@@ -128,14 +116,20 @@ fn device_triplet_matches_the_reference_for_every_distance() {
                 if want.benign > 0.0 && want.harmful > 0.0 {
                     active += 1;
                 }
-                for (k, &l) in all.iter().enumerate() {
-                    let (_, b) = gg.benign.iter().find(|g| g.0 == l).unwrap();
-                    let (_, h) = gg.harmful.iter().find(|g| g.0 == l).unwrap();
-                    let e = rel_l2(b, &wg.benign[k * slab..(k + 1) * slab]);
-                    assert!(e < 1e-5, "{what} benign grad at {l}: rel L2 {e}");
-                    let e = rel_l2(h, &wg.harmful[k * slab..(k + 1) * slab]);
-                    assert!(e < 1e-5, "{what} harmful grad at {l}: rel L2 {e}");
-                }
+                grads_match(
+                    &format!("{what} benign"),
+                    &gg.benign,
+                    &wg.benign,
+                    &all,
+                    slab,
+                );
+                grads_match(
+                    &format!("{what} harmful"),
+                    &gg.harmful,
+                    &wg.harmful,
+                    &all,
+                    slab,
+                );
                 combos += 1;
             }
         }

@@ -187,39 +187,31 @@ inline void emu_cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes) memcpy(dst, src, size_t(src_bytes));
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 give the row addresses of matrix i
-// (16 bytes each); lane l receives, of every matrix i, row l / 4, elements 2 (l % 4) and +1.
-inline void emu_ldmatrix_x4(unsigned (&r)[4], const void* p) {
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of
+// matrix i (16 bytes each). Without .trans lane l receives, of every matrix i, row l / 4,
+// elements 2 (l % 4) and +1; with .trans, elements (row 2 (l % 4), column l / 4) and
+// (row 2 (l % 4) + 1, column l / 4).
+inline void emu_ldmatrix(unsigned (&r)[4], const void* p, bool trans) {
   if (reinterpret_cast<uintptr_t>(p) % 16) emu_trap("ldmatrix: row address not 16-byte aligned");
   uint64_t* s = emu_warp_slots();
   const int lane = emu_lane();
   s[lane * 16] = reinterpret_cast<uintptr_t>(p);
   emu_syncwarp(0xffffffffu);
+  auto row = [&](int i, int k) { return reinterpret_cast<const char*>(s[(8 * i + k) * 16]); };
   for (int i = 0; i < 4; i++) {
-    const char* row = reinterpret_cast<const char*>(s[(8 * i + lane / 4) * 16]);
-    memcpy(&r[i], row + 4 * (lane % 4), 4);
+    if (trans) {
+      uint16_t lo, hi;
+      memcpy(&lo, row(i, 2 * (lane % 4)) + 2 * (lane / 4), 2);
+      memcpy(&hi, row(i, 2 * (lane % 4) + 1) + 2 * (lane / 4), 2);
+      r[i] = unsigned(lo) | (unsigned(hi) << 16);
+    } else {
+      memcpy(&r[i], row(i, lane / 4) + 4 * (lane % 4), 4);
+    }
   }
   emu_syncwarp(0xffffffffu);
 }
-
-// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: the same row addresses; lane l receives, of
-// every matrix i, elements (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1, column l / 4).
-inline void emu_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 16) emu_trap("ldmatrix: row address not 16-byte aligned");
-  uint64_t* s = emu_warp_slots();
-  const int lane = emu_lane();
-  s[lane * 16] = reinterpret_cast<uintptr_t>(p);
-  emu_syncwarp(0xffffffffu);
-  for (int i = 0; i < 4; i++) {
-    uint16_t lo, hi;
-    const char* row0 = reinterpret_cast<const char*>(s[(8 * i + 2 * (lane % 4)) * 16]);
-    const char* row1 = reinterpret_cast<const char*>(s[(8 * i + 2 * (lane % 4) + 1) * 16]);
-    memcpy(&lo, row0 + 2 * (lane / 4), 2);
-    memcpy(&hi, row1 + 2 * (lane / 4), 2);
-    r[i] = unsigned(lo) | (unsigned(hi) << 16);
-  }
-  emu_syncwarp(0xffffffffu);
-}
+inline void emu_ldmatrix_x4(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, p, false); }
+inline void emu_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, p, true); }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b. Fragments (PTX ISA, g =
 // lane / 4, t = lane % 4; a register holds two bf16, the lower-addressed one in its low half):
