@@ -180,8 +180,7 @@ pub fn bench_train_step(a: &TrainStepArgs) -> Result<()> {
             peak_tflops: a.peak_tflops,
         }
     };
-    let times = run.times.clone();
-    let ours = median(&times);
+    let ours = median(&run.times);
     let tokens = (3 * a.batch * (a.prompt_len + a.response_len)) as f64;
 
     let on_gpu = !run.device.starts_with("cpu");
