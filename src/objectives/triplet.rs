@@ -294,9 +294,13 @@ pub fn triplet_loss_on<B: BackwardOps>(
     // d total / d mu^l: sum_r c_r h'_r (coefficients per harmful row) + s mu^l.
     let mut gmu_rows: Vec<(usize, Vec<f32>, f64)> =
         needed.iter().map(|&l| (l, vec![0f32; rh], 0.0)).collect();
+    // The same gradient on the device, summed there: the benign rows' part as the benign term
+    // finds it, the harmful rows' part and s mu^l at the end.
+    let mut gmu_dev: Vec<(usize, B::Buf)> = Vec::new();
     let mut gh: Vec<(usize, B::Buf)> = Vec::new();
     if want_grad {
         for &l in &needed {
+            gmu_dev.push((l, be.alloc_f32(dim)?));
             gh.push((l, be.alloc_f32(rh * dim)?));
         }
     }
@@ -346,11 +350,10 @@ pub fn triplet_loss_on<B: BackwardOps>(
                 dim,
             );
             gb.push((l, g));
-            // The benign rows' pull on mu^l, folded into harmful-row coefficients below.
+            // The benign rows' pull on mu^l.
             let coef = be.upload_f32(&gmu_x)?;
-            let mut gm = be.alloc_f32(dim)?;
-            be.gemm(&coef, x, &mut gm, 1, dim, rb, false, false, 1.0, false);
-            mus_grad_add(be, &mut gh, &gm, l, &hm32, nh)?;
+            let gm = &mut gmu_dev.iter_mut().find(|g| g.0 == l).unwrap().1;
+            be.gemm(&coef, x, gm, 1, dim, rb, false, false, 1.0, true);
         }
     }
 
@@ -401,23 +404,23 @@ pub fn triplet_loss_on<B: BackwardOps>(
     // Back through mu^l: its gradient is sum_r c_r h'_r + s mu^l; every harmful row gets
     // (m_r^2 / nh) of it.
     if want_grad {
-        for (l, c, s) in &gmu_rows {
-            let mut gm = be.alloc_f32(dim)?;
+        for ((l, c, s), (_, gm)) in gmu_rows.iter().zip(&mut gmu_dev) {
             let coef = be.upload_f32(c)?;
             be.gemm(
                 &coef,
                 harm_tuned.get(*l),
-                &mut gm,
+                gm,
                 1,
                 dim,
                 rh,
                 false,
                 false,
                 1.0,
-                false,
+                true,
             );
-            be.axpy(*s as f32, mu(*l), &mut gm);
-            mus_grad_add(be, &mut gh, &gm, *l, &hm32, nh)?;
+            be.axpy(*s as f32, mu(*l), gm);
+            let g = &mut gh.iter_mut().find(|g| g.0 == *l).unwrap().1;
+            be.row_combine(g, true, None, None, Some((gm, &w_mu)), dim);
         }
     }
     let terms = TripletTerms {
@@ -432,27 +435,4 @@ pub fn triplet_loss_on<B: BackwardOps>(
             harmful: gh,
         }),
     ))
-}
-
-/// `gh[l]_r += (m_r^2 / nh) gmu` for every harmful row (the mean's backward).
-fn mus_grad_add<B: BackwardOps>(
-    be: &B,
-    gh: &mut [(usize, B::Buf)],
-    gmu: &B::Buf,
-    l: usize,
-    hm32: &[f32],
-    nh: f64,
-) -> anyhow::Result<()> {
-    let w: Vec<f32> = hm32
-        .iter()
-        .map(|&m| (m as f64 * m as f64 / nh) as f32)
-        .collect();
-    let dim = be.len(gmu);
-    let g = &mut gh
-        .iter_mut()
-        .find(|g| g.0 == l)
-        .ok_or_else(|| anyhow::anyhow!("no harmful gradient slot for index {l}"))?
-        .1;
-    be.row_combine(g, true, None, None, Some((gmu, &w)), dim);
-    Ok(())
 }
