@@ -152,7 +152,7 @@ fn training_from_a_capture_file_matches_recomputing_step_for_step() {
     let mining = TrainConfig {
         mining: MiningConfig {
             kind: MiningKind::Embedding,
-            every: 2,
+            every: 1,
             prob: 0.5,
             attack_steps: 2,
             n_soft: 2,

@@ -229,7 +229,7 @@ fn embedding_mining_runs_attacks_uses_them_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let mining = MiningConfig {
         kind: MiningKind::Embedding,
-        every: 2,
+        every: 1,
         prob: 0.3,
         attack_steps: 3,
         n_soft: 2,
@@ -269,7 +269,12 @@ fn embedding_mining_runs_attacks_uses_them_and_resumes_exactly() {
         per_step.contains(&0),
         "with prob 0.3 some steps stay clean: {per_step:?}"
     );
-    assert!(rows[0]["mining_attack_loss"].as_f64().unwrap() > 0.0);
+    // The attack runs only on the steps that mine, and its loss is logged from then on.
+    let first = per_step.iter().position(|&r| r > 0).unwrap();
+    assert!(rows[..first]
+        .iter()
+        .all(|r| r.get("mining_attack_loss").is_none()));
+    assert!(rows[first]["mining_attack_loss"].as_f64().unwrap() > 0.0);
     assert!(full.join("checkpoint/mining.safetensors").is_file());
 
     let part = tmp.path().join("part");

@@ -1,10 +1,11 @@
-//! Adversarial hard-negative mining with the embedding-space attack (CRL paper): every
-//! `every` optimiser steps, a short attack on the harmful prompts of the current batch finds
-//! soft tokens that make the tuned model produce the harmful answer; on later steps, with
-//! probability `prob` and while the running attack loss says the attack works, the harmful
-//! set is run with those soft tokens inserted at the end of the user turn, so the objective
-//! pushes the ATTACKED harmful representations away. Response positions do not move (the
-//! prompt is left-padded), so masks and the frozen model's clean representations still align.
+//! Adversarial hard-negative mining with the embedding-space attack (CRL paper): on every
+//! `every`-th optimiser step, with probability `prob`, a short attack on the harmful prompts of
+//! the current batch finds soft tokens that make the tuned model produce the harmful answer;
+//! while the running attack loss says the attack works, that step's harmful set is run with
+//! those soft tokens inserted at the end of the user turn, so the objective pushes the ATTACKED
+//! harmful representations away. The attack runs only on the steps that may use it: its soft
+//! tokens fit this batch's prompts. Response positions do not move (the prompt is left-padded),
+//! so masks and the frozen model's clean representations still align.
 //!
 //! `latent` mining (the authors' code) instead trains a small adversary inside the model: every
 //! `every` steps a fresh `h <- h + D h + b` (D = 0, b small, so `A = I + D` starts at the
@@ -279,14 +280,17 @@ impl Miner {
         Ok(loss)
     }
 
+    /// Whether the running attack loss says the attack works.
+    fn attack_works(&self) -> bool {
+        self.state
+            .running_loss
+            .is_some_and(|l| l < self.cfg.success_loss)
+    }
+
     /// Latent mining: draws whether this step mines; if so, the adversary to run with.
     pub fn latent_input(&mut self, rows: usize) -> Option<AdvInput> {
         let draw = self.state.rng.uniform() as f64;
-        let works = self
-            .state
-            .running_loss
-            .is_some_and(|l| l < self.cfg.success_loss);
-        if draw >= self.cfg.prob || !works {
+        if draw >= self.cfg.prob || !self.attack_works() {
             return None;
         }
         let (index, (d, b)) = (self.state.latent_index?, self.latent.as_ref()?);
@@ -298,8 +302,12 @@ impl Miner {
         })
     }
 
-    /// Draws whether this step mines; if so, builds the attacked input of the harmful batch.
-    pub fn adversarial_input<B: BackwardOps>(
+    /// Embedding mining on a refresh step: draws whether this step mines and, if so, attacks
+    /// the harmful batch (`examples`, tokenised as `tb`) with the tuned model and, when the
+    /// running attack loss says the attack works, returns the attacked input. The attack runs
+    /// only when its result can be used: the soft tokens belong to this batch's prompts, which
+    /// later batches rarely share.
+    pub fn mine_embedding<B: BackwardOps>(
         &mut self,
         model: &Llama<B>,
         tok: &ChatTokenizer,
@@ -308,13 +316,25 @@ impl Miner {
         max_prompt: usize,
     ) -> Result<Option<AdvInput>> {
         let draw = self.state.rng.uniform() as f64;
-        let works = self
-            .state
-            .running_loss
-            .is_some_and(|l| l < self.cfg.success_loss);
-        if draw >= self.cfg.prob || !works {
+        if draw >= self.cfg.prob {
             return Ok(None);
         }
+        self.refresh(model, tok, examples)?;
+        if !self.attack_works() {
+            return Ok(None);
+        }
+        self.adversarial_input(model, tok, (tb, examples), max_prompt)
+    }
+
+    /// The attacked input of the harmful batch from the stored soft tokens of its examples
+    /// (`None` when none has any).
+    fn adversarial_input<B: BackwardOps>(
+        &self,
+        model: &Llama<B>,
+        tok: &ChatTokenizer,
+        (tb, examples): (&TokenBatch, &[(usize, &Example)]),
+        max_prompt: usize,
+    ) -> Result<Option<AdvInput>> {
         let d = model.cfg.hidden_size;
         let be = &model.backend;
         let mut embeds = be.download(&model.embed_ids(&tb.input_ids)?)?;

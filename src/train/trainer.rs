@@ -587,15 +587,16 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                         let exs: Vec<(usize, &Example)> =
                             hidx.iter().map(|&i| (i, &self.data.harmful[i])).collect();
                         if step.is_multiple_of(c.mining.every) {
-                            self.miner.refresh(&self.model, self.tokenizer, &exs)?;
+                            self.miner.mine_embedding(
+                                &self.model,
+                                self.tokenizer,
+                                &h,
+                                &exs,
+                                c.max_prompt,
+                            )?
+                        } else {
+                            None
                         }
-                        self.miner.adversarial_input(
-                            &self.model,
-                            self.tokenizer,
-                            &h,
-                            &exs,
-                            c.max_prompt,
-                        )?
                     }
                     MiningKind::Latent => {
                         if step.is_multiple_of(c.mining.every) {
