@@ -2,7 +2,8 @@
 //! mining on the shipped data, evaluate again, and print the before/after table.
 
 use crate::attack::commands::AttackKind;
-use crate::eval::{run_eval, EvalArgs, Report};
+use crate::backend::BackwardOps;
+use crate::eval::{run_eval_on, EvalArgs, Report};
 use crate::train::trainer::{TrainConfig, Trainer};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,9 @@ pub struct DemoArgs {
     pub embedding_steps: usize,
     #[arg(long, default_value_t = 24)]
     pub edgy_limit: usize,
+    /// `cpu`, `cuda`, or `auto`: CUDA when a GPU and compiled kernels are present, else the CPU.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 fn eval_args(
@@ -37,6 +41,7 @@ fn eval_args(
     out: &Path,
     adapter: Option<PathBuf>,
     baseline: Option<PathBuf>,
+    batch: usize,
 ) -> EvalArgs {
     EvalArgs {
         model: a.model.clone(),
@@ -57,6 +62,8 @@ fn eval_args(
         edgy_limit: a.edgy_limit,
         heldout_benign: PathBuf::from("data/heldout/retain_chat.jsonl"),
         heldout_harmful: PathBuf::from("data/heldout/harmful_qa.jsonl"),
+        device: a.device.clone(),
+        batch,
     }
 }
 
@@ -118,13 +125,27 @@ pub fn comparison(before: &Report, after: &Report) -> String {
 }
 
 pub fn run_demo(a: &DemoArgs) -> Result<()> {
+    if crate::backend::cuda::pick_device(&a.device)? {
+        // A GPU attacks all behaviours as one batch; the CPU gains little from batching.
+        #[cfg(feature = "cuda")]
+        return run_demo_on(a, crate::backend::cuda::CudaBackend::new(0)?, a.limit);
+    }
+    run_demo_on(a, crate::backend::cpu::CpuBackend, 1)
+}
+
+/// [`run_demo`] on a given backend: both evaluations and the training run there, the embedding
+/// attack optimising `attack_batch` behaviours at a time.
+pub fn run_demo_on<B: BackwardOps + Clone>(a: &DemoArgs, be: B, attack_batch: usize) -> Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let model_path = crate::model::fetch::resolve_model(&a.model)?;
     eprintln!("model: {}", model_path.display());
 
     eprintln!("[1/3] evaluating the original model");
-    let before = run_eval(&eval_args(a, &a.out.join("before"), None, None))?;
+    let before = run_eval_on(
+        &eval_args(a, &a.out.join("before"), None, None, attack_batch),
+        be.clone(),
+    )?;
 
     let mut cfg = match &a.config {
         Some(p) => TrainConfig::from_toml(p)?,
@@ -138,19 +159,23 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         cfg.steps, cfg.mining.kind
     );
     let m = crate::model::load_model_path(&model_path)?;
-    let llama = crate::llama::Llama::new(crate::backend::cpu::CpuBackend, &m.config, &m.weights)?;
+    let llama = crate::llama::Llama::new(be.clone(), &m.config, &m.weights)?;
     let adapter_dir = a.out.join("adapter");
     let mut tr = Trainer::new(llama, &m.tokenizer, &a.model, cfg, &adapter_dir, false)?;
     let outcome = tr.run(&Arc::new(AtomicBool::new(false)))?;
     drop(tr);
 
     eprintln!("[3/3] evaluating the defended model");
-    let after = run_eval(&eval_args(
-        a,
-        &a.out.join("after"),
-        Some(adapter_dir.clone()),
-        Some(a.out.join("before")),
-    ))?;
+    let after = run_eval_on(
+        &eval_args(
+            a,
+            &a.out.join("after"),
+            Some(adapter_dir.clone()),
+            Some(a.out.join("before")),
+            attack_batch,
+        ),
+        be,
+    )?;
 
     println!(
         "\n# repshield demo: {} before and after a triplet defense\n",

@@ -39,6 +39,7 @@ fn demo_runs_end_to_end_on_the_tiny_model() {
         limit: 1,
         embedding_steps: 2,
         edgy_limit: 2,
+        device: "cpu".into(),
     })
     .unwrap();
     let before = read_report(&out.join("before")).unwrap();

@@ -28,6 +28,8 @@ fn args(out: &std::path::Path) -> EvalArgs {
         edgy_limit: 3,
         heldout_benign: root.join("data/heldout/retain_chat.jsonl"),
         heldout_harmful: root.join("data/heldout/harmful_qa.jsonl"),
+        device: "cpu".into(),
+        batch: 1,
     }
 }
 
@@ -91,4 +93,44 @@ fn report_and_baseline_deltas() {
         md.contains("against the baseline") && md.contains("(+"),
         "{md}"
     );
+}
+
+fn embedding_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("attacks.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["attack"] == "embedding")
+        .collect()
+}
+
+#[test]
+fn batched_embedding_attack_in_eval_matches_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for batch in [1, 3] {
+        let mut a = args(&dir.path().join(format!("batch{batch}")));
+        a.attacks = vec![AttackKind::Embedding];
+        a.limit = 3;
+        a.batch = batch;
+        let r = run_eval(&a).unwrap();
+        assert_eq!(r.asr["embedding"].n, 3);
+        runs.push(embedding_records(&a.out));
+    }
+    let (single, batched) = (&runs[0], &runs[1]);
+    assert_eq!(single.len(), 3);
+    for (s, b) in single.iter().zip(batched) {
+        assert_eq!(s["id"], b["id"]);
+        // Same behaviours, same start: the padded, masked batch sees each conversation as
+        // the single run does, so every loss before an update agrees to rounding.
+        let (ls, lb) = (
+            s["losses"].as_array().unwrap(),
+            b["losses"].as_array().unwrap(),
+        );
+        assert_eq!(ls.len(), lb.len(), "{s} vs {b}");
+        for (x, y) in ls.iter().zip(lb) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * x.abs(), "loss {x} vs {y}");
+        }
+    }
 }

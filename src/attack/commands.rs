@@ -173,7 +173,7 @@ pub fn read_behaviors(path: &Path, limit: Option<usize>) -> Result<Vec<Behavior>
 }
 
 /// The user turn: contextual behaviours put their context first, as HarmBench does.
-fn user_text(b: &Behavior) -> String {
+pub fn user_text(b: &Behavior) -> String {
     match &b.context {
         Some(c) => format!("{c}\n\n---\n\n{}", b.behavior),
         None => b.behavior.clone(),
@@ -358,13 +358,6 @@ pub fn run_one<B: BackwardOps>(
         attack_seconds: emb_result.as_ref().map(|r| r.seconds),
         losses: emb_result.map(|r| r.losses),
     })
-}
-
-pub fn load_with_adapter(
-    spec: &str,
-    adapter: Option<&Path>,
-) -> Result<(LoadedModel, Llama<CpuBackend>)> {
-    load_on(CpuBackend, spec, adapter)
 }
 
 /// Loads a model (and an adapter) onto a backend.

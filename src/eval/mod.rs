@@ -6,12 +6,12 @@
 pub mod plot;
 
 use crate::attack::commands::{
-    asr_table, load_with_adapter, read_behaviors, run_one, stop_tokens, AttackKind, AttackRecord,
+    asr_table, load_on, read_behaviors, run_one, stop_tokens, user_text, AttackKind, AttackRecord,
     Judges, Soft,
 };
-use crate::attack::embedding::EmbeddingAttackConfig;
+use crate::attack::embedding::{attack_batch, AttackLayout, EmbeddingAttackConfig};
 use crate::attack::judge::mean_logprob;
-use crate::backend::Backend;
+use crate::backend::{Backend, BackwardOps};
 use crate::llama::generate::{generate, GenerateOptions, Sampling};
 use crate::llama::{Input, Llama, LogitsMode};
 use crate::model::{LoadedModel, Message};
@@ -59,6 +59,13 @@ pub struct EvalArgs {
     pub heldout_benign: PathBuf,
     #[arg(long, default_value = "data/heldout/harmful_qa.jsonl")]
     pub heldout_harmful: PathBuf,
+    /// `cpu`, `cuda`, or `auto`: CUDA when a GPU and compiled kernels are present, else the CPU.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Behaviours the embedding attack optimises as one batch (left-padded and masked; the way
+    /// to fill a GPU). 1 attacks them one at a time.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -306,8 +313,17 @@ pub fn example_means<B: Backend>(
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<Report> {
+    if crate::backend::cuda::pick_device(&a.device)? {
+        #[cfg(feature = "cuda")]
+        return run_eval_on(a, crate::backend::cuda::CudaBackend::new(0)?);
+    }
+    run_eval_on(a, crate::backend::cpu::CpuBackend)
+}
+
+/// [`run_eval`] on a given backend.
+pub fn run_eval_on<B: BackwardOps>(a: &EvalArgs, be: B) -> Result<Report> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let (m, model) = load_with_adapter(&a.model, a.adapter.as_deref())?;
+    let (m, model) = load_on(be, &a.model, a.adapter.as_deref())?;
     let stop = stop_tokens(&m);
     let judges = Judges::default();
     let behaviors = read_behaviors(&a.behaviors, Some(a.limit))?;
@@ -320,19 +336,38 @@ pub fn run_eval(a: &EvalArgs) -> Result<Report> {
         ..Default::default()
     };
     for &kind in &a.attacks {
-        for b in &behaviors {
-            records.push(run_one(
-                &model,
-                &m.tokenizer,
-                &stop,
-                kind,
-                b,
-                &emb,
-                &judges,
-                None,
-                Soft::Optimise,
-            )?);
-            bar.inc(1);
+        let chunk = if kind == AttackKind::Embedding {
+            a.batch.max(1)
+        } else {
+            1
+        };
+        for bs in behaviors.chunks(chunk) {
+            let mut softs: Vec<Soft> = if bs.len() > 1 {
+                let layouts: Vec<AttackLayout> = bs
+                    .iter()
+                    .map(|b| AttackLayout::new(&m.tokenizer, &user_text(b), &b.target, &emb))
+                    .collect::<Result<_>>()?;
+                attack_batch(&model, &m.tokenizer, &layouts, &emb, &stop)?
+                    .into_iter()
+                    .map(Soft::Done)
+                    .collect()
+            } else {
+                vec![Soft::Optimise]
+            };
+            for (b, soft) in bs.iter().zip(softs.drain(..)) {
+                records.push(run_one(
+                    &model,
+                    &m.tokenizer,
+                    &stop,
+                    kind,
+                    b,
+                    &emb,
+                    &judges,
+                    None,
+                    soft,
+                )?);
+                bar.inc(1);
+            }
         }
     }
     bar.finish_and_clear();
