@@ -190,6 +190,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         expected.extend([
             (format!("rmsnorm_bwd_{d}"), "ppippifi"),
             (format!("swiglu_bwd_{d}"), "pppppp"),
+            (format!("dropout_{d}"), "ppppif"),
             (format!("rope_bwd_{d}"), "ppiiiipi"),
             (format!("embedding_bwd_{d}"), "ppip"),
             (format!("attention_combine_{d}"), "pppppii"),
