@@ -522,6 +522,42 @@ fn swiglu_matches_cpu() {
     }
 }
 
+/// LoRA dropout: the masks are integer functions of (seed, index) and kept elements take one
+/// f32 multiply and the output rounding on both sides, so the result must match bit for bit.
+#[test]
+fn dropout_matches_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    // (rows, cols): single row, odd sizes (element path), a real width (16-byte packs).
+    for (rows, cols) in [(1, 7), (13, 37), (33, 576)] {
+        let n = rows * cols;
+        for dtype in dtypes() {
+            for (p, seed) in [(0.05f32, 11u64), (0.3, u64::MAX - 5)] {
+                let x = random(n, 17, 3.0, dtype);
+                let mut want = vec![0.0; n];
+                cpu::dropout::dropout_fwd(&x, &mut want, p, seed);
+                let want: Vec<f32> = want.iter().map(|&v| round_to(v, dtype)).collect();
+                let mut out = poisoned(&g, n, dtype);
+                g.dropout(&up(&g, &x, dtype), &mut out, p, seed);
+                let got = g.download(&out).unwrap();
+                let what = format!("dropout {rows}x{cols} {dtype:?} p {p}");
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{what}: element {i}: got {a} want {b}"
+                    );
+                }
+                if n > 100 {
+                    assert!(
+                        want.iter().any(|&v| v == 0.0) && want.iter().any(|&v| v != 0.0),
+                        "{what}: the mask must drop some elements and keep others"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn argmax_picks_the_first_maximum_and_ignores_nan() {
     let Some(g) = gpu() else { return };
