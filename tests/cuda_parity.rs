@@ -1638,6 +1638,21 @@ fn greedy_decode_matches_cpu_and_gpu_is_deterministic() {
 /// gradients flowing in from captured hidden states and all-position logits, a padded batch.
 #[test]
 fn whole_model_backward_matches_cpu() {
+    whole_model_backward_against_cpu(None);
+}
+
+/// The same with LoRA dropout: the GPU must draw the CPU's masks in the forward, the
+/// recomputed `x_d` of dA and dB, and the masked input gradient (masks drawn otherwise than
+/// the CPU's move the gradients by O(1), far beyond the bounds).
+#[test]
+fn whole_model_backward_with_lora_dropout_matches_cpu() {
+    whole_model_backward_against_cpu(Some(repshield::llama::LoraDropout {
+        p: 0.3,
+        seed: 0xD50,
+    }));
+}
+
+fn whole_model_backward_against_cpu(dropout: Option<repshield::llama::LoraDropout>) {
     use repshield::llama::{Input, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
     let Some(g) = gpu() else { return };
     let cfg = tiny_cfg(false, false);
@@ -1669,7 +1684,7 @@ fn whole_model_backward_matches_cpu() {
     let mut cpu_model = Llama::new(CpuBackend, &cfg, &w).unwrap();
     cpu_model.attach_lora(&adapter).unwrap();
     let (_, acts) = cpu_model
-        .forward_train(
+        .forward_train_dropout(
             Input::Embeds(&embeds),
             batch,
             seq,
@@ -1677,6 +1692,8 @@ fn whole_model_backward_matches_cpu() {
             &capture,
             LogitsMode::All,
             true,
+            None,
+            dropout,
         )
         .unwrap();
     let mut want = LoraGrads::new(&cpu_model).unwrap();
@@ -1700,7 +1717,7 @@ fn whole_model_backward_matches_cpu() {
         let e = gd.upload(&embeds).unwrap();
         let m = gd.upload_f32(&mask).unwrap();
         let (_, acts) = model
-            .forward_train(
+            .forward_train_dropout(
                 Input::Embeds(&e),
                 batch,
                 seq,
@@ -1708,6 +1725,8 @@ fn whole_model_backward_matches_cpu() {
                 &capture,
                 LogitsMode::All,
                 true,
+                None,
+                dropout,
             )
             .unwrap();
         let mut got = LoraGrads::new(&model).unwrap();
