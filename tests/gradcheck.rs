@@ -914,7 +914,7 @@ fn dropout_masks_have_rate_p_and_independent_streams() {
             "another run seed",
             LoraDropout::for_micro_batch(p, 43, 10, 0),
         ),
-        ("another pass", base.sub(1)),
+        ("another pass", base.stream(1)),
     ];
     let sd = (0.25 / n as f64).sqrt();
     for (what, o) in others {

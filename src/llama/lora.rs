@@ -78,7 +78,7 @@ impl LoraDropout {
     }
 
     /// An independent dropout for sub-pass `v` (one forward of a micro-batch's data sets).
-    pub fn sub(self, v: u64) -> Self {
+    pub fn stream(self, v: u64) -> Self {
         Self {
             p: self.p,
             seed: crate::backend::dropout_mask::derive(self.seed, v),
@@ -87,7 +87,7 @@ impl LoraDropout {
 
     /// The mask of projection `m` of block `layer`.
     pub fn module(self, layer: usize, m: LoraModule) -> Self {
-        self.sub((layer * LoraModule::ALL.len() + m as usize) as u64)
+        self.stream((layer * LoraModule::ALL.len() + m as usize) as u64)
     }
 }
 

@@ -167,7 +167,7 @@ fn run_set<B: BackwardOps>(
         mode,
         true,
         hook.as_ref(),
-        model.lora_dropout.map(|d| d.sub(set as u64)),
+        model.lora_dropout.map(|d| d.stream(set as u64)),
     )?;
     let (orig, orig_logits) = match frozen {
         Some(f) => {
