@@ -915,6 +915,9 @@ impl crate::backend::Backend for TimedCpu {
             || CpuBackend.attention(q, k_cache, v_cache, key_mask, out, shape),
         )
     }
+    fn dropout(&self, x: &Vec<f32>, out: &mut Vec<f32>, p: f32, seed: u64) {
+        self.time(|| "dropout".into(), || CpuBackend.dropout(x, out, p, seed))
+    }
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) {
         self.time(|| "swiglu".into(), || CpuBackend.swiglu(gate, up, out))
     }

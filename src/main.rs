@@ -107,6 +107,8 @@ enum Cmd {
     /// Accuracy, precision and recall of the refusal keyword judges on human-labelled responses.
     JudgeCheck(repshield::attack::commands::JudgeCheckArgs),
     /// Evaluate an objective once on fixed inputs: every term and the gradient norms.
+    /// Deterministic, for comparison with other implementations: LoRA dropout is off
+    /// whatever the config's `lora_dropout`.
     Loss(Box<repshield::train::commands::LossArgs>),
     /// Benchmarks at real model shapes with random weights (see BENCHMARKS.md).
     #[command(subcommand)]

@@ -190,6 +190,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         expected.extend([
             (format!("rmsnorm_bwd_{d}"), "ppippifi"),
             (format!("swiglu_bwd_{d}"), "pppppp"),
+            (format!("dropout_{d}"), "ppppif"),
             (format!("rope_bwd_{d}"), "ppiiiipi"),
             (format!("embedding_bwd_{d}"), "ppip"),
             (format!("attention_combine_{d}"), "pppppii"),
@@ -517,6 +518,42 @@ fn swiglu_matches_cpu() {
                 &want,
                 tol_for(dtype),
             );
+        }
+    }
+}
+
+/// LoRA dropout: the masks are integer functions of (seed, index) and kept elements take one
+/// f32 multiply and the output rounding on both sides, so the result must match bit for bit.
+#[test]
+fn dropout_matches_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    // (rows, cols): single row, odd sizes (element path), a real width (16-byte packs).
+    for (rows, cols) in [(1, 7), (13, 37), (33, 576)] {
+        let n = rows * cols;
+        for dtype in dtypes() {
+            for (p, seed) in [(0.05f32, 11u64), (0.3, u64::MAX - 5)] {
+                let x = random(n, 17, 3.0, dtype);
+                let mut want = vec![0.0; n];
+                cpu::dropout::dropout_fwd(&x, &mut want, p, seed);
+                let want: Vec<f32> = want.iter().map(|&v| round_to(v, dtype)).collect();
+                let mut out = poisoned(&g, n, dtype);
+                g.dropout(&up(&g, &x, dtype), &mut out, p, seed);
+                let got = g.download(&out).unwrap();
+                let what = format!("dropout {rows}x{cols} {dtype:?} p {p}");
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{what}: element {i}: got {a} want {b}"
+                    );
+                }
+                if n > 100 {
+                    assert!(
+                        want.contains(&0.0) && want.iter().any(|&v| v != 0.0),
+                        "{what}: the mask must drop some elements and keep others"
+                    );
+                }
+            }
         }
     }
 }
@@ -1601,6 +1638,21 @@ fn greedy_decode_matches_cpu_and_gpu_is_deterministic() {
 /// gradients flowing in from captured hidden states and all-position logits, a padded batch.
 #[test]
 fn whole_model_backward_matches_cpu() {
+    whole_model_backward_against_cpu(None);
+}
+
+/// The same with LoRA dropout: the GPU must draw the CPU's masks in the forward, the
+/// recomputed `x_d` of dA and dB, and the masked input gradient (masks drawn otherwise than
+/// the CPU's move the gradients by O(1), far beyond the bounds).
+#[test]
+fn whole_model_backward_with_lora_dropout_matches_cpu() {
+    whole_model_backward_against_cpu(Some(repshield::llama::LoraDropout {
+        p: 0.3,
+        seed: 0xD50,
+    }));
+}
+
+fn whole_model_backward_against_cpu(dropout: Option<repshield::llama::LoraDropout>) {
     use repshield::llama::{Input, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
     let Some(g) = gpu() else { return };
     let cfg = tiny_cfg(false, false);
@@ -1632,7 +1684,7 @@ fn whole_model_backward_matches_cpu() {
     let mut cpu_model = Llama::new(CpuBackend, &cfg, &w).unwrap();
     cpu_model.attach_lora(&adapter).unwrap();
     let (_, acts) = cpu_model
-        .forward_train(
+        .forward_train_dropout(
             Input::Embeds(&embeds),
             batch,
             seq,
@@ -1640,6 +1692,8 @@ fn whole_model_backward_matches_cpu() {
             &capture,
             LogitsMode::All,
             true,
+            None,
+            dropout,
         )
         .unwrap();
     let mut want = LoraGrads::new(&cpu_model).unwrap();
@@ -1663,7 +1717,7 @@ fn whole_model_backward_matches_cpu() {
         let e = gd.upload(&embeds).unwrap();
         let m = gd.upload_f32(&mask).unwrap();
         let (_, acts) = model
-            .forward_train(
+            .forward_train_dropout(
                 Input::Embeds(&e),
                 batch,
                 seq,
@@ -1671,6 +1725,8 @@ fn whole_model_backward_matches_cpu() {
                 &capture,
                 LogitsMode::All,
                 true,
+                None,
+                dropout,
             )
             .unwrap();
         let mut got = LoraGrads::new(&model).unwrap();

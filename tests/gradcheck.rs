@@ -11,7 +11,8 @@ use repshield::backend::cpu::swiglu::{swiglu_bwd, swiglu_fwd};
 use repshield::backend::cpu::CpuBackend;
 use repshield::backend::AttnShape;
 use repshield::llama::{
-    Input, LatentHook, Llama, LogitsMode, LoraAdapter, LoraConfig, LoraGrads, LoraModule,
+    Input, LatentHook, Llama, LogitsMode, LoraAdapter, LoraConfig, LoraDropout, LoraGrads,
+    LoraModule,
 };
 use repshield::model::{ModelConfig, ModelWeights, RopeScaling};
 use repshield::util::Rng;
@@ -600,4 +601,351 @@ fn latent_adversary_backward_to_d_b_lora_and_embeddings() {
         .unwrap();
     assert_eq!(d_emb_r, d_emb);
     assert_eq!(grads_r.latent.as_ref().unwrap().0, *gd);
+}
+
+// LoRA dropout. Its masks are functions of the seed, so with the seed fixed the tuned model is
+// an ordinary function of its inputs and finite differences apply.
+
+fn dropout_model(cfg: &ModelConfig, seed: u64) -> (Llama<CpuBackend>, LoraAdapter, ModelWeights) {
+    let w = ModelWeights::random(cfg, seed);
+    let mut model = Llama::new(CpuBackend, cfg, &w).unwrap();
+    let lcfg = LoraConfig {
+        rank: 3,
+        alpha: 6.0,
+        layers: vec![0, 1],
+        modules: LoraModule::ALL.to_vec(),
+    };
+    let mut adapter = LoraAdapter::init(cfg, lcfg, seed + 1);
+    let mut rng = Rng::new(seed + 2);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = rng.normal() * 0.3);
+    }
+    model.attach_lora(&adapter).unwrap();
+    (model, adapter, w)
+}
+
+#[test]
+fn whole_model_backward_with_lora_dropout() {
+    let cfg = tiny_cfg();
+    let (model, adapter, w) = dropout_model(&cfg, 71);
+    let dropout = Some(LoraDropout { p: 0.3, seed: 1234 });
+    let (batch, seq, d) = (2, 5, cfg.hidden_size);
+    let rows = batch * seq;
+    let embeds = randn(rows * d, 72);
+    let mut mask = vec![1f32; rows];
+    mask[5] = 0.0;
+    let capture = [0usize, 1, 2];
+    let r_h: Vec<Vec<f32>> = (0..3).map(|i| randn(rows * d, 73 + i)).collect();
+    let r_logits = randn(rows * cfg.vocab_size, 77);
+    let forward = |m: &Llama<CpuBackend>, e: &[f32], dropout: Option<LoraDropout>| {
+        let e = e.to_vec();
+        m.forward_train_dropout(
+            Input::Embeds(&e),
+            batch,
+            seq,
+            Some(&mask),
+            &capture,
+            LogitsMode::All,
+            true,
+            None,
+            dropout,
+        )
+        .unwrap()
+    };
+    let loss = |out: &repshield::llama::ForwardOutput<CpuBackend>| {
+        let mut l = weighted_sum(out.logits.as_ref().unwrap(), &r_logits);
+        for (i, h) in &out.hidden {
+            l += weighted_sum(h, &r_h[*i]);
+        }
+        l
+    };
+    let loss_of = |m: &Llama<CpuBackend>, e: &[f32]| loss(&forward(m, e, dropout).0);
+    let grads_of = |m: &Llama<CpuBackend>, dropout: Option<LoraDropout>| {
+        let (_, acts) = forward(m, &embeds, dropout);
+        let mut grads = LoraGrads::new(m).unwrap();
+        let d_hidden: Vec<(usize, &Vec<f32>)> = capture.iter().map(|&i| (i, &r_h[i])).collect();
+        let d_emb = m
+            .backward(
+                &acts,
+                &d_hidden,
+                Some(&r_logits),
+                Some(&mask),
+                Some(&mut grads),
+                true,
+            )
+            .unwrap()
+            .unwrap();
+        (grads, d_emb)
+    };
+    // The masks are really applied: the tuned model and its gradients move.
+    assert_ne!(
+        loss_of(&model, &embeds),
+        loss(&forward(&model, &embeds, None).0)
+    );
+    let (grads, d_emb) = grads_of(&model, dropout);
+    let (grads_off, d_emb_off) = grads_of(&model, None);
+    assert_ne!(d_emb, d_emb_off);
+
+    let h = 1e-2f32;
+    let gmax = d_emb.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    for i in (0..embeds.len()).step_by(7) {
+        let mut e = embeds.clone();
+        e[i] += h;
+        let fp = loss_of(&model, &e);
+        e[i] -= 2.0 * h;
+        let fm = loss_of(&model, &e);
+        let num = (fp - fm) / (2.0 * h as f64);
+        assert!(
+            (num - d_emb[i] as f64).abs() < 3e-2 * gmax,
+            "d embed[{i}]: numeric {num}, analytic {}",
+            d_emb[i]
+        );
+    }
+
+    // A and B of every module of both layers: each has a mask of its own.
+    for (pi, pair) in adapter.pairs.iter().enumerate() {
+        let (ga, gb) = grads.get(pair.layer, pair.module).unwrap();
+        let (ga_off, _) = grads_off.get(pair.layer, pair.module).unwrap();
+        assert_ne!(
+            ga, ga_off,
+            "layer {} {:?}: dA ignores the mask",
+            pair.layer, pair.module
+        );
+        for (which, g) in [("A", ga), ("B", gb)] {
+            let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            assert!(
+                gmax > 0.0,
+                "layer {} {:?} {which}: zero gradient",
+                pair.layer,
+                pair.module
+            );
+            for i in (0..g.len()).step_by(13) {
+                let eval = |delta: f32| {
+                    let mut ad = adapter.clone();
+                    if which == "A" {
+                        ad.pairs[pi].a[i] += delta;
+                    } else {
+                        ad.pairs[pi].b[i] += delta;
+                    }
+                    let mut m2 = Llama::new(CpuBackend, &cfg, &w).unwrap();
+                    m2.attach_lora(&ad).unwrap();
+                    loss_of(&m2, &embeds)
+                };
+                let num = (eval(h) - eval(-h)) / (2.0 * h as f64);
+                assert!(
+                    (num - g[i] as f64).abs() < 3e-2 * gmax,
+                    "layer {} {:?} d{which}[{i}]: numeric {num}, analytic {}",
+                    pair.layer,
+                    pair.module,
+                    g[i]
+                );
+            }
+        }
+    }
+
+    // The frozen pass ignores dropout.
+    let frozen = |dropout| {
+        let e = embeds.clone();
+        model
+            .forward_train_dropout(
+                Input::Embeds(&e),
+                batch,
+                seq,
+                Some(&mask),
+                &[2],
+                LogitsMode::None,
+                false,
+                None,
+                dropout,
+            )
+            .unwrap()
+            .0
+            .hidden
+    };
+    assert_eq!(frozen(dropout)[0].1, frozen(None)[0].1);
+}
+
+#[test]
+fn per_block_recompute_regenerates_the_dropout_masks() {
+    let cfg = tiny_cfg();
+    let (mut model, adapter, _) = dropout_model(&cfg, 81);
+    let (batch, seq, d) = (2, 6, cfg.hidden_size);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| (i * 5 % cfg.vocab_size) as u32)
+        .collect();
+    let mask = vec![1f32; batch * seq];
+    let r1 = randn(batch * seq * d, 82);
+    let rl = randn(batch * seq * cfg.vocab_size, 83);
+    let run = |model: &Llama<CpuBackend>, dropout: Option<LoraDropout>| {
+        let (_, acts) = model
+            .forward_train_dropout(
+                Input::Ids(&ids),
+                batch,
+                seq,
+                Some(&mask),
+                &[1],
+                LogitsMode::All,
+                true,
+                None,
+                dropout,
+            )
+            .unwrap();
+        assert_eq!(acts.layers.is_empty(), model.recompute);
+        let mut g = LoraGrads::new(model).unwrap();
+        let de = model
+            .backward(
+                &acts,
+                &[(1, &r1)],
+                Some(&rl),
+                Some(&mask),
+                Some(&mut g),
+                true,
+            )
+            .unwrap()
+            .unwrap();
+        let flat: Vec<f32> = adapter
+            .pairs
+            .iter()
+            .flat_map(|p| {
+                let (a, b) = g.get(p.layer, p.module).unwrap();
+                a.iter().chain(b.iter()).copied().collect::<Vec<_>>()
+            })
+            .collect();
+        (flat, de)
+    };
+    // Gradients (LoRA, then input) that differ bit-wise, counted: the vectors are too long to print.
+    let differ = |a: &(Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>)| {
+        let count = |x: &[f32], y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .filter(|(u, v)| u.to_bits() != v.to_bits())
+                .count()
+        };
+        (count(&a.0, &b.0), count(&a.1, &b.1))
+    };
+    let dropout = Some(LoraDropout::for_micro_batch(0.05, 42, 3, 1));
+    let full = run(&model, dropout);
+    assert_eq!(
+        differ(&full, &run(&model, dropout)),
+        (0, 0),
+        "the same seed must draw the same masks"
+    );
+    assert_ne!(
+        differ(&full, &run(&model, None)).0,
+        0,
+        "dropout must change the gradients"
+    );
+    let other_step = run(&model, Some(LoraDropout::for_micro_batch(0.05, 42, 4, 1)));
+    assert_ne!(
+        differ(&full, &other_step).0,
+        0,
+        "another step draws other masks"
+    );
+    model.recompute = true;
+    assert_eq!(
+        differ(&full, &run(&model, dropout)),
+        (0, 0),
+        "recomputed blocks must regenerate the masks bit for bit"
+    );
+}
+
+/// The dropout op itself over a large tensor: the dropped fraction is `p` within 5 binomial
+/// standard deviations, kept elements are scaled by exactly `1 / (1 - p)`, the same seed gives
+/// the same mask, and masks derived for other modules, layers, steps, micro-batches and passes
+/// are independent (they agree on a fraction `p^2 + (1-p)^2` of elements, within 5 standard
+/// deviations; a shared or shifted mask would agree far more, or less).
+#[test]
+fn dropout_masks_have_rate_p_and_independent_streams() {
+    use repshield::backend::dropout_mask::keep;
+    use repshield::backend::Backend;
+    let n = 1 << 20;
+    let x: Vec<f32> = randn(n, 90).iter().map(|v| v + 0.5).collect();
+    assert!(x.iter().all(|&v| v != 0.0));
+    let drop = |p: f32, seed: u64| {
+        let mut out = vec![f32::NAN; n];
+        CpuBackend.dropout(&x, &mut out, p, seed);
+        out
+    };
+    for p in [0.05f32, 0.3, 0.5] {
+        let out = drop(p, 7);
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let mut dropped = 0usize;
+        for (i, (&o, &xi)) in out.iter().zip(&x).enumerate() {
+            if o == 0.0 {
+                dropped += 1;
+                assert!(!keep(7, i as u64, (p as f64 * 16777216.0).round() as u32));
+            } else {
+                assert_eq!(o, xi * scale, "element {i}");
+            }
+        }
+        let (nf, pf) = (n as f64, p as f64);
+        let sd = (nf * pf * (1.0 - pf)).sqrt();
+        assert!(
+            (dropped as f64 - nf * pf).abs() < 5.0 * sd,
+            "p {p}: {dropped} of {n} dropped, expected {} +- {sd}",
+            nf * pf
+        );
+        assert_eq!(
+            out,
+            drop(p, 7),
+            "p {p}: the same seed must give the same mask"
+        );
+    }
+    assert_eq!(drop(0.0, 7), x, "p = 0 keeps everything unscaled");
+
+    let p = 0.5f32;
+    let agreement = |a: u64, b: u64| {
+        let (ma, mb) = (drop(p, a), drop(p, b));
+        let same = ma
+            .iter()
+            .zip(&mb)
+            .filter(|(u, v)| (**u == 0.0) == (**v == 0.0))
+            .count();
+        same as f64 / n as f64
+    };
+    let base = LoraDropout::for_micro_batch(p, 42, 10, 0);
+    let others = [
+        ("another step", LoraDropout::for_micro_batch(p, 42, 11, 0)),
+        (
+            "another micro-batch",
+            LoraDropout::for_micro_batch(p, 42, 10, 1),
+        ),
+        (
+            "another run seed",
+            LoraDropout::for_micro_batch(p, 43, 10, 0),
+        ),
+        ("another pass", base.stream(1)),
+    ];
+    let sd = (0.25 / n as f64).sqrt();
+    for (what, o) in others {
+        let a = agreement(base.seed, o.seed);
+        assert!(
+            (a - 0.5).abs() < 5.0 * sd,
+            "{what}: masks agree on {a} of elements"
+        );
+    }
+    let modules = [
+        (
+            "K vs Q",
+            base.module(0, LoraModule::Q),
+            base.module(0, LoraModule::K),
+        ),
+        (
+            "layer 1 vs 0",
+            base.module(0, LoraModule::Q),
+            base.module(1, LoraModule::Q),
+        ),
+        (
+            "gate vs up",
+            base.module(3, LoraModule::Gate),
+            base.module(3, LoraModule::Up),
+        ),
+    ];
+    for (what, a, b) in modules {
+        let f = agreement(a.seed, b.seed);
+        assert!(
+            (f - 0.5).abs() < 5.0 * sd,
+            "{what}: masks agree on {f} of elements"
+        );
+    }
 }

@@ -56,6 +56,8 @@ fn write_data(dir: &Path) -> TrainConfig {
         max_prompt: 20,
         max_response: 8,
         save_every: 2,
+        // The runs below predate LoRA dropout and compare exact losses; its own test turns it on.
+        lora_dropout: 0.0,
         ..Default::default()
     }
 }
@@ -124,6 +126,71 @@ fn triplet_loss_falls_and_resume_reproduces_the_run() {
     // A resumed run with a different configuration is refused.
     let other = TrainConfig {
         lr: Some(2e-3),
+        ..cfg
+    };
+    let err = Trainer::new(model(&m), &m.tokenizer, "tiny", other, &part, true)
+        .err()
+        .expect("must refuse");
+    assert!(format!("{err:#}").contains("different configuration"));
+}
+
+/// LoRA dropout at the default 0.05: it changes the run (so it is really on), a stopped and
+/// resumed run draws the same masks as the uninterrupted one (losses bit for bit), and the
+/// adapter records the probability.
+#[test]
+fn lora_dropout_changes_the_run_and_resume_reproduces_it_exactly() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        steps: 8,
+        // Two micro-batches per step: each draws its own masks.
+        grad_accum: 2,
+        lora_dropout: 0.05,
+        ..write_data(tmp.path())
+    };
+    assert_eq!(TrainConfig::default().lora_dropout, 0.05);
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = |cfg: &TrainConfig, out: &Path| {
+        let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), out, false).unwrap();
+        t.quiet = true;
+        t.run(&stop).unwrap();
+        losses(out)
+    };
+    let full = tmp.path().join("full");
+    let want = run(&cfg, &full);
+    assert_eq!(want.len(), 8);
+    let off = run(
+        &TrainConfig {
+            lora_dropout: 0.0,
+            ..cfg.clone()
+        },
+        &tmp.path().join("off"),
+    );
+    // Step 1 starts at B = 0, where the LoRA path contributes nothing either way.
+    assert_eq!(want[0], off[0]);
+    assert!(
+        want.iter().zip(&off).skip(1).all(|(a, b)| a != b),
+        "dropout must change every later step: {want:?} vs {off:?}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["lora_dropout"].as_f64(), Some(0.05));
+
+    let part = tmp.path().join("part");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &part, false).unwrap();
+    t.quiet = true;
+    t.stop_after = Some(3);
+    assert!(t.run(&stop).unwrap().interrupted);
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &part, true).unwrap();
+    t.quiet = true;
+    assert_eq!(t.state.step, 3);
+    t.run(&stop).unwrap();
+    assert_eq!(losses(&part), want, "resumed vs uninterrupted");
+
+    // The probability is part of the run: resuming with another is refused.
+    let other = TrainConfig {
+        lora_dropout: 0.1,
         ..cfg
     };
     let err = Trainer::new(model(&m), &m.tokenizer, "tiny", other, &part, true)

@@ -54,6 +54,51 @@ impl AttnShape {
     }
 }
 
+/// Inverted dropout with a mask that is a pure function of `(seed, element index)`, so the
+/// backward pass and a recomputed forward regenerate it instead of storing it, and every
+/// device draws the same mask. Element `i` is dropped when the top 24 bits of splitmix64's
+/// `i`-th output from state `seed` fall below [`dropout_threshold`]`(p)`; kept elements are
+/// scaled by [`dropout_scale`]`(p)`.
+pub mod dropout_mask {
+    /// splitmix64's increment (the golden ratio in 64 bits).
+    pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// splitmix64's output function.
+    pub fn mix64(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A seed for a sub-stream `v` of `seed` (a layer, a module, a step): distinct `v` give
+    /// unrelated masks.
+    pub fn derive(seed: u64, v: u64) -> u64 {
+        mix64(seed ^ mix64(v.wrapping_add(GOLDEN)))
+    }
+
+    /// Drop element `i` iff `24-bit hash < threshold`: `p` on a 2^-24 grid, computed once on
+    /// the host so every device compares against the same integer.
+    pub fn dropout_threshold(p: f32) -> u32 {
+        assert!(
+            (0.0..1.0).contains(&p),
+            "dropout probability {p} not in [0, 1)"
+        );
+        (p as f64 * (1u64 << 24) as f64).round() as u32
+    }
+
+    /// `1 / (1 - p)`, the scale of kept elements (inverted dropout), rounded once to f32.
+    pub fn dropout_scale(p: f32) -> f32 {
+        (1.0 / (1.0 - p as f64)) as f32
+    }
+
+    /// Whether element `i` survives (kernels/dropout.cu computes the same).
+    #[inline]
+    pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
+        ((mix64(seed.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN))) >> 40) as u32)
+            >= threshold
+    }
+}
+
 pub trait Backend {
     /// A flat device buffer of f32 values (the CUDA backend stores bf16/f32 per tensor class).
     type Buf;
@@ -169,6 +214,10 @@ pub trait Backend {
     );
     /// `out = silu(gate) * up`, elementwise.
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);
+    /// `out = x * keep / (1 - p)` elementwise, `keep` from [`dropout_mask`] at `seed` (`=`;
+    /// `x` and `out` the same length and precision). LoRA dropout in the training forward;
+    /// the same call on a gradient is its backward.
+    fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, p: f32, seed: u64);
     /// Copies `rows` rows of width `dim`: `dst[dst_row + i] = src[src_rows[i]]`. `src` and `dst`
     /// may differ in precision (capturing bf16 activations into an f32 buffer).
     fn gather_rows(

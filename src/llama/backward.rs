@@ -1,8 +1,8 @@
 //! Backward pass, written by hand in reverse order of `forward.rs`. Gradients flow to the LoRA
 //! factors and to the input embeddings; frozen weights get no gradient buffers.
 
-use super::forward::{clone_buf, Activations, LayerActs};
-use super::lora::LoraModule;
+use super::forward::{clone_buf, dropout_input, Activations, LayerActs};
+use super::lora::{LoraDropout, LoraModule};
 use super::model::{DeviceLayer, Llama};
 use crate::backend::{AttnShape, BackwardOps};
 use anyhow::{ensure, Result};
@@ -192,6 +192,7 @@ impl<B: BackwardOps> Llama<B> {
                     key_mask,
                     shape,
                     acts.used_lora,
+                    acts.dropout,
                 )?;
                 &rebuilt
             } else {
@@ -207,6 +208,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::Down,
                 acts.used_lora,
+                acts.dropout,
                 &dh,
                 &a.act,
                 &mut d_act,
@@ -219,6 +221,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::Gate,
                 acts.used_lora,
+                acts.dropout,
                 &dgate,
                 &a.xn2,
                 &mut dx,
@@ -230,6 +233,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::Up,
                 acts.used_lora,
+                acts.dropout,
                 &dup,
                 &a.xn2,
                 &mut dx,
@@ -244,6 +248,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::O,
                 acts.used_lora,
+                acts.dropout,
                 &dh,
                 &a.att,
                 &mut d_att,
@@ -280,6 +285,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::Q,
                 acts.used_lora,
+                acts.dropout,
                 &dq,
                 &a.xn1,
                 &mut dx,
@@ -291,6 +297,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::K,
                 acts.used_lora,
+                acts.dropout,
                 &dk,
                 &a.xn1,
                 &mut dx,
@@ -302,6 +309,7 @@ impl<B: BackwardOps> Llama<B> {
                 li,
                 LoraModule::V,
                 acts.used_lora,
+                acts.dropout,
                 &dv,
                 &a.xn1,
                 &mut dx,
@@ -324,6 +332,7 @@ impl<B: BackwardOps> Llama<B> {
         key_mask: Option<&B::Buf>,
         shape: AttnShape,
         use_lora: bool,
+        dropout: Option<LoraDropout>,
     ) -> Result<LayerActs<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -346,14 +355,15 @@ impl<B: BackwardOps> Llama<B> {
             .unwrap_or(1);
         let mut tmp = be.alloc(rows * rank)?;
         self.block(
-            li, &mut x, &mut xn, &mut a, &mut kc, &mut vc, key_mask, shape, use_lora, true,
-            &mut tmp,
+            li, &mut x, &mut xn, &mut a, &mut kc, &mut vc, key_mask, shape, use_lora, dropout,
+            true, &mut tmp,
         )?;
         Ok(a)
     }
 
-    /// Backward of `y = x W^T + s (x A^T) B^T`: `dx (+)= dy W + s (dy B) A`,
-    /// `dA += s (dy B)^T x`, `dB += s dy^T (x A^T)`.
+    /// Backward of `y = x W^T + s (x_d A^T) B^T` with `x_d = x * keep / (1 - p)` under the
+    /// pass's dropout (else `x_d = x`): `dx (+)= dy W + drop(s (dy B) A)`,
+    /// `dA += s (dy B)^T x_d`, `dB += s dy^T (x_d A^T)`; `drop` is the forward's mask and scale.
     #[allow(clippy::too_many_arguments)]
     fn project_bwd(
         &self,
@@ -361,6 +371,7 @@ impl<B: BackwardOps> Llama<B> {
         li: usize,
         m: LoraModule,
         use_lora: bool,
+        dropout: Option<LoraDropout>,
         dy: &B::Buf,
         x: &B::Buf,
         dx: &mut B::Buf,
@@ -385,18 +396,33 @@ impl<B: BackwardOps> Llama<B> {
         let Some(l) = layer.lora[m as usize].as_ref().filter(|_| use_lora) else {
             return Ok(());
         };
+        let dropout = dropout.map(|d| d.module(li, m));
         let r = l.rank;
         let mut t = be.alloc(rows * r)?;
         be.gemm(dy, &l.b, &mut t, rows, r, fan_out, false, false, 1.0, false);
         if let Some(g) = grads.as_deref_mut() {
             if let Some((ga, gb)) = g.grads[li][m as usize].as_mut() {
+                let dropped = dropout.map(|d| dropout_input(be, x, d)).transpose()?;
+                let x = dropped.as_ref().unwrap_or(x);
                 be.gemm(&t, x, ga, r, fan_in, rows, true, false, l.scale, true);
                 let mut u = be.alloc(rows * r)?;
                 be.matmul(x, &l.a, &mut u, rows, r, fan_in, 1.0, false);
                 be.gemm(dy, &u, gb, fan_out, r, rows, true, false, l.scale, true);
             }
         }
-        be.gemm(&t, &l.a, dx, rows, fan_in, r, false, false, l.scale, true);
+        match dropout {
+            None => be.gemm(&t, &l.a, dx, rows, fan_in, r, false, false, l.scale, true),
+            Some(d) => {
+                // In f32 until it joins dx: one rounding, as in the undropped path.
+                let mut g = be.alloc_f32(rows * fan_in)?;
+                be.gemm(
+                    &t, &l.a, &mut g, rows, fan_in, r, false, false, l.scale, false,
+                );
+                let mut gd = be.alloc_f32(rows * fan_in)?;
+                be.dropout(&g, &mut gd, d.p, d.seed);
+                be.axpy(1.0, &gd, dx);
+            }
+        }
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 //! i = output of block i-1 for 1 <= i < L, L = final block's output after the final norm.
 
 use super::model::{DeviceLayer, KvCache, Llama};
-use super::LoraModule;
+use super::{LoraDropout, LoraModule};
 use crate::backend::{AttnShape, Backend};
 use anyhow::{ensure, Result};
 
@@ -68,6 +68,8 @@ pub struct Activations<B: Backend> {
     pub recompute: bool,
     /// The latent adversary's input, when the forward ran with one.
     pub latent: Option<super::latent::LatentActs<B>>,
+    /// The LoRA dropout the forward applied (its masks are regenerated from this).
+    pub dropout: Option<LoraDropout>,
 }
 
 impl<B: Backend> LayerActs<B> {
@@ -94,6 +96,13 @@ impl<B: Backend> LayerActs<B> {
             v_all: None,
         })
     }
+}
+
+/// `x * keep / (1 - p)` under `d`'s mask, in a new buffer of `x`'s precision.
+pub(crate) fn dropout_input<B: Backend>(be: &B, x: &B::Buf, d: LoraDropout) -> Result<B::Buf> {
+    let mut out = be.alloc(be.len(x))?;
+    be.dropout(x, &mut out, d.p, d.seed);
+    Ok(out)
 }
 
 /// A copy of `src` (`rows` rows of width `dim`).
@@ -132,6 +141,7 @@ impl<B: Backend> Llama<B> {
             true,
             false,
             None,
+            None,
         )?;
         Ok(out)
     }
@@ -157,6 +167,7 @@ impl<B: Backend> Llama<B> {
             logits,
             true,
             false,
+            None,
             None,
         )?;
         Ok(out)
@@ -205,6 +216,27 @@ impl<B: Backend> Llama<B> {
         use_lora: bool,
         hook: Option<&super::latent::LatentHook<B>>,
     ) -> Result<(ForwardOutput<B>, Activations<B>)> {
+        self.forward_train_dropout(
+            input, batch, seq, key_mask, capture, logits, use_lora, hook, None,
+        )
+    }
+
+    /// [`Llama::forward_train_hooked`] with LoRA dropout (training only; ignored when
+    /// `use_lora` is false). [`Llama::backward`] reapplies the same masks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_train_dropout(
+        &self,
+        input: Input<B>,
+        batch: usize,
+        seq: usize,
+        key_mask: Option<&B::Buf>,
+        capture: &[usize],
+        logits: LogitsMode,
+        use_lora: bool,
+        hook: Option<&super::latent::LatentHook<B>>,
+        dropout: Option<LoraDropout>,
+    ) -> Result<(ForwardOutput<B>, Activations<B>)> {
+        let dropout = dropout.filter(|d| use_lora && d.p > 0.0);
         let mut cache = self.new_cache(batch, seq)?;
         let (out, acts) = self.run(
             input,
@@ -217,6 +249,7 @@ impl<B: Backend> Llama<B> {
             use_lora,
             true,
             hook,
+            dropout,
         )?;
         Ok((out, acts.expect("recording forward returns activations")))
     }
@@ -234,6 +267,7 @@ impl<B: Backend> Llama<B> {
         use_lora: bool,
         record: bool,
         hook: Option<&super::latent::LatentHook<B>>,
+        dropout: Option<LoraDropout>,
     ) -> Result<(ForwardOutput<B>, Option<Activations<B>>)> {
         let cfg = &self.cfg;
         let be = &self.backend;
@@ -358,6 +392,7 @@ impl<B: Backend> Llama<B> {
                 key_mask,
                 shape,
                 use_lora,
+                dropout,
                 keep_acts,
                 &mut lora_tmp,
             )?;
@@ -430,6 +465,7 @@ impl<B: Backend> Llama<B> {
             xn_final: xn,
             used_lora: use_lora,
             latent,
+            dropout,
         });
         Ok((ForwardOutput { logits, hidden }, acts))
     }
@@ -437,7 +473,8 @@ impl<B: Backend> Llama<B> {
     /// Decoder block `li`: `x` enters as the residual stream and leaves as the block's output;
     /// `xn` enters as `rmsnorm(x)` with this block's input norm and leaves as the output normed
     /// with the next norm (the next block's, or the final norm). `record` keeps what the
-    /// backward pass reads (`h_in`, `h_mid`, post-RoPE keys and values) in `a`.
+    /// backward pass reads (`h_in`, `h_mid`, post-RoPE keys and values) in `a`. `dropout`
+    /// (with `use_lora`) drops inputs of the LoRA paths, one mask per module.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block(
         &self,
@@ -450,6 +487,7 @@ impl<B: Backend> Llama<B> {
         key_mask: Option<&B::Buf>,
         shape: AttnShape,
         use_lora: bool,
+        dropout: Option<LoraDropout>,
         record: bool,
         lora_tmp: &mut B::Buf,
     ) -> Result<()> {
@@ -464,7 +502,9 @@ impl<B: Backend> Llama<B> {
         }
         let lora = |m: LoraModule| {
             if use_lora {
-                layer.lora[m as usize].as_ref()
+                layer.lora[m as usize]
+                    .as_ref()
+                    .map(|l| (l, dropout.map(|d| d.module(li, m))))
             } else {
                 None
             }
@@ -579,13 +619,14 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    /// `out = x W^T (+ scale * (x A^T) B^T when a LoRA pair is given)`.
+    /// `out = x W^T (+ scale * (x_d A^T) B^T when a LoRA pair is given)`, with
+    /// `x_d = x * keep / (1 - p)` under the pair's dropout, else `x`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn project(
         &self,
         layer: &DeviceLayer<B>,
         m: LoraModule,
-        lora: Option<&super::model::DeviceLora<B>>,
+        lora: Option<(&super::model::DeviceLora<B>, Option<LoraDropout>)>,
         x: &B::Buf,
         out: &mut B::Buf,
         rows: usize,
@@ -594,10 +635,12 @@ impl<B: Backend> Llama<B> {
         let (fan_in, fan_out) = m.dims(&self.cfg);
         let be = &self.backend;
         be.matmul(x, layer.weight(m), out, rows, fan_out, fan_in, 1.0, false);
-        if let Some(l) = lora {
+        if let Some((l, dropout)) = lora {
             if be.len(tmp) != rows * l.rank {
                 *tmp = be.alloc(rows * l.rank)?;
             }
+            let dropped = dropout.map(|d| dropout_input(be, x, d)).transpose()?;
+            let x = dropped.as_ref().unwrap_or(x);
             be.matmul(x, &l.a, tmp, rows, l.rank, fan_in, 1.0, false);
             be.matmul(tmp, &l.b, out, rows, fan_out, l.rank, l.scale, true);
         }

@@ -53,6 +53,44 @@ impl LoraModule {
     }
 }
 
+/// PEFT's `lora_dropout` in a training forward: inverted dropout with probability `p` on
+/// the input of each adapted projection's LoRA path (the frozen path sees the clean input),
+/// one mask per (layer, module) even where modules share an input. Masks are functions of
+/// `seed` (see [`crate::backend::dropout_mask`]): the backward pass and a recomputed block
+/// regenerate them, and a resumed run draws the same ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl LoraDropout {
+    /// The dropout of one trainer micro-batch: a function of the run's seed and the position
+    /// in the run, which a checkpoint restores.
+    pub fn for_micro_batch(p: f32, run_seed: u64, step: usize, micro: usize) -> Self {
+        use crate::backend::dropout_mask::derive;
+        // A stream of its own, so the masks share nothing with the seed's other uses.
+        const STREAM: u64 = 0x4C6F_5241_4472_6F70;
+        Self {
+            p,
+            seed: derive(derive(derive(run_seed, STREAM), step as u64), micro as u64),
+        }
+    }
+
+    /// An independent dropout for sub-pass `v` (one forward of a micro-batch's data sets).
+    pub fn stream(self, v: u64) -> Self {
+        Self {
+            p: self.p,
+            seed: crate::backend::dropout_mask::derive(self.seed, v),
+        }
+    }
+
+    /// The mask of projection `m` of block `layer`.
+    pub fn module(self, layer: usize, m: LoraModule) -> Self {
+        self.stream((layer * LoraModule::ALL.len() + m as usize) as u64)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     pub rank: usize,

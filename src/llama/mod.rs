@@ -14,5 +14,5 @@ pub use backward::LoraGrads;
 pub use forward::{Activations, ForwardOutput, Input, LogitsMode};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use latent::LatentHook;
-pub use lora::{LoraAdapter, LoraConfig, LoraModule};
+pub use lora::{LoraAdapter, LoraConfig, LoraDropout, LoraModule};
 pub use model::{KvCache, Llama};

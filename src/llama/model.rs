@@ -57,6 +57,10 @@ pub struct Llama<B: Backend> {
     /// Training forwards keep only each block's input and the backward pass recomputes the
     /// block's activations (memory for long sequences and big models, at ~1 extra forward).
     pub recompute: bool,
+    /// LoRA dropout for the tuned passes of an objective step (`train::step`). Only the
+    /// trainer sets it, around its own objective steps; every other forward (frozen pass,
+    /// evaluation, generation, attacks, `repshield loss`) runs with `None`.
+    pub lora_dropout: Option<super::LoraDropout>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -94,6 +98,7 @@ impl<B: Backend> Llama<B> {
             inv_freq,
             inv_freq_neg,
             recompute: false,
+            lora_dropout: None,
             cfg: cfg.clone(),
             backend,
         })

@@ -36,7 +36,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes `adapter` as peft's `adapter_model.safetensors` + `adapter_config.json`, with
+/// `lora_dropout` 0 (an adapter that was not trained here: see [`save_peft_trained`]).
 pub fn save_peft(dir: &Path, adapter: &LoraAdapter, base_model: &str) -> Result<()> {
+    save_peft_trained(dir, adapter, base_model, 0.0)
+}
+
+/// [`save_peft`] recording the dropout probability the adapter was trained with.
+pub fn save_peft_trained(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    base_model: &str,
+    lora_dropout: f32,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let c = &adapter.config;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
@@ -65,13 +77,15 @@ pub fn save_peft(dir: &Path, adapter: &LoraAdapter, base_model: &str) -> Result<
     let bytes = safetensors::serialize(views, Some(meta))?;
     let mut modules: Vec<&str> = c.modules.iter().map(|m| m.hf_name()).collect();
     modules.sort_unstable();
+    // The f32's shortest decimal (0.05, not 0.05000000074505806), as peft's config shows it.
+    let lora_dropout: f64 = lora_dropout.to_string().parse()?;
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": c.rank,
         "lora_alpha": c.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora_dropout,
         "target_modules": modules,
         "layers_to_transform": c.layers,
         "bias": "none",

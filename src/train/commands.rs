@@ -43,6 +43,9 @@ pub struct TrainArgs {
     pub rank: Option<usize>,
     #[arg(long)]
     pub alpha: Option<f32>,
+    /// Dropout probability on the LoRA paths' inputs while training (default 0.05; 0 = off).
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
     /// Comma-separated hidden-state indices of the harmful term.
     #[arg(long, value_delimiter = ',')]
     pub target_layers: Option<Vec<usize>>,
@@ -116,6 +119,7 @@ impl TrainArgs {
             grad_accum,
             rank,
             alpha,
+            lora_dropout,
             max_prompt,
             max_response,
             seed,
@@ -504,6 +508,7 @@ pub fn cmd_loss(a: &LossArgs) -> Result<()> {
     };
     let targets = c.targets(&m.config);
     let mut grads = LoraGrads::new(&model)?;
+    // `model.lora_dropout` stays `None`: the terms are deterministic, whatever `c.lora_dropout`.
     let terms: LossTerms = objective_step(
         &model,
         &c,

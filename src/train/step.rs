@@ -113,11 +113,23 @@ fn device_reps<B: BackwardOps>(bufs: &[(usize, B::Buf)], rows: usize) -> DeviceR
     }
 }
 
+/// Which data set a pass runs, so each tuned forward of a micro-batch draws its own LoRA
+/// dropout masks (PEFT draws fresh masks on every forward call).
+#[derive(Debug, Clone, Copy)]
+enum SetId {
+    Benign = 0,
+    Harmful = 1,
+    Retain = 2,
+}
+
 /// `adv` attacks the tuned pass (hard-negative mining: soft tokens in its input, or the latent
 /// adversary in its residual stream); the frozen pass always sees the clean tokens, which is
-/// why `frozen` (its captured output, when given) stands in for it.
+/// why `frozen` (its captured output, when given) stands in for it. The tuned pass applies
+/// the model's LoRA dropout, when set, with masks of its own for `set`.
+#[allow(clippy::too_many_arguments)]
 fn run_set<B: BackwardOps>(
     model: &Llama<B>,
+    set: SetId,
     tb: &TokenBatch,
     indices: &[usize],
     orig_indices: &[usize],
@@ -146,7 +158,7 @@ fn run_set<B: BackwardOps>(
         Some((e, m)) => (Input::Embeds(e), m),
         None => (Input::Ids(&tb.input_ids), &clean_mask),
     };
-    let (out, acts) = model.forward_train_hooked(
+    let (out, acts) = model.forward_train_dropout(
         tuned_input,
         tb.batch,
         tb.seq,
@@ -155,6 +167,7 @@ fn run_set<B: BackwardOps>(
         mode,
         true,
         hook.as_ref(),
+        model.lora_dropout.map(|d| d.stream(set as u64)),
     )?;
     let (orig, orig_logits) = match frozen {
         Some(f) => {
@@ -242,7 +255,7 @@ fn retain_kl<B: BackwardOps>(
     frozen: Option<FrozenSet>,
 ) -> Result<f64> {
     let all: [usize; 0] = [];
-    let pass = run_set(model, retain, &all, &all, true, None, frozen)?;
+    let pass = run_set(model, SetId::Retain, retain, &all, &all, true, None, frozen)?;
     let mask: Vec<f64> = retain.attention_mask.iter().map(|&m| m as f64).collect();
     let (zo, zt) = (
         pass.orig_logits.as_ref().unwrap(),
@@ -290,8 +303,26 @@ pub fn triplet_step<B: BackwardOps>(
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let h = run_set(model, harmful, &all, targets, false, adv, frozen.harmful)?;
-    let b = run_set(model, benign, &all, &all, false, None, frozen.benign)?;
+    let h = run_set(
+        model,
+        SetId::Harmful,
+        harmful,
+        &all,
+        targets,
+        false,
+        adv,
+        frozen.harmful,
+    )?;
+    let b = run_set(
+        model,
+        SetId::Benign,
+        benign,
+        &all,
+        &all,
+        false,
+        None,
+        frozen.benign,
+    )?;
     let (bm, hm) = (f64_mask(benign, mask), f64_mask(harmful, mask));
     // On the device the hidden states stay where the forwards left them.
     let (terms, g) = triplet_loss_on(
@@ -349,8 +380,26 @@ pub fn repbend_step<B: BackwardOps>(
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let s = run_set(model, safe, &all, &all, false, None, frozen.benign)?;
-    let u = run_set(model, unsafe_, targets, targets, false, adv, frozen.harmful)?;
+    let s = run_set(
+        model,
+        SetId::Benign,
+        safe,
+        &all,
+        &all,
+        false,
+        None,
+        frozen.benign,
+    )?;
+    let u = run_set(
+        model,
+        SetId::Harmful,
+        unsafe_,
+        targets,
+        targets,
+        false,
+        adv,
+        frozen.harmful,
+    )?;
     let (sm, um) = (f64_mask(safe, mask), f64_mask(unsafe_, mask));
     let (terms, g) = repbend_loss_on(
         &model.backend,
@@ -409,8 +458,26 @@ pub fn circuit_breaker_step<B: BackwardOps>(
     let c = &model.cfg;
     let all: Vec<usize> = (0..=c.num_layers).collect();
     let d = c.hidden_size;
-    let r = run_set(model, retain, &all, &all, false, None, frozen.retain)?;
-    let h = run_set(model, harmful, targets, targets, false, adv, frozen.harmful)?;
+    let r = run_set(
+        model,
+        SetId::Retain,
+        retain,
+        &all,
+        &all,
+        false,
+        None,
+        frozen.retain,
+    )?;
+    let h = run_set(
+        model,
+        SetId::Harmful,
+        harmful,
+        targets,
+        targets,
+        false,
+        adv,
+        frozen.harmful,
+    )?;
     let rm = f64_mask(retain, MaskMode::All);
     let hm = f64_mask(harmful, MaskMode::All);
     let (terms, g) = circuit_breaker_loss_on(

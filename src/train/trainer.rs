@@ -9,8 +9,8 @@ use super::frozen::FrozenReps;
 use super::mining::{AdvInput, Miner, MinerState, MiningConfig, MiningKind};
 use super::step::{circuit_breaker_step, repbend_step, triplet_step, FrozenInputs, LossTerms};
 use crate::backend::BackwardOps;
-use crate::llama::peft::{load_peft, save_peft, write_atomic};
-use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraGrads, LoraModule};
+use crate::llama::peft::{load_peft, save_peft_trained, write_atomic};
+use crate::llama::{Llama, LoraAdapter, LoraConfig, LoraDropout, LoraGrads, LoraModule};
 use crate::model::{ChatTokenizer, ModelConfig};
 use crate::objectives::circuit_breaker::CircuitBreakerConfig;
 use crate::objectives::repbend::RepBendConfig;
@@ -44,6 +44,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub rank: usize,
     pub alpha: f32,
+    /// PEFT's `lora_dropout`: probability of dropping each input element of the LoRA paths in
+    /// the training forward (0 turns it off; evaluation and `repshield loss` never drop).
+    pub lora_dropout: f32,
     /// Hidden-state indices of the harmful/unsafe/circuit-breaker terms (default: the method's).
     pub target_layers: Option<Vec<usize>>,
     /// Decoder blocks that get LoRA (default: the method's).
@@ -79,6 +82,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             rank: 16,
             alpha: 16.0,
+            lora_dropout: 0.05,
             target_layers: None,
             lora_layers: None,
             max_prompt: 64,
@@ -165,6 +169,11 @@ impl TrainConfig {
         ensure!(
             self.max_prompt > 0 && self.max_response > 0,
             "max-prompt and max-response must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "lora-dropout must be in [0, 1), got {}",
+            self.lora_dropout
         );
         ensure!(
             !self.targets(cfg).is_empty(),
@@ -504,7 +513,12 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("removing stale {}", tmp.display()))?;
         }
-        save_peft(&tmp, &self.adapter, &self.state.model)?;
+        save_peft_trained(
+            &tmp,
+            &self.adapter,
+            &self.state.model,
+            self.state.config.lora_dropout,
+        )?;
         save_moments(
             &tmp.join("optimizer.safetensors"),
             &self.adapter,
@@ -575,7 +589,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
             grads.zero(&self.model.backend)?;
             let mut terms = LossTerms::default();
             let mut mining_rows = 0;
-            for _ in 0..c.grad_accum {
+            for micro in 0..c.grad_accum {
                 let [(b, bidx), (h, hidx), (r, ridx)] = self.batches()?;
                 let frozen = match &self.frozen {
                     Some(f) => f.inputs((&b, &bidx), (&h, &hidx), (&r, &ridx))?,
@@ -606,6 +620,10 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                     }
                 };
                 mining_rows += adv.as_ref().map_or(0, |a| a.rows());
+                // Dropout for this objective step only: mining above and everything after the
+                // loop run the model without it.
+                self.model.lora_dropout = (c.lora_dropout > 0.0)
+                    .then(|| LoraDropout::for_micro_batch(c.lora_dropout, c.seed, step, micro));
                 let t = objective_step(
                     &self.model,
                     &c,
@@ -617,7 +635,9 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                     Some(&mut grads),
                     adv.as_ref(),
                     frozen,
-                )?;
+                );
+                self.model.lora_dropout = None;
+                let t = t?;
                 if let Some(bad) = t.non_finite() {
                     bar.abandon();
                     bail!(
@@ -694,7 +714,7 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
         } else {
             bar.finish();
             self.sync_host()?;
-            save_peft(&self.out, &self.adapter, &self.state.model)?;
+            save_peft_trained(&self.out, &self.adapter, &self.state.model, c.lora_dropout)?;
         }
         Ok(TrainOutcome {
             steps_done: self.state.step,

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod capture;
+pub mod dropout;
 pub mod embedding;
 pub mod matmul;
 pub mod rmsnorm;
@@ -171,6 +172,9 @@ impl Backend for CpuBackend {
     }
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) {
         swiglu::swiglu_fwd(gate, up, out)
+    }
+    fn dropout(&self, x: &Vec<f32>, out: &mut Vec<f32>, p: f32, seed: u64) {
+        dropout::dropout_fwd(x, out, p, seed)
     }
     fn gather_rows(
         &self,

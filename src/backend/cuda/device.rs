@@ -587,6 +587,9 @@ impl Backend for CudaBackend {
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) {
         self.swiglu_impl(gate, up, out)
     }
+    fn dropout(&self, x: &CudaBuf, out: &mut CudaBuf, p: f32, seed: u64) {
+        self.dropout_impl(x, out, p, seed)
+    }
     fn gather_rows(
         &self,
         src: &CudaBuf,

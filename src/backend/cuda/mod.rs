@@ -34,6 +34,8 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod capture;
 #[cfg(feature = "cuda")]
+mod dropout;
+#[cfg(feature = "cuda")]
 mod embedding;
 #[cfg(feature = "cuda")]
 mod kl;
@@ -97,6 +99,8 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "attention_combine_f32",
     "swiglu_bf16",
     "swiglu_f32",
+    "dropout_bf16",
+    "dropout_f32",
     "argmax_bf16",
     "argmax_f32",
     // backward
