@@ -1298,7 +1298,8 @@ fn target_ce_matches_cpu_loss_argmax_and_gradient() {
     use repshield::objectives::ce::target_ce_groups;
     // (rows, vocab, groups): an odd vocabulary with one target per group (one argmax flag per
     // row), SmolLM2's vocabulary, a ragged one with ties for the maximum, a vocabulary of one.
-    let cases: Vec<(usize, usize, Vec<Vec<(usize, u32)>>)> = vec![
+    type Groups = Vec<Vec<(usize, u32)>>;
+    let cases: Vec<(usize, usize, Groups)> = vec![
         (
             7,
             97,
