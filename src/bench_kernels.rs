@@ -346,7 +346,8 @@ fn cases<'a, B: BackwardOps>(
             run: Box::new(move || be.attention(&q, &k, &vv, None, &mut o, sd)),
         });
     }
-    // Retain KL over f32 logits and AdamW over a rank-16 LoRA of every projection.
+    // Retain KL and the attack's target CE over f32 logits, and AdamW over a rank-16 LoRA of
+    // every projection.
     {
         let rows = t.min(1024);
         let (zo, zt) = (
@@ -363,6 +364,25 @@ fn cases<'a, B: BackwardOps>(
             run: Box::new(move || {
                 be.kl_retain(&zo, &zt, &mask, 1, v, 2.0, 1.0, Some(&mut g))
                     .expect("kl_retain");
+            }),
+        });
+        // The attack's target CE over one sequence's logits: the last quarter of the rows (at
+        // most 32) are targets.
+        let nt = (rows / 4).clamp(1, 32);
+        let z = be.upload_f32(&random(rows * v, &mut rng, 2.0))?;
+        let mut dz = be.alloc_f32(rows * v)?;
+        let targets: Vec<(usize, u32)> = (rows - nt..rows)
+            .map(|r| (r, (r * 7919 % v) as u32))
+            .collect();
+        out.push(Case {
+            op: "target_ce (+ grad)",
+            shape: format!("[{rows}, {v}] f32, {nt} targets"),
+            flops: 8.0 * (nt * v) as f64,
+            // The zeroed gradient, two reads of the target rows and their gradient rows.
+            bytes: (rows + 3 * nt) as f64 * v as f64 * 4.0,
+            run: Box::new(move || {
+                be.target_ce(&z, v, &[&targets], Some(&mut dz))
+                    .expect("target_ce");
             }),
         });
         // Rank 16 on all seven projections of every layer: r (fan_in + fan_out) each.

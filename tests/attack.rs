@@ -335,3 +335,80 @@ fn restarts_start_elsewhere_inside_the_ball() {
         .all(|(x, y)| (x - y).abs() <= 0.05 + 1e-6));
     assert!(c.iter().zip(&init).any(|(x, y)| (x - y).abs() > 0.04));
 }
+
+/// The CPU backend's device ops of the attack loop are the host functions they stand for:
+/// the grouped target CE against `target_ce` on each group's own rows (as the attack called
+/// it before the loop moved to the backend), and the PGD op against `update_step`, bit for bit.
+#[test]
+fn cpu_attack_ops_are_the_host_functions() {
+    use repshield::attack::pgd::update_step;
+    use repshield::backend::BackwardOps;
+    use repshield::util::Rng;
+    let be = CpuBackend;
+    let mut r = Rng::new(7);
+    // Three sequences of 6 rows, vocab 37; the middle one has no target rows.
+    let (seq, vocab) = (6, 37);
+    let logits: Vec<f32> = (0..3 * seq * vocab).map(|_| 4.0 * r.normal()).collect();
+    let groups: [Vec<(usize, u32)>; 2] = [vec![(2, 5), (3, 36), (4, 0)], vec![(2 * seq, 11)]];
+    let refs: Vec<&[(usize, u32)]> = groups.iter().map(Vec::as_slice).collect();
+    let mut grad = vec![f32::NAN; logits.len()];
+    let got = be
+        .target_ce(&logits, vocab, &refs, Some(&mut grad))
+        .unwrap();
+    let mut want_grad = vec![0f32; logits.len()];
+    for (g, (got_loss, got_ok)) in groups.iter().zip(&got) {
+        let s = g[0].0 / seq;
+        let span = s * seq * vocab..(s + 1) * seq * vocab;
+        let local: Vec<(usize, u32)> = g.iter().map(|&(row, t)| (row - s * seq, t)).collect();
+        let (loss, ok) = target_ce(
+            &logits[span.clone()],
+            vocab,
+            &local,
+            Some(&mut want_grad[span]),
+        );
+        assert_eq!((*got_loss, *got_ok), (loss, ok));
+        assert!(loss > 0.0);
+    }
+    assert_eq!(
+        grad, want_grad,
+        "every element written, each as target_ce writes it"
+    );
+    assert!(grad[seq * vocab..2 * seq * vocab].iter().all(|&x| x == 0.0));
+    assert!(grad[2 * vocab..3 * vocab].iter().any(|&x| x != 0.0));
+    // A forced target: the flag follows the argmax.
+    let mut forced = logits.clone();
+    forced[2 * seq * vocab + 11] = 100.0;
+    let flags = be.target_ce(&forced, vocab, &refs, None).unwrap();
+    assert_eq!((flags[0].1, flags[1].1), (false, true));
+
+    let dim = 7;
+    let n = 3 * dim;
+    let init: Vec<f32> = (0..n).map(|_| r.normal()).collect();
+    for update in [Update::Sign, Update::Adam] {
+        for ball in [Ball::None, Ball::L2(0.05), Ball::Linf(0.02)] {
+            let (mut e, mut e_op) = (init.clone(), init.clone());
+            let (mut st, mut st_op) = (None, None);
+            for _ in 0..4 {
+                let g: Vec<f32> = (0..n).map(|_| r.normal()).collect();
+                update_step(update, &mut e, &g, &init, &mut st, 0.01, ball, dim);
+                be.pgd_step(update, &mut e_op, &g, &init, &mut st_op, 0.01, ball, dim)
+                    .unwrap();
+                assert_eq!(e_op, e, "{update:?} {ball:?}");
+            }
+            assert!(e != init);
+            match (&st, &st_op) {
+                (None, None) => assert_eq!(update, Update::Sign),
+                (Some(a), Some(b)) => assert_eq!((&a.m, &a.v, a.t), (&b.m, &b.v, b.t)),
+                _ => panic!("{update:?}: Adam state on one side only"),
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "targeted twice")]
+fn a_row_targeted_twice_is_refused() {
+    use repshield::backend::BackwardOps;
+    let logits = vec![0.5f32; 4 * 3];
+    let _ = CpuBackend.target_ce(&logits, 3, &[&[(1, 0)], &[(2, 1), (1, 2)]], None);
+}

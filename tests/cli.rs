@@ -670,6 +670,7 @@ fn bench_kernels_times_every_op_against_its_floor() {
         "attention_bwd",
         "attention decode",
         "kl_retain (+ grad)",
+        "target_ce (+ grad)",
         "adamw",
     ] {
         assert!(ops.contains(&want), "{want} missing from {ops:?}");

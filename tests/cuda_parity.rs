@@ -185,6 +185,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         ("gemm_nn_bf16_128x128".into(), "pppiiiifi"),
         ("pgd_step".into(), "ppipppiifffif"),
         ("kl_retain".into(), "pipipiffppi"),
+        ("target_ce".into(), "piipppppi"),
     ];
     for d in ["bf16", "f32"] {
         expected.extend([
@@ -1170,7 +1171,7 @@ fn adamw_step_is_bit_identical_to_cpu() {
 #[test]
 fn pgd_step_matches_cpu_for_every_update_and_ball() {
     let Some(g) = gpu() else { return };
-    use repshield::attack::pgd::{adam_step, sign_step, AdamState, Ball};
+    use repshield::attack::pgd::{adam_step, sign_step, AdamState, Ball, Update};
     // (soft tokens, dim): SmolLM2's width, odd width, a single element.
     for (rows, dim) in [(20, 576), (3, 37), (1, 1)] {
         let n = rows * dim;
@@ -1184,6 +1185,11 @@ fn pgd_step_matches_cpu_for_every_update_and_ball() {
                     let ig = g.upload_f32(&init).unwrap();
                     let (mut mg, mut vg) = (g.alloc_f32(n).unwrap(), g.alloc_f32(n).unwrap());
                     let mut t = 0;
+                    // The same steps through the trait op the attack calls (it creates the
+                    // Adam state on first use).
+                    let mut e_op = g.upload_f32(&e).unwrap();
+                    let mut st_op = None;
+                    let update = if adam { Update::Adam } else { Update::Sign };
                     for step in 0..5u64 {
                         let mut grad = random(n, 61 + step, 1.0, gd);
                         grad[0] = 0.0; // sign(0) = 0: this element only moves under Adam
@@ -1209,16 +1215,23 @@ fn pgd_step_matches_cpu_for_every_update_and_ball() {
                                 rtol: 0.0,
                             },
                         };
+                        let what = format!(
+                            "pgd {rows}x{dim} {ball:?} adam {adam} grad {gd:?} step {step}"
+                        );
+                        assert_close(&what, &g.download(&eg).unwrap(), &e, tol);
+                        BackwardOps::pgd_step(
+                            &g, update, &mut e_op, &gg, &ig, &mut st_op, 3e-3, ball, dim,
+                        )
+                        .unwrap();
                         assert_close(
-                            &format!(
-                                "pgd {rows}x{dim} {ball:?} adam {adam} grad {gd:?} step {step}"
-                            ),
-                            &g.download(&eg).unwrap(),
+                            &format!("{what} (BackwardOps::pgd_step)"),
+                            &g.download(&e_op).unwrap(),
                             &e,
                             tol,
                         );
                     }
                     assert_eq!(t, st.t, "Adam step counters diverged");
+                    assert_eq!(st_op.map(|a| a.t), adam.then_some(st.t));
                 }
             }
         }
@@ -1311,6 +1324,114 @@ fn kl_retain_matches_cpu_loss_and_gradient() {
                     (no_grad - want).abs() <= 1e-4 * want.abs() + 1e-5 * scale * rows as f64,
                     "kl without grad: {no_grad} vs {want}"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn target_ce_matches_cpu_loss_argmax_and_gradient() {
+    let Some(g) = gpu() else { return };
+    use repshield::objectives::ce::target_ce_groups;
+    // (rows, vocab, groups): an odd vocabulary with one target per group (one argmax flag per
+    // row), SmolLM2's vocabulary, a ragged one with ties for the maximum, a vocabulary of one.
+    type Groups = Vec<Vec<(usize, u32)>>;
+    let cases: Vec<(usize, usize, Groups)> = vec![
+        (
+            7,
+            97,
+            vec![vec![(0, 3)], vec![(2, 96)], vec![(3, 0)], vec![(6, 50)]],
+        ),
+        (
+            5,
+            49152,
+            vec![vec![(1, 7), (2, 49151), (3, 20000)], vec![(4, 123)]],
+        ),
+        (
+            9,
+            1001,
+            vec![
+                vec![(0, 700)],
+                vec![(1, 612)],
+                vec![(4, 1000), (3, 2)],
+                vec![(8, 0), (7, 5)],
+            ],
+        ),
+        (3, 1, vec![vec![(0, 0)], vec![(2, 0)]]),
+    ];
+    for (rows, vocab, groups) in &cases {
+        let (rows, vocab) = (*rows, *vocab);
+        let refs: Vec<&[(usize, u32)]> = groups.iter().map(Vec::as_slice).collect();
+        for ld in dtypes() {
+            let mut logits = random(rows * vocab, 80 + vocab as u64, 8.0, ld);
+            // Forced targets, so that some flags are true: the first group's, and on the ragged
+            // shape ties for the maximum: on row 0 with a later index in another thread's slice
+            // (the target is still the argmax), on row 1 with an earlier index in the same
+            // thread's slice (it is not: the first maximum wins).
+            for &(r, t) in &groups[0] {
+                logits[r * vocab + t as usize] = 20.0;
+            }
+            if vocab == 1001 {
+                logits[900] = 20.0;
+                logits[vocab + 612] = 20.0;
+                logits[vocab + 100] = 20.0;
+            }
+            let mut want_grad = vec![0f32; rows * vocab];
+            let want = target_ce_groups(&logits, vocab, &refs, Some(&mut want_grad));
+            let want_flags: Vec<bool> = want.iter().map(|w| w.1).collect();
+            assert!(
+                want_flags.contains(&true),
+                "no forced group in {want_flags:?}"
+            );
+            if vocab == 1001 {
+                assert_eq!(&want_flags[..2], &[true, false], "the ties' flags");
+            }
+            let lg = up(&g, &logits, ld);
+            for gd in dtypes() {
+                let mut grad = poisoned(&g, rows * vocab, gd);
+                let got = g.target_ce(&lg, vocab, &refs, Some(&mut grad)).unwrap();
+                let what = format!("target_ce {rows}x{vocab} logits {ld:?} grad {gd:?}");
+                for (k, ((gl, gok), (wl, wok))) in got.iter().zip(&want).enumerate() {
+                    // f32 online log-sum-exp (values to 20, up to 49152 terms) against the
+                    // CPU's f64 sum: a few 1e-6 absolute per row.
+                    assert!(
+                        (gl - wl).abs() <= 2e-5 + 1e-5 * wl.abs(),
+                        "{what}: group {k} loss {gl} vs {wl}"
+                    );
+                    assert_eq!(gok, wok, "{what}: group {k} argmax flag");
+                }
+                // Probabilities from an f32 exp and an f32 sum: ~1e-6 relative (the one-hot
+                // element of a forced token, p - scale with p <= 0.9 scale here, loses at most a
+                // factor 10 of that); bf16 adds its output rounding (2^-9). No absolute slack:
+                // the launcher zeroes the buffer before the kernel writes the target rows, so an
+                // element the kernel missed reads 0, not NaN, and only a relative bound against
+                // its nonzero reference catches it.
+                let tol = match gd {
+                    DType::F32 => Tol {
+                        atol: 0.0,
+                        rtol: 1e-4,
+                    },
+                    DType::BF16 => Tol {
+                        atol: 0.0,
+                        rtol: 1e-2,
+                    },
+                };
+                let got_grad = g.download(&grad).unwrap();
+                assert_close(&format!("{what}: grad"), &got_grad, &want_grad, tol);
+                let targeted: HashSet<usize> = groups.iter().flatten().map(|t| t.0).collect();
+                for r in (0..rows).filter(|r| !targeted.contains(r)) {
+                    assert!(
+                        got_grad[r * vocab..(r + 1) * vocab]
+                            .iter()
+                            .all(|&x| x == 0.0),
+                        "{what}: row {r} is no target, its gradient must be 0"
+                    );
+                }
+            }
+            // Without a gradient: the same numbers.
+            let no_grad = g.target_ce(&lg, vocab, &refs, None).unwrap();
+            for ((gl, gok), (wl, wok)) in no_grad.iter().zip(&want) {
+                assert!((gl - wl).abs() <= 2e-5 + 1e-5 * wl.abs() && gok == wok);
             }
         }
     }

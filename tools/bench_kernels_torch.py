@@ -126,6 +126,18 @@ def main():
 
         return run
 
+    def target_ce_case():
+        rows = min(t, 1024)
+        nt = max(1, min(rows // 4, 32))
+        z = (torch.randn(rows, v, device=dev) * 2.0).requires_grad_()
+        idx = torch.arange(rows - nt, rows, device=dev)
+        tok = idx * 7919 % v
+
+        def run():
+            return torch.autograd.grad(F.cross_entropy(z[idx], tok), z)
+
+        return run
+
     def adamw_case():
         n = 16 * L * (7 * d + 2 * qd + 2 * kvd + 3 * ff)
         p = torch.nn.Parameter(torch.randn(n, device=dev) * 0.02)
@@ -163,6 +175,7 @@ def main():
         "attention_bwd": attn_bwd_case,
         "attention decode": lambda: attn_case(1, ctx, False),
         "kl_retain (+ grad)": kl_case,
+        "target_ce (+ grad)": target_ce_case,
         "adamw": adamw_case,
     }
     wanted = [o for o in args.ops.split(";") if o] or list(table)

@@ -3,11 +3,10 @@
 //! under teacher forcing; signed-gradient PGD with an optional L2/L-inf ball; early stop when
 //! every target token is the argmax; success is then judged on the greedy generation.
 
-use super::pgd::{update_step, Ball, Update};
-use crate::backend::BackwardOps;
+use super::pgd::{Ball, DeviceAdam, Update};
+use crate::backend::{Backend, BackwardOps};
 use crate::llama::{Input, Llama, LogitsMode};
 use crate::model::{ChatTokenizer, Message};
-use crate::objectives::ce::target_ce;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -119,7 +118,7 @@ pub struct AttackResult {
 /// [`EmbeddingAttackConfig::restart`]).
 pub fn restart_start(init: &[f32], cfg: &EmbeddingAttackConfig, dim: usize) -> Vec<f32> {
     let mut e = init.to_vec();
-    if cfg.restart == 0 || cfg.init_noise == 0.0 {
+    if !restart_moves(cfg) {
         return e;
     }
     let rms = (init.iter().map(|x| x * x).sum::<f32>() / init.len().max(1) as f32).sqrt();
@@ -131,9 +130,16 @@ pub fn restart_start(init: &[f32], cfg: &EmbeddingAttackConfig, dim: usize) -> V
     e
 }
 
-/// Embeddings of one attacked conversation with its soft-token rows, and the target rows.
-struct Prepared {
-    embeds: Vec<f32>,
+/// Whether restart `cfg.restart` starts anywhere but at the init tokens.
+fn restart_moves(cfg: &EmbeddingAttackConfig) -> bool {
+    cfg.restart != 0 && cfg.init_noise != 0.0
+}
+
+/// One attacked conversation on the model's device, and where its soft tokens and targets sit.
+struct Prepared<B: Backend> {
+    /// `[seq, hidden]` embeddings of the token ids in the working precision. The soft rows
+    /// hold whatever was written there last; every user overwrites them first.
+    embeds: B::Buf,
     /// First soft-token row.
     p0: usize,
     prompt_len: usize,
@@ -142,7 +148,7 @@ struct Prepared {
     targets: Vec<(usize, u32)>,
 }
 
-fn prepare<B: BackwardOps>(model: &Llama<B>, layout: &AttackLayout) -> Result<Prepared> {
+fn prepare<B: BackwardOps>(model: &Llama<B>, layout: &AttackLayout) -> Result<Prepared<B>> {
     let mut ids = layout.prefix.clone();
     ids.extend(&layout.soft_init);
     ids.extend(&layout.suffix);
@@ -155,7 +161,7 @@ fn prepare<B: BackwardOps>(model: &Llama<B>, layout: &AttackLayout) -> Result<Pr
         .map(|(i, &t)| (prompt_len - 1 + i, t))
         .collect();
     Ok(Prepared {
-        embeds: model.backend.download(&model.embed_ids(&ids)?)?,
+        embeds: model.embed_ids(&ids)?,
         p0: layout.prefix.len(),
         prompt_len,
         seq: ids.len(),
@@ -163,19 +169,91 @@ fn prepare<B: BackwardOps>(model: &Llama<B>, layout: &AttackLayout) -> Result<Pr
     })
 }
 
-/// Target CE of one conversation, whether every target token is the argmax, and (unless
-/// `want_grad` is false) the gradient with respect to its soft-token rows.
+/// Row indices `start..start + n`, for `gather_rows`.
+fn row_range(start: usize, n: usize) -> Vec<u32> {
+    (start as u32..(start + n) as u32).collect()
+}
+
+/// Writes the soft tokens `soft` (`[n, dim]`) into rows `row0..row0 + n` of `embeds`, in the
+/// precision of `embeds`, on the device.
+fn write_soft<B: Backend>(be: &B, soft: &B::Buf, embeds: &mut B::Buf, row0: usize, dim: usize) {
+    be.gather_rows(soft, &row_range(0, be.len(soft) / dim), dim, embeds, row0);
+}
+
+/// The soft tokens of one run on the model's device (f32 `[n_soft, hidden]`, like the ball's
+/// centre, the gradient rows they are updated with and the Adam moments), so that a step moves
+/// no embedding through the host.
+struct SoftTokens<B: BackwardOps> {
+    soft: B::Buf,
+    /// The init tokens' embeddings: the centre of the ball.
+    init: B::Buf,
+    grad: B::Buf,
+    adam: Option<DeviceAdam<B::Buf>>,
+}
+
+impl<B: BackwardOps> SoftTokens<B> {
+    /// Restart `cfg.restart` from the init tokens in the soft rows of `p`.
+    fn start(
+        model: &Llama<B>,
+        p: &Prepared<B>,
+        n: usize,
+        cfg: &EmbeddingAttackConfig,
+    ) -> Result<Self> {
+        let be = &model.backend;
+        let d = model.cfg.hidden_size;
+        let mut init = be.alloc_f32(n * d)?;
+        be.gather_rows(&p.embeds, &row_range(p.p0, n), d, &mut init, 0);
+        let soft = if restart_moves(cfg) {
+            // The noise is drawn on the host, once per run.
+            be.upload_f32(&restart_start(&be.download(&init)?, cfg, d))?
+        } else {
+            let mut soft = be.alloc_f32(n * d)?;
+            be.gather_rows(&init, &row_range(0, n), d, &mut soft, 0);
+            soft
+        };
+        Ok(Self {
+            soft,
+            init,
+            grad: be.alloc_f32(n * d)?,
+            adam: None,
+        })
+    }
+
+    /// One PGD update with rows `row0..row0 + n` of the input gradient `de`.
+    fn update(
+        &mut self,
+        be: &B,
+        de: &B::Buf,
+        row0: usize,
+        cfg: &EmbeddingAttackConfig,
+        dim: usize,
+    ) -> Result<()> {
+        let n = be.len(&self.soft) / dim;
+        be.gather_rows(de, &row_range(row0, n), dim, &mut self.grad, 0);
+        be.pgd_step(
+            cfg.update,
+            &mut self.soft,
+            &self.grad,
+            &self.init,
+            &mut self.adam,
+            cfg.step_size,
+            cfg.ball,
+            dim,
+        )
+    }
+}
+
+/// Target CE of one conversation (its embeddings as they are in `p`), whether every target
+/// token is the argmax, and (unless `want_grad` is false) the gradient with respect to every
+/// input row, on the model's device.
 fn loss_and_grad<B: BackwardOps>(
     model: &Llama<B>,
-    p: &Prepared,
-    n_soft: usize,
+    p: &Prepared<B>,
     want_grad: bool,
-) -> Result<(f64, bool, Option<Vec<f32>>)> {
+) -> Result<(f64, bool, Option<B::Buf>)> {
     let be = &model.backend;
-    let d = model.cfg.hidden_size;
-    let e = be.upload(&p.embeds)?;
     let (out, acts) = model.forward_train(
-        Input::Embeds(&e),
+        Input::Embeds(&p.embeds),
         1,
         p.seq,
         None,
@@ -183,31 +261,33 @@ fn loss_and_grad<B: BackwardOps>(
         LogitsMode::All,
         true,
     )?;
-    let logits = be.download(out.logits.as_ref().expect("logits requested"))?;
-    let mut dlogits = vec![0f32; logits.len()];
-    let (loss, ok) = target_ce(
-        &logits,
+    let logits = out.logits.as_ref().expect("logits requested");
+    let mut dlogits = if want_grad {
+        Some(be.alloc_f32(be.len(logits))?)
+    } else {
+        None
+    };
+    let (loss, ok) = be.target_ce(
+        logits,
         model.cfg.vocab_size,
-        &p.targets,
-        Some(&mut dlogits),
-    );
-    if !want_grad {
+        &[&p.targets],
+        dlogits.as_mut(),
+    )?[0];
+    let Some(dl) = dlogits else {
         return Ok((loss, ok, None));
-    }
-    let dl = be.upload_f32(&dlogits)?;
+    };
     let de = model
         .backward(&acts, &[], Some(&dl), None, None, true)?
         .expect("input gradient requested");
-    let de = be.download(&de)?;
-    Ok((loss, ok, Some(de[p.p0 * d..(p.p0 + n_soft) * d].to_vec())))
+    Ok((loss, ok, Some(de)))
 }
 
-/// Greedy continuation after the first `prompt_len` rows of `embeds`.
+/// Greedy continuation after the prompt of `p` with the soft tokens `soft`.
 fn generate_after<B: BackwardOps>(
     model: &Llama<B>,
     tok: &ChatTokenizer,
-    embeds: &[f32],
-    prompt_len: usize,
+    p: &Prepared<B>,
+    soft: &B::Buf,
     gen_tokens: usize,
     stop_tokens: &[u32],
 ) -> Result<String> {
@@ -215,8 +295,10 @@ fn generate_after<B: BackwardOps>(
     let d = model.cfg.hidden_size;
     let mut gen = Vec::new();
     if gen_tokens > 0 {
-        let mut cache = model.new_cache(1, prompt_len + gen_tokens)?;
-        let e = be.upload(&embeds[..prompt_len * d])?;
+        let mut cache = model.new_cache(1, p.prompt_len + gen_tokens)?;
+        let mut e = be.alloc(p.prompt_len * d)?;
+        be.gather_rows(&p.embeds, &row_range(0, p.prompt_len), d, &mut e, 0);
+        write_soft(be, soft, &mut e, p.p0, d);
         let mut out = model.forward_embeds(&e, 1, &mut cache, None, &[], LogitsMode::Last)?;
         for _ in 0..gen_tokens {
             let next =
@@ -231,7 +313,9 @@ fn generate_after<B: BackwardOps>(
     tok.decode(&gen, true)
 }
 
-/// One PGD run on one behaviour. Works with any backend that has the backward ops.
+/// One PGD run on one behaviour: [`attack_batch`] of one (a batch of one needs no padding,
+/// so it is exactly the single-behaviour attack). Works with any backend that has the
+/// backward ops.
 pub fn attack<B: BackwardOps>(
     model: &Llama<B>,
     tok: &ChatTokenizer,
@@ -239,62 +323,55 @@ pub fn attack<B: BackwardOps>(
     cfg: &EmbeddingAttackConfig,
     stop_tokens: &[u32],
 ) -> Result<AttackResult> {
-    let d = model.cfg.hidden_size;
-    let n = layout.soft_init.len();
-    let mut p = prepare(model, layout)?;
-    let soft_rows = p.p0 * d..(p.p0 + n) * d;
-    let init: Vec<f32> = p.embeds[soft_rows.clone()].to_vec();
-    p.embeds[soft_rows.clone()].copy_from_slice(&restart_start(&init, cfg, d));
+    let mut results = attack_batch(model, tok, std::slice::from_ref(layout), cfg, stop_tokens)?;
+    Ok(results.pop().expect("one result per layout"))
+}
 
-    let t0 = std::time::Instant::now();
-    let mut losses = Vec::new();
-    let mut success = false;
-    let mut steps = 0;
-    let mut adam = None;
-    for step in 0..=cfg.steps {
-        let done_after = |loss: f64, ok: bool| {
-            (cfg.early_stop && ok) || cfg.loss_threshold.is_some_and(|t| loss < t)
-        };
-        // The last evaluation needs no gradient.
-        let (loss, ok, grad) = loss_and_grad(model, &p, n, step < cfg.steps)?;
-        ensure!(loss.is_finite(), "attack step {step}: loss is not finite");
-        losses.push(loss);
-        success = ok;
-        steps = step;
-        if done_after(loss, ok) || step == cfg.steps {
-            break;
+/// The embeddings and key mask of the behaviours still running, left-padded to the longest;
+/// kept while the same behaviours run, so a step only rewrites their soft rows.
+struct Batch<B: Backend> {
+    active: Vec<usize>,
+    /// Rows per sequence.
+    t: usize,
+    embeds: B::Buf,
+    /// `None` when no sequence is padded.
+    mask: Option<B::Buf>,
+}
+
+impl<B: Backend> Batch<B> {
+    fn new(be: &B, ps: &[Prepared<B>], active: Vec<usize>, dim: usize) -> Result<Self> {
+        let t = active.iter().map(|&i| ps[i].seq).max().expect("active");
+        let mut embeds = be.alloc(active.len() * t * dim)?;
+        let mut mask = vec![0f32; active.len() * t];
+        for (a, &i) in active.iter().enumerate() {
+            let off = a * t + t - ps[i].seq;
+            be.gather_rows(
+                &ps[i].embeds,
+                &row_range(0, ps[i].seq),
+                dim,
+                &mut embeds,
+                off,
+            );
+            mask[off..(a + 1) * t].fill(1.0);
         }
-        let grad = grad.expect("gradient requested");
-        update_step(
-            cfg.update,
-            &mut p.embeds[soft_rows.clone()],
-            &grad,
-            &init,
-            &mut adam,
-            cfg.step_size,
-            cfg.ball,
-            d,
-        );
+        let padded = active.iter().any(|&i| ps[i].seq < t);
+        let mask = if padded {
+            Some(be.upload_f32(&mask)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            active,
+            t,
+            embeds,
+            mask,
+        })
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    // Greedy generation after the attacked prompt (none for mining: gen_tokens = 0).
-    let response = generate_after(
-        model,
-        tok,
-        &p.embeds,
-        p.prompt_len,
-        cfg.gen_tokens,
-        stop_tokens,
-    )?;
-    Ok(AttackResult {
-        soft: p.embeds[soft_rows].to_vec(),
-        steps,
-        final_loss: *losses.last().expect("at least one step"),
-        teacher_forced_success: success,
-        losses,
-        seconds,
-        response,
-    })
+
+    /// First row of the `a`-th running sequence, `p`.
+    fn row0(&self, a: usize, p: &Prepared<B>) -> usize {
+        a * self.t + self.t - p.seq
+    }
 }
 
 /// Several behaviours attacked as one batch (the same attack as [`attack`] for each): the
@@ -302,6 +379,11 @@ pub fn attack<B: BackwardOps>(
 /// forward and backward serve every behaviour still running; each keeps its own soft tokens,
 /// loss curve, update rule state and early stop, and leaves the batch when done. A step's wall
 /// time is shared among the behaviours it served. Generation then runs per behaviour.
+///
+/// Everything stays on the model's device: the logits are reduced there to one loss and
+/// argmax per target token, the gradient rows of the soft tokens are updated there and written
+/// back into the batch's embeddings. The host sees O(target tokens) numbers per step, and
+/// each behaviour's final soft tokens.
 pub fn attack_batch<B: BackwardOps>(
     model: &Llama<B>,
     tok: &ChatTokenizer,
@@ -312,64 +394,63 @@ pub fn attack_batch<B: BackwardOps>(
     let be = &model.backend;
     let (d, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
     let k = layouts.len();
-    let mut ps: Vec<Prepared> = layouts
+    let ps: Vec<Prepared<B>> = layouts
         .iter()
         .map(|l| prepare(model, l))
         .collect::<Result<_>>()?;
-    let n_of = |i: usize| layouts[i].soft_init.len();
-    let inits: Vec<Vec<f32>> = (0..k)
-        .map(|i| ps[i].embeds[ps[i].p0 * d..(ps[i].p0 + n_of(i)) * d].to_vec())
-        .collect();
-    for (i, p) in ps.iter_mut().enumerate() {
-        let rows = p.p0 * d..(p.p0 + n_of(i)) * d;
-        p.embeds[rows].copy_from_slice(&restart_start(&inits[i], cfg, d));
-    }
-    let mut adam = vec![None; k];
+    let mut softs: Vec<SoftTokens<B>> = ps
+        .iter()
+        .zip(layouts)
+        .map(|(p, l)| SoftTokens::start(model, p, l.soft_init.len(), cfg))
+        .collect::<Result<_>>()?;
     let mut losses = vec![Vec::new(); k];
     let mut seconds = vec![0.0; k];
     let mut steps = vec![0; k];
     let mut success = vec![false; k];
     let mut done = vec![false; k];
+    let mut batch: Option<Batch<B>> = None;
     for step in 0..=cfg.steps {
         let active: Vec<usize> = (0..k).filter(|&i| !done[i]).collect();
         if active.is_empty() {
             break;
         }
         let t0 = std::time::Instant::now();
-        let t = active.iter().map(|&i| ps[i].seq).max().expect("active");
-        let rows = active.len() * t;
-        let mut embeds = vec![0f32; rows * d];
-        let mut mask = vec![0f32; rows];
-        for (a, &i) in active.iter().enumerate() {
-            let off = a * t + t - ps[i].seq;
-            embeds[off * d..(a + 1) * t * d].copy_from_slice(&ps[i].embeds);
-            mask[off..(a + 1) * t].fill(1.0);
+        if batch.as_ref().is_none_or(|b| b.active != active) {
+            batch = Some(Batch::new(be, &ps, active.clone(), d)?);
         }
-        let e = be.upload(&embeds)?;
-        let m = be.upload_f32(&mask)?;
+        let b = batch.as_mut().expect("built above");
+        for (a, &i) in active.iter().enumerate() {
+            let row0 = b.row0(a, &ps[i]) + ps[i].p0;
+            write_soft(be, &softs[i].soft, &mut b.embeds, row0, d);
+        }
         let (out, acts) = model.forward_train(
-            Input::Embeds(&e),
+            Input::Embeds(&b.embeds),
             active.len(),
-            t,
-            Some(&m),
+            b.t,
+            b.mask.as_ref(),
             &[],
             LogitsMode::All,
             true,
         )?;
-        let logits = be.download(out.logits.as_ref().expect("logits requested"))?;
-        let mut dlogits = vec![0f32; logits.len()];
+        let logits = out.logits.as_ref().expect("logits requested");
+        let groups: Vec<Vec<(usize, u32)>> = active
+            .iter()
+            .enumerate()
+            .map(|(a, &i)| {
+                let off = b.row0(a, &ps[i]);
+                ps[i].targets.iter().map(|&(r, tk)| (r + off, tk)).collect()
+            })
+            .collect();
+        let groups: Vec<&[(usize, u32)]> = groups.iter().map(Vec::as_slice).collect();
+        // The last step updates nothing.
+        let mut dlogits = if step < cfg.steps {
+            Some(be.alloc_f32(be.len(logits))?)
+        } else {
+            None
+        };
+        let ces = be.target_ce(logits, vocab, &groups, dlogits.as_mut())?;
         let mut update = Vec::new();
-        for (a, &i) in active.iter().enumerate() {
-            let pad = t - ps[i].seq;
-            let targets: Vec<(usize, u32)> =
-                ps[i].targets.iter().map(|&(r, tk)| (r + pad, tk)).collect();
-            let span = a * t * vocab..(a + 1) * t * vocab;
-            let (loss, ok) = target_ce(
-                &logits[span.clone()],
-                vocab,
-                &targets,
-                Some(&mut dlogits[span]),
-            );
+        for ((a, &i), (loss, ok)) in active.iter().enumerate().zip(ces) {
             ensure!(
                 loss.is_finite(),
                 "attack step {step}, behaviour {i}: loss is not finite"
@@ -386,26 +467,17 @@ pub fn attack_batch<B: BackwardOps>(
             }
         }
         if !update.is_empty() {
-            let dl = be.upload_f32(&dlogits)?;
+            let dl = dlogits.expect("a gradient before the last step");
             let de = model
-                .backward(&acts, &[], Some(&dl), Some(&m), None, true)?
+                .backward(&acts, &[], Some(&dl), b.mask.as_ref(), None, true)?
                 .expect("input gradient requested");
-            let de = be.download(&de)?;
             for (a, i) in update {
-                let (p0, n) = (ps[i].p0, n_of(i));
-                let row0 = a * t + t - ps[i].seq + p0;
-                update_step(
-                    cfg.update,
-                    &mut ps[i].embeds[p0 * d..(p0 + n) * d],
-                    &de[row0 * d..(row0 + n) * d],
-                    &inits[i],
-                    &mut adam[i],
-                    cfg.step_size,
-                    cfg.ball,
-                    d,
-                );
+                let row0 = b.row0(a, &ps[i]) + ps[i].p0;
+                softs[i].update(be, &de, row0, cfg, d)?;
             }
         }
+        // The update is queued on a device; the step's time includes it.
+        be.synchronize()?;
         let share = t0.elapsed().as_secs_f64() / active.len() as f64;
         for &i in &active {
             seconds[i] += share;
@@ -413,17 +485,16 @@ pub fn attack_batch<B: BackwardOps>(
     }
     (0..k)
         .map(|i| {
-            let p = &ps[i];
             Ok(AttackResult {
                 response: generate_after(
                     model,
                     tok,
-                    &p.embeds,
-                    p.prompt_len,
+                    &ps[i],
+                    &softs[i].soft,
                     cfg.gen_tokens,
                     stop_tokens,
                 )?,
-                soft: p.embeds[p.p0 * d..(p.p0 + n_of(i)) * d].to_vec(),
+                soft: be.download(&softs[i].soft)?,
                 steps: steps[i],
                 final_loss: *losses[i].last().expect("at least one step"),
                 teacher_forced_success: success[i],
@@ -449,7 +520,8 @@ pub struct UniversalResult {
 
 /// Universal mode: ONE set of soft tokens optimised on several behaviours at once (the mean
 /// target CE; the signed step follows the summed gradient), initialised from the first
-/// layout's init tokens. Early stop when every training target is forced.
+/// layout's init tokens. Early stop when every training target is forced. The soft tokens,
+/// the summed gradient and the update stay on the model's device.
 pub fn universal_attack<B: BackwardOps>(
     model: &Llama<B>,
     layouts: &[AttackLayout],
@@ -459,33 +531,35 @@ pub fn universal_attack<B: BackwardOps>(
         !layouts.is_empty(),
         "universal attack: no training behaviours"
     );
+    let be = &model.backend;
     let d = model.cfg.hidden_size;
     let n = layouts[0].soft_init.len();
-    let mut ps: Vec<Prepared> = layouts
+    let mut ps: Vec<Prepared<B>> = layouts
         .iter()
         .map(|l| prepare(model, l))
         .collect::<Result<_>>()?;
-    let init: Vec<f32> = ps[0].embeds[ps[0].p0 * d..(ps[0].p0 + n) * d].to_vec();
-    let mut soft = restart_start(&init, cfg, d);
+    let mut soft = SoftTokens::start(model, &ps[0], n, cfg)?;
+    let mut grad_one = be.alloc_f32(n * d)?;
     let t0 = std::time::Instant::now();
     let mut losses = Vec::new();
     let (mut steps, mut forced) = (0, 0);
-    let mut adam = None;
     for step in 0..=cfg.steps {
         let want_grad = step < cfg.steps;
-        let mut grad = vec![0f32; n * d];
+        // Summed from zero in behaviour order, as the CPU always did.
+        let mut grad = be.alloc_f32(n * d)?;
         let (mut total, mut ok_count) = (0.0, 0);
         for p in &mut ps {
-            p.embeds[p.p0 * d..(p.p0 + n) * d].copy_from_slice(&soft);
-            let (loss, ok, g) = loss_and_grad(model, p, n, want_grad)?;
+            write_soft(be, &soft.soft, &mut p.embeds, p.p0, d);
+            let (loss, ok, de) = loss_and_grad(model, p, want_grad)?;
             ensure!(
                 loss.is_finite(),
                 "universal attack step {step}: loss is not finite"
             );
             total += loss;
             ok_count += ok as usize;
-            if let Some(g) = g {
-                grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+            if let Some(de) = de {
+                be.gather_rows(&de, &row_range(p.p0, n), d, &mut grad_one, 0);
+                be.axpy(1.0, &grad_one, &mut grad);
             }
         }
         let loss = total / ps.len() as f64;
@@ -497,17 +571,18 @@ pub fn universal_attack<B: BackwardOps>(
         if done {
             break;
         }
-        update_step(
+        be.pgd_step(
             cfg.update,
-            &mut soft,
+            &mut soft.soft,
             &grad,
-            &init,
-            &mut adam,
+            &soft.init,
+            &mut soft.adam,
             cfg.step_size,
             cfg.ball,
             d,
-        );
+        )?;
     }
+    let soft = be.download(&soft.soft)?;
     Ok(UniversalResult {
         steps,
         losses,
@@ -526,6 +601,7 @@ pub fn apply_soft<B: BackwardOps>(
     gen_tokens: usize,
     stop_tokens: &[u32],
 ) -> Result<AttackResult> {
+    let be = &model.backend;
     let d = model.cfg.hidden_size;
     let n = layout.soft_init.len();
     ensure!(
@@ -534,9 +610,10 @@ pub fn apply_soft<B: BackwardOps>(
         soft.len()
     );
     let mut p = prepare(model, layout)?;
-    p.embeds[p.p0 * d..(p.p0 + n) * d].copy_from_slice(soft);
-    let (loss, ok, _) = loss_and_grad(model, &p, n, false)?;
-    let response = generate_after(model, tok, &p.embeds, p.prompt_len, gen_tokens, stop_tokens)?;
+    let on_device = be.upload_f32(soft)?;
+    write_soft(be, &on_device, &mut p.embeds, p.p0, d);
+    let (loss, ok, _) = loss_and_grad(model, &p, false)?;
+    let response = generate_after(model, tok, &p, &on_device, gen_tokens, stop_tokens)?;
     Ok(AttackResult {
         steps: 0,
         final_loss: loss,

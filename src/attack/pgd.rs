@@ -64,6 +64,15 @@ impl AdamState {
     }
 }
 
+/// [`AdamState`] held where a backend keeps the soft tokens (`BackwardOps::pgd_step`): the
+/// moments as f32 buffers of the backend, zero at the start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceAdam<Buf> {
+    pub m: Buf,
+    pub v: Buf,
+    pub t: i32,
+}
+
 /// One Adam step on `e`, then projection of `e - init` onto the ball.
 pub fn adam_step(
     e: &mut [f32],

@@ -303,6 +303,33 @@ pub trait BackwardOps: Backend {
         weight: f64,
         grad: Option<&mut Self::Buf>,
     ) -> anyhow::Result<f64>;
+    /// The attack loss of [`crate::objectives::ce::target_ce_groups`] on logits that stay
+    /// where they are (`[rows, vocab]`): per group of `(row, token)` targets its mean CE and
+    /// whether every target token is its row's argmax. Writes the gradient of the sum of the
+    /// group means into `grad` (`=`, `[rows, vocab]`; zero on every row that is no target)
+    /// when given. Only two numbers per target row leave the device.
+    fn target_ce(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        groups: &[&[(usize, u32)]],
+        grad: Option<&mut Self::Buf>,
+    ) -> anyhow::Result<Vec<(f64, bool)>>;
+    /// One PGD update of soft tokens `e` (f32 `[rows, dim]`) with gradient `grad` and ball
+    /// centre `init` (f32): [`crate::attack::pgd::update_step`] where the buffers live. `adam`
+    /// is the Adam state, created on the first Adam step (f32 moments, like `e`).
+    #[allow(clippy::too_many_arguments)]
+    fn pgd_step(
+        &self,
+        update: crate::attack::pgd::Update,
+        e: &mut Self::Buf,
+        grad: &Self::Buf,
+        init: &Self::Buf,
+        adam: &mut Option<crate::attack::pgd::DeviceAdam<Self::Buf>>,
+        step: f32,
+        ball: crate::attack::pgd::Ball,
+        dim: usize,
+    ) -> anyhow::Result<()>;
     /// One AdamW step of f32 parameters `p` with gradient `g * grad_scale` and f32 moments
     /// `m`, `v` at step `t` (1-based): [`crate::train::adamw::adamw_step`] where the buffers live.
     #[allow(clippy::too_many_arguments)]

@@ -10,15 +10,71 @@ pub fn target_ce(
     targets: &[(usize, u32)],
     grad: Option<&mut [f32]>,
 ) -> (f64, bool) {
-    assert!(!targets.is_empty(), "target_ce: no targets");
-    let n = targets.len() as f64;
-    let mut loss = 0.0;
-    let mut all_argmax = true;
     let mut grad = grad;
     if let Some(g) = grad.as_deref_mut() {
         assert_eq!(g.len(), logits.len(), "target_ce: grad size");
         g.fill(0.0);
     }
+    target_ce_add(logits, vocab, targets, grad)
+}
+
+/// [`target_ce`] of several groups of targets in one logits tensor (`[rows, vocab]`), each
+/// with its own mean: the attack's batch, one group per sequence. Returns each group's loss
+/// and argmax flag; `grad` (`=`) gets the gradient of the sum of the group means, each group's
+/// rows exactly as [`target_ce`] of that group alone writes them and zeros elsewhere. The
+/// groups must pass [`check_target_groups`].
+pub fn target_ce_groups(
+    logits: &[f32],
+    vocab: usize,
+    groups: &[&[(usize, u32)]],
+    grad: Option<&mut [f32]>,
+) -> Vec<(f64, bool)> {
+    assert!(
+        vocab > 0 && logits.len().is_multiple_of(vocab),
+        "target_ce: {} logits are not rows of {vocab}",
+        logits.len()
+    );
+    check_target_groups(groups, logits.len() / vocab, vocab);
+    let mut grad = grad;
+    if let Some(g) = grad.as_deref_mut() {
+        assert_eq!(g.len(), logits.len(), "target_ce: grad size");
+        g.fill(0.0);
+    }
+    groups
+        .iter()
+        .map(|t| target_ce_add(logits, vocab, t, grad.as_deref_mut()))
+        .collect()
+}
+
+/// The preconditions of [`target_ce_groups`] on `[rows, vocab]` logits, which every backend
+/// asserts: no group is empty, every row and token is in range, and no row is the target of
+/// two `(row, token)` pairs (a device writes each target row's gradient, it does not add).
+pub fn check_target_groups(groups: &[&[(usize, u32)]], rows: usize, vocab: usize) {
+    let mut seen = std::collections::HashSet::new();
+    for g in groups {
+        assert!(!g.is_empty(), "target_ce: no targets");
+        for &(row, tok) in *g {
+            assert!(
+                row < rows && (tok as usize) < vocab,
+                "target_ce: target ({row}, {tok}) outside [{rows}, {vocab}] logits"
+            );
+            assert!(seen.insert(row), "target_ce: row {row} is targeted twice");
+        }
+    }
+}
+
+/// [`target_ce`] without zeroing `grad` first: adds the gradient of the mean.
+fn target_ce_add(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[(usize, u32)],
+    grad: Option<&mut [f32]>,
+) -> (f64, bool) {
+    assert!(!targets.is_empty(), "target_ce: no targets");
+    let n = targets.len() as f64;
+    let mut loss = 0.0;
+    let mut all_argmax = true;
+    let mut grad = grad;
     for &(row, tok) in targets {
         let z = &logits[row * vocab..(row + 1) * vocab];
         let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));

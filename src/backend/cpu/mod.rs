@@ -281,6 +281,46 @@ impl super::BackwardOps for CpuBackend {
             grad.map(|g| g.as_mut_slice()),
         ))
     }
+    fn target_ce(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        groups: &[&[(usize, u32)]],
+        grad: Option<&mut Vec<f32>>,
+    ) -> anyhow::Result<Vec<(f64, bool)>> {
+        Ok(crate::objectives::ce::target_ce_groups(
+            logits,
+            vocab,
+            groups,
+            grad.map(|g| g.as_mut_slice()),
+        ))
+    }
+    fn pgd_step(
+        &self,
+        update: crate::attack::pgd::Update,
+        e: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        init: &Vec<f32>,
+        adam: &mut Option<crate::attack::pgd::DeviceAdam<Vec<f32>>>,
+        step: f32,
+        ball: crate::attack::pgd::Ball,
+        dim: usize,
+    ) -> anyhow::Result<()> {
+        use crate::attack::pgd::{update_step, AdamState, DeviceAdam};
+        // The moments move in and out of the host state: no copy.
+        let mut state = adam.take().map(|a| AdamState {
+            m: a.m,
+            v: a.v,
+            t: a.t,
+        });
+        update_step(update, e, grad, init, &mut state, step, ball, dim);
+        *adam = state.map(|s| DeviceAdam {
+            m: s.m,
+            v: s.v,
+            t: s.t,
+        });
+        Ok(())
+    }
     fn adamw_step(
         &self,
         cfg: &crate::train::adamw::AdamWConfig,

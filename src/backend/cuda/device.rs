@@ -2,6 +2,7 @@
 //! op forwards to the launcher in the file named after its kernel file).
 
 use super::ptx::{KERNELS_COMPILED, NOT_COMPILED_REASON, NVCC_VERSION, PTX_ARCH, PTX_MODULES};
+use crate::attack::pgd::{Ball, DeviceAdam, Update};
 use crate::backend::{AttnShape, Backend, BackwardOps};
 use crate::model::ModelConfig;
 use anyhow::{anyhow, bail, Context, Result};
@@ -684,6 +685,45 @@ impl BackwardOps for CudaBackend {
             weight,
             grad,
         )
+    }
+    fn target_ce(
+        &self,
+        logits: &CudaBuf,
+        vocab: usize,
+        groups: &[&[(usize, u32)]],
+        grad: Option<&mut CudaBuf>,
+    ) -> Result<Vec<(f64, bool)>> {
+        // The launcher in ce.rs (an inherent method of the same name and signature).
+        CudaBackend::target_ce(self, logits, vocab, groups, grad)
+    }
+    fn pgd_step(
+        &self,
+        update: Update,
+        e: &mut CudaBuf,
+        grad: &CudaBuf,
+        init: &CudaBuf,
+        adam: &mut Option<DeviceAdam<CudaBuf>>,
+        step: f32,
+        ball: Ball,
+        dim: usize,
+    ) -> Result<()> {
+        match update {
+            Update::Sign => self.pgd_sign_step(e, grad, init, step, ball, dim),
+            Update::Adam => {
+                if adam.is_none() {
+                    *adam = Some(DeviceAdam {
+                        m: self.alloc_dtype(e.len, DType::F32)?,
+                        v: self.alloc_dtype(e.len, DType::F32)?,
+                        t: 0,
+                    });
+                }
+                let st = adam.as_mut().expect("created above");
+                self.pgd_adam_step(
+                    e, grad, init, &mut st.m, &mut st.v, &mut st.t, step, ball, dim,
+                )
+            }
+        }
+        Ok(())
     }
     fn adamw_step(
         &self,

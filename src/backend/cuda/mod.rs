@@ -34,6 +34,8 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod capture;
 #[cfg(feature = "cuda")]
+mod ce;
+#[cfg(feature = "cuda")]
 mod dropout;
 #[cfg(feature = "cuda")]
 mod embedding;
@@ -141,6 +143,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "adamw_step",
     "pgd_step",
     "kl_retain",
+    "target_ce",
 ];
 
 /// True when an NVIDIA driver can be loaded and it sees at least one GPU (false without the
