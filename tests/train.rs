@@ -134,6 +134,48 @@ fn triplet_loss_falls_and_resume_reproduces_the_run() {
     assert!(format!("{err:#}").contains("different configuration"));
 }
 
+/// A checkpoint written before LoRA dropout existed has no `lora_dropout` in its state: it was
+/// trained without dropout, so a resume must not switch on the default 0.05 halfway through.
+#[test]
+fn a_checkpoint_from_before_dropout_resumes_without_it() {
+    let m = load_model_path(&common::fixture("tiny-llama")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        steps: 4,
+        ..write_data(tmp.path())
+    };
+    assert_eq!(cfg.lora_dropout, 0.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = tmp.path().join("old");
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg.clone(), &out, false).unwrap();
+    t.quiet = true;
+    t.stop_after = Some(2);
+    t.run(&stop).unwrap();
+    let state = out.join("checkpoint/state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let c = v["config"].as_object_mut().unwrap();
+    assert!(c.remove("lora_dropout").is_some(), "the field is written");
+    std::fs::write(&state, v.to_string()).unwrap();
+
+    // The default configuration (dropout 0.05) does not match what the checkpoint trained with.
+    let default = TrainConfig {
+        lora_dropout: TrainConfig::default().lora_dropout,
+        ..cfg.clone()
+    };
+    assert!(default.lora_dropout > 0.0);
+    let err = Trainer::new(model(&m), &m.tokenizer, "tiny", default, &out, true)
+        .err()
+        .expect("must refuse to switch dropout on");
+    assert!(format!("{err:#}").contains("different configuration"));
+    // Resuming without dropout continues the run.
+    let mut t = Trainer::new(model(&m), &m.tokenizer, "tiny", cfg, &out, true).unwrap();
+    t.quiet = true;
+    assert_eq!(t.state.step, 2);
+    t.run(&stop).unwrap();
+    assert_eq!(losses(&out).len(), 4);
+}
+
 /// LoRA dropout at the default 0.05: it changes the run (so it is really on), a stopped and
 /// resumed run draws the same masks as the uninterrupted one (losses bit for bit), and the
 /// adapter records the probability.

@@ -393,11 +393,18 @@ impl<'a, B: BackwardOps> Trainer<'a, B> {
                 "--resume: no checkpoint at {}",
                 ck.display()
             );
-            let st: TrainState = serde_json::from_str(
+            let corrupt = || format!("{}/state.json: corrupt checkpoint state", ck.display());
+            let mut raw: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(ck.join("state.json"))
                     .with_context(|| format!("reading {}/state.json", ck.display()))?,
             )
-            .with_context(|| format!("{}/state.json: corrupt checkpoint state", ck.display()))?;
+            .with_context(corrupt)?;
+            // A checkpoint from before LoRA dropout existed was trained without it; the
+            // config's default (0.05) would silently switch it on halfway through the run.
+            if let Some(c) = raw.get_mut("config").and_then(|c| c.as_object_mut()) {
+                c.entry("lora_dropout").or_insert(0.0.into());
+            }
+            let st: TrainState = serde_json::from_value(raw).with_context(corrupt)?;
             if !st.config.same_run(&config) {
                 bail!(
                     "--resume: the checkpoint in {} was made with a different configuration; rerun with the same options (or a fresh --out)",
