@@ -1,8 +1,8 @@
 //! Launcher of kernels/dropout.cu (CPU twin: backend/cpu/dropout.rs).
 
-use super::device::{int, Arg, CudaBackend, CudaBuf};
+use super::device::{Arg, CudaBackend, CudaBuf};
+use super::swiglu::elementwise_config;
 use crate::backend::dropout_mask::{dropout_scale, dropout_threshold};
-use cudarc::driver::LaunchConfig;
 
 impl CudaBackend {
     pub(super) fn dropout_impl(&self, x: &CudaBuf, out: &mut CudaBuf, p: f32, seed: u64) {
@@ -14,18 +14,7 @@ impl CudaBackend {
         // Both derived on the host, once, so the kernel compares and scales exactly as the CPU.
         let (threshold, scale) = (dropout_threshold(p), dropout_scale(p));
         let name = format!("dropout_{}", out.dtype.suffix());
-        let threads = 256;
-        let per_thread = 16 / out.dtype.size();
-        let blocks = out
-            .len
-            .div_ceil(per_thread * threads)
-            .min(self.sm_count() * 8)
-            .max(1);
-        let cfg = LaunchConfig {
-            grid_dim: (int(blocks, "dropout blocks") as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = elementwise_config(self, out.len, out.dtype.size());
         let mut args = [
             Arg::In(x),
             Arg::Out(out),

@@ -4,7 +4,7 @@ use super::device::{int, Arg, CudaBackend, CudaBuf};
 use cudarc::driver::LaunchConfig;
 
 /// A few waves of 16-byte packs over `len` elements; the kernels grid-stride over the rest.
-fn elementwise_config(be: &CudaBackend, len: usize, elem_bytes: usize) -> LaunchConfig {
+pub(super) fn elementwise_config(be: &CudaBackend, len: usize, elem_bytes: usize) -> LaunchConfig {
     let threads = 256;
     let per_thread = 16 / elem_bytes;
     let blocks = len
@@ -33,19 +33,7 @@ impl CudaBackend {
         }
         let name = format!("swiglu_{}", out.dtype.suffix());
         let n = out.len as i64;
-        let threads = 256;
-        // A few waves of packs; the kernel strides over the rest.
-        let per_thread = 16 / out.dtype.size();
-        let blocks = out
-            .len
-            .div_ceil(per_thread * threads)
-            .min(self.sm_count() * 8)
-            .max(1);
-        let cfg = LaunchConfig {
-            grid_dim: (int(blocks, "swiglu blocks") as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = elementwise_config(self, out.len, out.dtype.size());
         let mut args = [Arg::In(gate), Arg::In(up), Arg::Out(out), Arg::I64(n)];
         // SAFETY: swiglu_T(const T* gate, const T* up, T* out, long long n); sizes checked above.
         unsafe { self.launch(&name, cfg, &mut args) };
