@@ -372,6 +372,47 @@ fn whole_model_backward_to_lora_and_input_embeddings() {
     assert_eq!(a.hidden[0].1, b.hidden[0].1);
 }
 
+/// One forward and backward with hidden-state index 1 (upstream gradient `r1`) and every
+/// position's logits (`rl`) in the loss: the LoRA gradients (each pair's A then B, flattened)
+/// and the input-embedding gradient.
+fn lora_and_input_grads(
+    model: &Llama<CpuBackend>,
+    adapter: &LoraAdapter,
+    (ids, batch, seq): (&[u32], usize, usize),
+    mask: &Vec<f32>,
+    (r1, rl): (&Vec<f32>, &Vec<f32>),
+    dropout: Option<LoraDropout>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (_, acts) = model
+        .forward_train_dropout(
+            Input::Ids(ids),
+            batch,
+            seq,
+            Some(mask),
+            &[1],
+            LogitsMode::All,
+            true,
+            None,
+            dropout,
+        )
+        .unwrap();
+    assert_eq!(acts.layers.is_empty(), model.recompute);
+    let mut g = LoraGrads::new(model).unwrap();
+    let de = model
+        .backward(&acts, &[(1, r1)], Some(rl), Some(mask), Some(&mut g), true)
+        .unwrap()
+        .unwrap();
+    let flat: Vec<f32> = adapter
+        .pairs
+        .iter()
+        .flat_map(|p| {
+            let (a, b) = g.get(p.layer, p.module).unwrap();
+            a.iter().chain(b.iter()).copied().collect::<Vec<_>>()
+        })
+        .collect();
+    (flat, de)
+}
+
 #[test]
 fn per_block_recompute_gives_the_same_gradients() {
     let cfg = tiny_cfg();
@@ -398,39 +439,7 @@ fn per_block_recompute_gives_the_same_gradients() {
     let r1 = randn(batch * seq * d, 40);
     let rl = randn(batch * seq * cfg.vocab_size, 41);
     let run = |model: &Llama<CpuBackend>| {
-        let (_, acts) = model
-            .forward_train(
-                Input::Ids(&ids),
-                batch,
-                seq,
-                Some(&mask),
-                &[1],
-                LogitsMode::All,
-                true,
-            )
-            .unwrap();
-        assert_eq!(acts.layers.is_empty(), model.recompute);
-        let mut g = LoraGrads::new(model).unwrap();
-        let de = model
-            .backward(
-                &acts,
-                &[(1, &r1)],
-                Some(&rl),
-                Some(&mask),
-                Some(&mut g),
-                true,
-            )
-            .unwrap()
-            .unwrap();
-        let flat: Vec<f32> = adapter
-            .pairs
-            .iter()
-            .flat_map(|p| {
-                let (a, b) = g.get(p.layer, p.module).unwrap();
-                a.iter().chain(b.iter()).copied().collect::<Vec<_>>()
-            })
-            .collect();
-        (flat, de)
+        lora_and_input_grads(model, &adapter, (&ids, batch, seq), &mask, (&r1, &rl), None)
     };
     let (g_full, e_full) = run(&model);
     model.recompute = true;
@@ -777,41 +786,14 @@ fn per_block_recompute_regenerates_the_dropout_masks() {
     let r1 = randn(batch * seq * d, 82);
     let rl = randn(batch * seq * cfg.vocab_size, 83);
     let run = |model: &Llama<CpuBackend>, dropout: Option<LoraDropout>| {
-        let (_, acts) = model
-            .forward_train_dropout(
-                Input::Ids(&ids),
-                batch,
-                seq,
-                Some(&mask),
-                &[1],
-                LogitsMode::All,
-                true,
-                None,
-                dropout,
-            )
-            .unwrap();
-        assert_eq!(acts.layers.is_empty(), model.recompute);
-        let mut g = LoraGrads::new(model).unwrap();
-        let de = model
-            .backward(
-                &acts,
-                &[(1, &r1)],
-                Some(&rl),
-                Some(&mask),
-                Some(&mut g),
-                true,
-            )
-            .unwrap()
-            .unwrap();
-        let flat: Vec<f32> = adapter
-            .pairs
-            .iter()
-            .flat_map(|p| {
-                let (a, b) = g.get(p.layer, p.module).unwrap();
-                a.iter().chain(b.iter()).copied().collect::<Vec<_>>()
-            })
-            .collect();
-        (flat, de)
+        lora_and_input_grads(
+            model,
+            &adapter,
+            (&ids, batch, seq),
+            &mask,
+            (&r1, &rl),
+            dropout,
+        )
     };
     // Gradients (LoRA, then input) that differ bit-wise, counted: the vectors are too long to print.
     let differ = |a: &(Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>)| {
