@@ -20,6 +20,12 @@
 //       decode path, M <= 8: one warp per output feature streams its row of w once with 16-byte
 //       loads and serves all M rows of x (bandwidth-bound: w is read exactly once). K % 8 == 0.
 //       grid = ceil(N / 8), block = 256.
+//   matvec_lora_bf16
+//       matvec_bf16 with a LoRA pair's up projection fused into its epilogue:
+//       out = (accumulate ? out : 0) + scale * x w^T + lora_scale * xa lb^T, one rounding, where
+//       xa [M, rank] (= x_d A^T, computed first) and lb [N, rank] (= B) are side tensors (f32 or
+//       bf16 per flag). Saves decode the up-projection launch and a read-modify-write of out per
+//       adapted projection. Same grid as matvec_bf16.
 //   matmul_generic
 //       any dtype mix (x_f32, w_f32, out_f32 flags) and any K: 64x64 SIMT tiles, f32 math. For
 //       LoRA factors kept in f32 and shapes the tensor-core path does not take.
@@ -247,9 +253,13 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
 }
 
 // One warp per output feature n; all m <= 8 rows of x against that row of w.
+// With `xa` given, the LoRA up projection is fused in: out[i, n] gets
+// scale * x_i . w_n + lora_scale * xa_i . lb_n, rounded once, where xa [M, rank] = x_d A^T was
+// computed before and lb [N, rank] is B. The lanes of the warp split the rank.
 __device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                             void* __restrict__ out, int out_f32, int M, int N, int K, float scale,
-                                            int accumulate) {
+                                            int accumulate, const void* __restrict__ xa, int xa_f32,
+                                            const void* __restrict__ lb, int lb_f32, int rank, float lora_scale) {
   constexpr int MAXM = 8;
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -276,7 +286,15 @@ __device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf
   for (int i = 0; i < MAXM; i++) {
     if (i < M) {
       const float v = warp_sum(acc[i]);
-      if (lane == 0) store_out(out, out_f32, (long long)i * N + n, v, scale, accumulate);
+      if (xa == nullptr) {
+        if (lane == 0) store_out(out, out_f32, (long long)i * N + n, v, scale, accumulate);
+      } else {
+        float l = 0.0f;
+        for (int r = lane; r < rank; r += 32)
+          l = fmaf(load_side(xa, xa_f32, (long long)i * rank + r), load_side(lb, lb_f32, (long long)n * rank + r), l);
+        l = warp_sum(l);
+        if (lane == 0) store_out(out, out_f32, (long long)i * N + n, fmaf(lora_scale, l, scale * v), 1.0f, accumulate);
+      }
     }
   }
 }
@@ -419,7 +437,14 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(256)
     matvec_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out, int out_f32, int M,
                 int N, int K, float scale, int accumulate) {
-  matvec_impl(x, w, out, out_f32, M, N, K, scale, accumulate);
+  matvec_impl(x, w, out, out_f32, M, N, K, scale, accumulate, nullptr, 0, nullptr, 0, 0, 0.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    matvec_lora_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out, int out_f32,
+                     int M, int N, int K, float scale, int accumulate, const void* __restrict__ xa, int xa_f32,
+                     const void* __restrict__ lb, int lb_f32, int rank, float lora_scale) {
+  matvec_impl(x, w, out, out_f32, M, N, K, scale, accumulate, xa, xa_f32, lb, lb_f32, rank, lora_scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

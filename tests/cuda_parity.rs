@@ -433,6 +433,64 @@ fn matmul_matches_cpu_on_every_path() {
     }
 }
 
+/// The LoRA projection `x w^T + s xa b^T`: fused into the decode GEMV's epilogue for m <= 8
+/// (one rounding of out), the two matmuls otherwise. Rank 40 makes the lanes loop over the rank.
+#[test]
+fn matmul_lora_matches_cpu_fused_and_not() {
+    let Some(g) = gpu() else { return };
+    let shapes: &[(usize, usize, usize, usize)] = &[
+        (1, 1000, 576, 16), // decode, smollm2-like
+        (3, 49, 72, 5),     // odd n and rank
+        (8, 33, 8, 40),     // GEMV m limit, rank past a warp
+        (9, 100, 64, 8),    // tensor cores: not fused
+    ];
+    let mut fused = 0;
+    for &(m, n, k, r) in shapes {
+        for (ad, od) in [
+            (DType::F32, DType::BF16),
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::F32),
+        ] {
+            let x = random(m * k, 21, 1.0, DType::BF16);
+            let w = random(n * k, 22, 1.0, DType::BF16);
+            let xa = random(m * r, 23, 1.0, ad);
+            let b = random(n * r, 24, 0.5, DType::F32);
+            let mut out = poisoned(&g, m * n, od);
+            fused += (g.matmul_kernel(m, n, k, DType::BF16, DType::BF16) == MatmulKernel::Matvec)
+                as usize;
+            g.matmul_lora(
+                &up(&g, &x, DType::BF16),
+                &up(&g, &w, DType::BF16),
+                &up(&g, &xa, ad),
+                &up(&g, &b, DType::F32),
+                &mut out,
+                m,
+                n,
+                k,
+                r,
+                0.75,
+            );
+            let mut want = vec![0.0; m * n];
+            CpuBackend.matmul_lora(&x, &w, &xa, &b, &mut want, m, n, k, r, 0.75);
+            let base = tol_for(od);
+            let tol = Tol {
+                atol: base.atol.max(2e-6) * ((k + r) as f32).sqrt(),
+                rtol: base.rtol,
+            };
+            assert_close(
+                &format!("matmul_lora m{m} n{n} k{k} r{r} xa {ad:?} -> {od:?}"),
+                &g.download(&out).unwrap(),
+                &want,
+                tol,
+            );
+        }
+    }
+    assert_eq!(
+        fused, 9,
+        "three shapes x three dtype mixes take the fused GEMV"
+    );
+}
+
 #[test]
 fn add_bias_matches_cpu() {
     let Some(g) = gpu() else { return };
@@ -1601,6 +1659,56 @@ fn whole_model_logits_and_hidden_states_match_cpu() {
                     assert!(e < bound, "{dtype:?} hidden state {gi} rel L2 {e}");
                 }
             }
+        }
+    }
+}
+
+/// Decode with an attached adapter (every module of every layer, B nonzero): each one-token
+/// step runs the fused LoRA GEMV on the GPU; its last-position logits match the CPU engine's
+/// step by step (the prefill runs the unfused tensor-core path).
+#[test]
+fn decode_with_lora_matches_cpu() {
+    use repshield::llama::{LoraAdapter, LoraConfig, LoraModule};
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_cfg(true, true);
+    let w = bf16_weights(&cfg, 41);
+    let mut adapter = LoraAdapter::init(
+        &cfg,
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            layers: (0..cfg.num_layers).collect(),
+            modules: LoraModule::ALL.to_vec(),
+        },
+        42,
+    );
+    let mut r = Rng::new(43);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = r.normal() * 0.2);
+    }
+    let mut cpu_model = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    cpu_model.attach_lora(&adapter).unwrap();
+    for (dtype, bound) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-4)] {
+        let gb = g.clone().with_working_dtype(dtype);
+        let mut gpu_model = gpu_model(&gb, &cfg, &w);
+        gpu_model.attach_lora(&adapter).unwrap();
+        let ids = &prompts(cfg.vocab_size)[1];
+        let steps = 6;
+        let mut cc = cpu_model.new_cache(1, ids.len() + steps).unwrap();
+        let mut gc = gpu_model.new_cache(1, ids.len() + steps).unwrap();
+        let mut input = ids.clone();
+        for step in 0..=steps {
+            let want = cpu_model
+                .forward(&input, 1, &mut cc, None, &[], LogitsMode::Last)
+                .unwrap();
+            let got = gpu_model
+                .forward(&input, 1, &mut gc, None, &[], LogitsMode::Last)
+                .unwrap();
+            let want = want.logits.unwrap();
+            let e = rel_l2(&gb.download(got.logits.as_ref().unwrap()).unwrap(), &want);
+            assert!(e < bound, "{dtype:?} step {step}: logits rel L2 {e}");
+            // Feed both the CPU's choice so the two caches see the same tokens.
+            input = vec![generate::argmax(&want)];
         }
     }
 }

@@ -176,6 +176,27 @@ pub trait Backend {
         scale: f32,
         accumulate: bool,
     );
+    /// A projection with a LoRA pair: `out[m,n] = x[m,k] @ w[n,k]^T + lora_scale * xa[m,r] @
+    /// b[n,r]^T`, where `xa = x_d A^T` was computed by the caller. The default is the two
+    /// matmuls (the second accumulating); a backend may fuse the second into the first's
+    /// epilogue (the CUDA decode GEMV does), which rounds `out` once instead of twice.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_lora(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        xa: &Self::Buf,
+        b: &Self::Buf,
+        out: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        rank: usize,
+        lora_scale: f32,
+    ) {
+        self.matmul(x, w, out, m, n, k, 1.0, false);
+        self.matmul(xa, b, out, m, n, rank, lora_scale, true);
+    }
     /// `x[r] += bias` per row of width `bias.len()` (`bias` a side tensor).
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf);
     /// Rotary embedding (rotate-half convention) in place on `[batch * seq_len, n_heads * head_dim]`,

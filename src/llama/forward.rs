@@ -634,16 +634,26 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let (fan_in, fan_out) = m.dims(&self.cfg);
         let be = &self.backend;
-        be.matmul(x, layer.weight(m), out, rows, fan_out, fan_in, 1.0, false);
-        if let Some((l, dropout)) = lora {
-            if be.len(tmp) != rows * l.rank {
-                *tmp = be.alloc(rows * l.rank)?;
-            }
-            let dropped = dropout.map(|d| dropout_input(be, x, d)).transpose()?;
-            let x = dropped.as_ref().unwrap_or(x);
-            be.matmul(x, &l.a, tmp, rows, l.rank, fan_in, 1.0, false);
-            be.matmul(tmp, &l.b, out, rows, fan_out, l.rank, l.scale, true);
+        let Some((l, dropout)) = lora else {
+            be.matmul(x, layer.weight(m), out, rows, fan_out, fan_in, 1.0, false);
+            return Ok(());
+        };
+        if be.len(tmp) != rows * l.rank {
+            *tmp = be.alloc(rows * l.rank)?;
         }
+        let dropped = dropout.map(|d| dropout_input(be, x, d)).transpose()?;
+        be.matmul(
+            dropped.as_ref().unwrap_or(x),
+            &l.a,
+            tmp,
+            rows,
+            l.rank,
+            fan_in,
+            1.0,
+            false,
+        );
+        let w = layer.weight(m);
+        be.matmul_lora(x, w, tmp, &l.b, out, rows, fan_out, fan_in, l.rank, l.scale);
         Ok(())
     }
 }

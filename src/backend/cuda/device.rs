@@ -549,6 +549,21 @@ impl Backend for CudaBackend {
     ) {
         self.matmul_impl(x, w, out, m, n, k, scale, accumulate)
     }
+    fn matmul_lora(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        xa: &CudaBuf,
+        b: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        rank: usize,
+        lora_scale: f32,
+    ) {
+        self.matmul_lora_impl(x, w, xa, b, out, m, n, k, rank, lora_scale)
+    }
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
         self.add_bias_impl(x, bias)
     }

@@ -188,6 +188,77 @@ impl CudaBackend {
         }
     }
 
+    /// `Backend::matmul_lora`: on the decode GEMV path the LoRA up projection runs in the
+    /// GEMV's epilogue (`matvec_lora_bf16`); every other shape runs the two matmuls.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_lora_impl(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        xa: &CudaBuf,
+        b: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        rank: usize,
+        lora_scale: f32,
+    ) {
+        if m == 0
+            || n == 0
+            || k == 0
+            || self.matmul_kernel(m, n, k, x.dtype, w.dtype) != MatmulKernel::Matvec
+        {
+            self.matmul_impl(x, w, out, m, n, k, 1.0, false);
+            self.matmul_impl(xa, b, out, m, n, rank, lora_scale, true);
+            return;
+        }
+        assert_eq!(x.len, m * k, "matmul_lora: x is not [m={m}, k={k}]");
+        assert_eq!(w.len, n * k, "matmul_lora: w is not [n={n}, k={k}]");
+        assert_eq!(
+            xa.len,
+            m * rank,
+            "matmul_lora: xa is not [m={m}, rank={rank}]"
+        );
+        assert_eq!(
+            b.len,
+            n * rank,
+            "matmul_lora: b is not [n={n}, rank={rank}]"
+        );
+        assert_eq!(out.len, m * n, "matmul_lora: out is not [m={m}, n={n}]");
+        assert!(
+            self.addr(x).is_multiple_of(16) && self.addr(w).is_multiple_of(16),
+            "matmul_lora: x and w must be 16-byte aligned"
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let out_f32 = out.dtype.flag();
+        let mut args = [
+            Arg::In(x),
+            Arg::In(w),
+            Arg::Out(out),
+            Arg::I32(out_f32),
+            Arg::I32(int(m, "matmul m")),
+            Arg::I32(int(n, "matmul n")),
+            Arg::I32(int(k, "matmul k")),
+            Arg::F32(1.0),
+            Arg::I32(0),
+            Arg::In(xa),
+            Arg::I32(xa.dtype.flag()),
+            Arg::In(b),
+            Arg::I32(b.dtype.flag()),
+            Arg::I32(int(rank, "lora rank")),
+            Arg::F32(lora_scale),
+        ];
+        // SAFETY: matvec_lora_bf16(const bf16* x, const bf16* w, void* out, int, int M, int N,
+        // int K, float scale, int accumulate, const void* xa, int, const void* lb, int, int rank,
+        // float lora_scale); shapes, dtypes (matvec plan) and alignment checked above.
+        unsafe { self.launch("matvec_lora_bf16", cfg, &mut args) };
+    }
+
     pub(super) fn add_bias_impl(&self, x: &mut CudaBuf, bias: &CudaBuf) {
         assert!(bias.len > 0, "add_bias: empty bias");
         assert_eq!(
