@@ -158,15 +158,19 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             ctx,
         } => {
-            let cfg = info(&model)?;
+            let m = info(&model)?;
             if device != Device::Cpu {
                 println!("\nCUDA memory plan (batch {batch}, context {ctx}):");
                 println!(
                     "{}",
-                    repshield::backend::cuda::MemoryPlan::new(&cfg, batch, ctx)
+                    repshield::backend::cuda::MemoryPlan::new(&m.config, batch, ctx)
                 );
-                if let Some(why) = repshield::backend::cuda::unavailable_reason() {
-                    println!("(this machine cannot run it: {why})");
+                match repshield::backend::cuda::unavailable_reason() {
+                    Some(why) => println!("(this machine cannot run it: {why})"),
+                    #[cfg(feature = "cuda")]
+                    None => print_device_arenas(&m, batch, ctx)?,
+                    #[cfg(not(feature = "cuda"))]
+                    None => {}
                 }
             }
             Ok(())
@@ -357,7 +361,42 @@ fn use_cuda(device: Device) -> Result<bool> {
     })
 }
 
-fn info(spec: &str) -> Result<model::ModelConfig> {
+/// Loads `m` on GPU 0 with a KV cache for `batch` x `ctx` and prints the group allocations the
+/// tensors were carved from, next to the plan's figures.
+#[cfg(feature = "cuda")]
+fn print_device_arenas(m: &model::LoadedModel, batch: usize, ctx: usize) -> Result<()> {
+    let g = repshield::backend::cuda::CudaBackend::new(0)?;
+    let llama = Llama::new(g.clone(), &m.config, &m.weights)?;
+    let _cache = llama.new_cache(batch, ctx)?;
+    use repshield::backend::cuda::MemoryPlan;
+    let plan = MemoryPlan::new(&m.config, batch, ctx);
+    println!("\nallocated on {}:", g.name());
+    for a in g.arenas() {
+        let planned = match a.category {
+            "weights" => Some(MemoryPlan::total(&plan.weights)),
+            "KV cache" => Some(MemoryPlan::total(&plan.kv_cache)),
+            _ => None,
+        };
+        let size = |b: usize| match b {
+            b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+            b => format!("{:.1} KiB", b as f64 / 1024.0),
+        };
+        println!(
+            "  {:<12} {} allocation(s), {} tensors, {}{}",
+            a.category,
+            a.groups,
+            a.pieces,
+            size(a.bytes),
+            planned
+                .map(|p| format!(" (plan {})", size(p)))
+                .unwrap_or_default()
+        );
+    }
+    println!("  activations: one allocation per layer and forward call, carved the same way");
+    Ok(())
+}
+
+fn info(spec: &str) -> Result<model::LoadedModel> {
     let m = model::load_model(spec)?;
     let c = &m.config;
     let params = c.param_count();
@@ -404,7 +443,7 @@ fn info(spec: &str) -> Result<model::ModelConfig> {
         params as f64 * 2.0 / (1 << 20) as f64,
         kv_per_tok as f64 * 2.0 / 1024.0
     );
-    Ok(m.config)
+    Ok(m)
 }
 
 fn run_generate<B: Backend>(g: &GenJob, prompt: &str, backend: B) -> Result<()> {

@@ -491,6 +491,93 @@ fn matmul_lora_matches_cpu_fused_and_not() {
     );
 }
 
+/// `alloc_group` / `upload_group`: the pieces of one allocation hold their own data at odd
+/// sizes in both dtypes, a kernel writing one piece leaves its neighbours alone, the group is
+/// listed by `arenas` while a piece lives and freed with the last one; a model's tensors are
+/// carved from "weights" and its cache from "KV cache". With `REPSHIELD_CUDA_SEPARATE=1`
+/// (the emulator's second pass) every buffer is its own allocation instead.
+#[test]
+fn group_allocations_carve_disjoint_tensors() {
+    let Some(g) = gpu() else { return };
+    let separate = std::env::var("REPSHIELD_CUDA_SEPARATE").is_ok_and(|v| v == "1");
+    let dt = |i: usize| {
+        if i.is_multiple_of(2) {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    };
+    let sizes = [1usize, 37, 0, 129, 1000, 8];
+    let data: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| random(n, 90 + i as u64, 1.0, dt(i)))
+        .collect();
+    let list: Vec<(&[f32], DType)> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.as_slice(), dt(i)))
+        .collect();
+    let mut bufs = g.upload_group_dtype("parity group", &list).unwrap();
+    for (i, (b, d)) in bufs.iter().zip(&data).enumerate() {
+        assert_eq!(g.download(b).unwrap(), *d, "piece {i}");
+        assert_eq!(b.dtype(), dt(i));
+        assert_eq!(
+            b.category(),
+            (!separate).then_some("parity group"),
+            "piece {i}"
+        );
+    }
+    let ones = vec![1.0; 129];
+    g.axpy(2.0, &up(&g, &ones, DType::BF16), &mut bufs[3]);
+    let want: Vec<f32> = data[3].iter().map(|x| round_to(x + 2.0, dt(3))).collect();
+    assert_eq!(g.download(&bufs[3]).unwrap(), want);
+    for i in [2, 4] {
+        assert_eq!(g.download(&bufs[i]).unwrap(), data[i], "neighbour {i}");
+    }
+    let listed = |g: &CudaBackend| {
+        g.arenas()
+            .into_iter()
+            .find(|a| a.category == "parity group")
+    };
+    if !separate {
+        let a = listed(&g).expect("the group is listed");
+        // Each piece starts on a 256-byte boundary: 1 bf16, 37 f32, 0 bf16 (16 bytes still),
+        // 129 f32 (516), 1000 bf16 (2000), 8 f32.
+        assert_eq!((a.groups, a.pieces), (1, 6));
+        assert_eq!(a.bytes, 256 + 256 + 256 + 768 + 2048 + 256);
+    }
+    let last = bufs.pop().unwrap();
+    drop(bufs);
+    assert_eq!(listed(&g).is_some(), !separate, "one piece keeps the group");
+    drop(last);
+    assert!(
+        listed(&g).is_none(),
+        "the group is freed with its last piece"
+    );
+
+    let cfg = tiny_cfg(true, true);
+    let model = gpu_model(&g, &cfg, &bf16_weights(&cfg, 91));
+    let cache = model.new_cache(2, 16).unwrap();
+    let want = |c: &'static str| (!separate).then_some(c);
+    for b in [&model.embed, &model.final_norm, &model.inv_freq_neg]
+        .into_iter()
+        .chain(
+            model
+                .layers
+                .iter()
+                .flat_map(|l| [&l.q, &l.attn_norm, &l.down]),
+        )
+        .chain(model.layers.iter().filter_map(|l| l.q_bias.as_ref()))
+    {
+        assert_eq!(b.category(), want("weights"));
+    }
+    for b in cache.k.iter().chain(&cache.v) {
+        assert_eq!(b.category(), want("KV cache"));
+        assert_eq!(b.len(), 2 * 16 * cfg.kv_dim());
+    }
+}
+
 #[test]
 fn add_bias_matches_cpu() {
     let Some(g) = gpu() else { return };

@@ -9,7 +9,8 @@
 #      prints "skipping: no CUDA driver" and passes;
 #   5. runs the same suite on the CPU emulator of the driver (tools/cuda-emu/README.md): every
 #      kernel and launcher against its CPU twin, with threads run first to last and then last
-#      to first (a result that changes with the order is a race).
+#      to first (a result that changes with the order is a race), the second time with every
+#      buffer in an allocation of its own.
 # Uses the release profile so the dependencies are shared with `cargo test --release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +41,12 @@ cargo test --release --features cuda --test cuda_parity -- --nocapture
 
 echo "-- the same suite on the CUDA emulator (tools/cuda-emu)"
 emu="$(bash tools/cuda-emu/build.sh)"
-for order in forward reverse; do
-  echo "-- cuda_parity on the emulator, thread order: $order"
-  LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" REPSHIELD_EMU_ORDER="$order" \
-    cargo test --release --features cuda --test cuda_parity
+# The first pass carves tensors from group allocations as a GPU run does; the second gives
+# every buffer its own allocation (REPSHIELD_CUDA_SEPARATE=1), so the emulator's canaries
+# guard each tensor and a write past one is named instead of landing in its neighbour.
+for pass in "forward 0" "reverse 1"; do
+  set -- $pass
+  echo "-- cuda_parity on the emulator, thread order: $1, separate allocations: $2"
+  LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" REPSHIELD_EMU_ORDER="$1" \
+    REPSHIELD_CUDA_SEPARATE="$2" cargo test --release --features cuda --test cuda_parity
 done

@@ -118,6 +118,44 @@ pub trait Backend {
     fn alloc_f32(&self, len: usize) -> Result<Self::Buf> {
         self.alloc(len)
     }
+    /// Zeroed buffers for several tensors of one memory category at once (`"weights"`,
+    /// `"KV cache"`, `"activations"`), each `(len, f32)`: f32 storage when `f32`, else what
+    /// `alloc` stores. A backend may carve them from one allocation (the CUDA backend does);
+    /// the default allocates each.
+    fn alloc_group(
+        &self,
+        category: &'static str,
+        specs: &[(usize, bool)],
+    ) -> Result<Vec<Self::Buf>> {
+        let _ = category;
+        specs
+            .iter()
+            .map(|&(len, f32)| {
+                if f32 {
+                    self.alloc_f32(len)
+                } else {
+                    self.alloc(len)
+                }
+            })
+            .collect()
+    }
+    /// `upload` / `upload_f32` (per `f32`) of several tensors into one `alloc_group`.
+    fn upload_group(
+        &self,
+        category: &'static str,
+        data: &[(&[f32], bool)],
+    ) -> Result<Vec<Self::Buf>> {
+        let _ = category;
+        data.iter()
+            .map(|&(d, f32)| {
+                if f32 {
+                    self.upload_f32(d)
+                } else {
+                    self.upload(d)
+                }
+            })
+            .collect()
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Waits for all queued work (a no-op on the CPU); for timing and error checks.

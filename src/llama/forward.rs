@@ -80,18 +80,21 @@ impl<B: Backend> LayerActs<B> {
             cfg.kv_dim(),
             cfg.intermediate_size,
         );
+        let sizes = [d, qd, kvd, kvd, qd, d, ff, ff, ff].map(|w| (rows * w, false));
+        let mut b = be.alloc_group("activations", &sizes)?.into_iter();
+        let mut next = || b.next().expect("one buffer per size");
         Ok(Self {
             h_in: None,
-            xn1: be.alloc(rows * d)?,
-            q: be.alloc(rows * qd)?,
-            k: be.alloc(rows * kvd)?,
-            v: be.alloc(rows * kvd)?,
-            att: be.alloc(rows * qd)?,
+            xn1: next(),
+            q: next(),
+            k: next(),
+            v: next(),
+            att: next(),
             h_mid: None,
-            xn2: be.alloc(rows * d)?,
-            gate: be.alloc(rows * ff)?,
-            up: be.alloc(rows * ff)?,
-            act: be.alloc(rows * ff)?,
+            xn2: next(),
+            gate: next(),
+            up: next(),
+            act: next(),
             k_all: None,
             v_all: None,
         })

@@ -65,35 +65,66 @@ pub struct Llama<B: Backend> {
 
 impl<B: Backend> Llama<B> {
     pub fn new(backend: B, cfg: &ModelConfig, w: &ModelWeights) -> Result<Self> {
-        let up = |t: &crate::model::HostTensor| backend.upload(&t.data);
-        // Norm weights and biases stay f32 on every device.
-        let side = |t: &crate::model::HostTensor| backend.upload_f32(&t.data);
+        // Every tensor in one `upload_group` ("weights": one device allocation on CUDA), in
+        // this order, then handed out in the same order. Matrices take the backend's storage;
+        // norm weights, biases and rope's inv_freq stay f32 on every device.
+        let inv = cfg.rope_inv_freq();
+        let inv_neg: Vec<f32> = inv.iter().map(|x| -x).collect();
+        let mut list: Vec<(&[f32], bool)> = vec![
+            (&w.embed.data, false),
+            (&w.final_norm.data, true),
+            (&inv, true),
+            (&inv_neg, true),
+        ];
+        if let Some(h) = &w.lm_head {
+            list.push((&h.data, false));
+        }
+        for l in &w.layers {
+            list.push((&l.attn_norm.data, true));
+            for t in [&l.q, &l.k, &l.v, &l.o] {
+                list.push((&t.data, false));
+            }
+            for t in [&l.q_bias, &l.k_bias, &l.v_bias].into_iter().flatten() {
+                list.push((&t.data, true));
+            }
+            list.push((&l.mlp_norm.data, true));
+            for t in [&l.gate, &l.up, &l.down] {
+                list.push((&t.data, false));
+            }
+        }
+        let mut bufs = backend.upload_group("weights", &list)?.into_iter();
+        let mut next = || bufs.next().expect("one buffer per listed tensor");
+        let (embed, final_norm, inv_freq, inv_freq_neg) = (next(), next(), next(), next());
+        let lm_head = w.lm_head.as_ref().map(|_| next());
         let mut layers = Vec::with_capacity(w.layers.len());
         for l in &w.layers {
-            let opt = |t: &Option<crate::model::HostTensor>| t.as_ref().map(side).transpose();
+            let attn_norm = next();
+            let (q, k, v, o) = (next(), next(), next(), next());
+            let q_bias = l.q_bias.as_ref().map(|_| next());
+            let k_bias = l.k_bias.as_ref().map(|_| next());
+            let v_bias = l.v_bias.as_ref().map(|_| next());
+            let mlp_norm = next();
+            let (gate, up, down) = (next(), next(), next());
             layers.push(DeviceLayer {
-                attn_norm: side(&l.attn_norm)?,
-                q: up(&l.q)?,
-                k: up(&l.k)?,
-                v: up(&l.v)?,
-                o: up(&l.o)?,
-                q_bias: opt(&l.q_bias)?,
-                k_bias: opt(&l.k_bias)?,
-                v_bias: opt(&l.v_bias)?,
-                mlp_norm: side(&l.mlp_norm)?,
-                gate: up(&l.gate)?,
-                up: up(&l.up)?,
-                down: up(&l.down)?,
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                q_bias,
+                k_bias,
+                v_bias,
+                mlp_norm,
+                gate,
+                up,
+                down,
                 lora: Default::default(),
             });
         }
-        let inv = cfg.rope_inv_freq();
-        let inv_freq = backend.upload_f32(&inv)?;
-        let inv_freq_neg = backend.upload_f32(&inv.iter().map(|x| -x).collect::<Vec<_>>())?;
         Ok(Self {
-            embed: up(&w.embed)?,
-            final_norm: side(&w.final_norm)?,
-            lm_head: w.lm_head.as_ref().map(up).transpose()?,
+            embed,
+            final_norm,
+            lm_head,
             layers,
             inv_freq,
             inv_freq_neg,
@@ -153,12 +184,12 @@ impl<B: Backend> Llama<B> {
 
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache<B>> {
         let n = batch * capacity * self.cfg.kv_dim();
-        let mut k = Vec::with_capacity(self.cfg.num_layers);
-        let mut v = Vec::with_capacity(self.cfg.num_layers);
-        for _ in 0..self.cfg.num_layers {
-            k.push(self.backend.alloc(n)?);
-            v.push(self.backend.alloc(n)?);
-        }
+        let l = self.cfg.num_layers;
+        // Keys of every layer, then values: one "KV cache" group.
+        let mut k = self
+            .backend
+            .alloc_group("KV cache", &vec![(n, false); 2 * l])?;
+        let v = k.split_off(l);
         Ok(KvCache {
             k,
             v,

@@ -29,7 +29,7 @@ impl CudaBackend {
                 assert_eq!(g.len, logits.len, "target_ce: grad size");
                 // The kernel writes the target rows only.
                 self.stream()
-                    .memset_zeros(&mut g.data)
+                    .memset_zeros(&mut *g.data)
                     .context("zeroing the logit gradient")?;
                 (self.addr(g), g.dtype.flag())
             }

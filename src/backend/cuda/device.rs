@@ -11,7 +11,9 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Storage type of a device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,12 +42,16 @@ impl DType {
     }
 }
 
-/// A flat device buffer: `len` elements of `dtype`, in one allocation of its own (so always
-/// 256-byte aligned, which the 16-byte vector paths rely on).
+/// A flat device buffer: `len` elements of `dtype`, either an allocation of its own or a piece
+/// carved from a group allocation (`CudaBackend::alloc_group`); always 256-byte aligned, which
+/// the 16-byte vector paths rely on.
 pub struct CudaBuf {
-    pub(super) data: CudaSlice<u8>,
+    /// For a carved piece, a view that must never be freed itself (it is leaked on drop).
+    pub(super) data: ManuallyDrop<CudaSlice<u8>>,
     pub(super) dtype: DType,
     pub(super) len: usize,
+    /// The group allocation this piece was carved from; it is freed with its last piece.
+    arena: Option<Arc<Arena>>,
 }
 
 impl CudaBuf {
@@ -61,17 +67,75 @@ impl CudaBuf {
     pub fn bytes(&self) -> usize {
         self.len * self.dtype.size()
     }
+    /// The category of the group allocation this buffer was carved from, if any.
+    pub fn category(&self) -> Option<&'static str> {
+        self.arena.as_ref().map(|a| a.category)
+    }
 }
 
 /// Bytes held by live `CudaBuf`s in this process, and the most ever held at once (since the
 /// last `CudaBackend::reset_peak_bytes`): the benchmarks' peak memory.
-static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static PEAK_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+fn count_alloc(bytes: usize) {
+    let live = LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+}
+
+/// One allocation that a group of buffers was carved from (weights of a model, a KV cache,
+/// a layer's activations).
+struct Arena {
+    slice: CudaSlice<u8>,
+    category: &'static str,
+    pieces: usize,
+}
+
+/// Live group allocations, for `CudaBackend::arenas`.
+fn arenas() -> &'static Mutex<Vec<Weak<Arena>>> {
+    static ARENAS: OnceLock<Mutex<Vec<Weak<Arena>>>> = OnceLock::new();
+    ARENAS.get_or_init(Default::default)
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.slice.len(), Ordering::Relaxed);
+    }
+}
 
 impl Drop for CudaBuf {
     fn drop(&mut self) {
-        LIVE_BYTES.fetch_sub(self.data.len(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: `data` is not touched again; the field is never dropped otherwise.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        if self.arena.is_some() {
+            // A view into the arena: freeing it would free the arena's base pointer (or an
+            // interior one). The arena frees the whole block when its last piece drops.
+            data.leak();
+        } else {
+            LIVE_BYTES.fetch_sub(data.len(), Ordering::Relaxed);
+        }
     }
+}
+
+/// Live group allocations of one category: how many, their tensors, their bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArenaUse {
+    pub category: &'static str,
+    pub groups: usize,
+    pub pieces: usize,
+    pub bytes: usize,
+}
+
+/// Offset of each piece in a group allocation and the total: pieces of `max(bytes, 16)`
+/// bytes, each starting on a 256-byte boundary (the alignment a lone allocation has).
+pub(super) fn group_layout(bytes: &[usize]) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::with_capacity(bytes.len());
+    let mut at = 0usize;
+    for &b in bytes {
+        offsets.push(at);
+        at += b.max(16).next_multiple_of(256);
+    }
+    (offsets, at.max(16))
 }
 
 impl std::fmt::Debug for CudaBuf {
@@ -94,6 +158,8 @@ pub(super) struct Device {
     /// Flash-decoding partials of attention, grown on demand and reused: every op runs in
     /// order on one stream, so a later launch cannot overtake an earlier reader.
     pub(super) attn_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// `REPSHIELD_CUDA_SEPARATE=1`: `alloc_group_dtype` allocates each buffer on its own.
+    separate_groups: bool,
 }
 
 /// Dynamic shared memory of the 128x128 GEMM tile (4 stages x (128 + 128) rows x 40 bf16).
@@ -191,6 +257,7 @@ impl Device {
             compute_capability,
             driver_version,
             attn_scratch: Mutex::new(None),
+            separate_groups: std::env::var("REPSHIELD_CUDA_SEPARATE").is_ok_and(|v| v == "1"),
         })
     }
 }
@@ -258,15 +325,12 @@ impl CudaBackend {
     /// The most bytes that `CudaBuf`s held at once since the last reset (weights, activations,
     /// gradients, optimiser state; not the driver's or cudarc's own scratch).
     pub fn peak_bytes(&self) -> usize {
-        PEAK_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+        PEAK_BYTES.load(Ordering::Relaxed)
     }
 
     /// Starts a new peak at the bytes held now.
     pub fn reset_peak_bytes(&self) {
-        PEAK_BYTES.store(
-            LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// (free, total) device memory in bytes.
@@ -289,31 +353,142 @@ impl CudaBackend {
             .stream
             .alloc_zeros::<u8>(bytes)
             .with_context(|| format!("allocating {bytes} bytes on {}", self.dev.name))?;
-        let live = LIVE_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
-        PEAK_BYTES.fetch_max(live, std::sync::atomic::Ordering::Relaxed);
-        Ok(CudaBuf { data, dtype, len })
+        count_alloc(bytes);
+        Ok(CudaBuf {
+            data: ManuallyDrop::new(data),
+            dtype,
+            len,
+            arena: None,
+        })
+    }
+
+    /// Zeroed buffers of `(len, dtype)` each, carved from one allocation of `category`
+    /// (weights, KV cache, activations): one driver allocation and one memset for the lot,
+    /// every piece 256-byte aligned. The allocation is freed when its last buffer drops.
+    /// With `REPSHIELD_CUDA_SEPARATE=1` in the environment each buffer gets an allocation of
+    /// its own instead (so that the emulator's canaries guard every tensor).
+    pub fn alloc_group_dtype(
+        &self,
+        category: &'static str,
+        specs: &[(usize, DType)],
+    ) -> Result<Vec<CudaBuf>> {
+        if self.dev.separate_groups {
+            return specs
+                .iter()
+                .map(|&(len, dtype)| self.alloc_dtype(len, dtype))
+                .collect();
+        }
+        let bytes: Vec<usize> = specs.iter().map(|&(len, dt)| len * dt.size()).collect();
+        let (offsets, total) = group_layout(&bytes);
+        let slice = self.dev.stream.alloc_zeros::<u8>(total).with_context(|| {
+            format!(
+                "allocating {total} bytes ({category}, {} tensors) on {}",
+                specs.len(),
+                self.dev.name
+            )
+        })?;
+        count_alloc(total);
+        let base = {
+            let (ptr, _sync) = slice.device_ptr(&self.dev.stream);
+            ptr
+        };
+        let arena = Arc::new(Arena {
+            slice,
+            category,
+            pieces: specs.len(),
+        });
+        {
+            let mut live = arenas().lock().unwrap_or_else(|p| p.into_inner());
+            live.retain(|w| w.strong_count() > 0);
+            live.push(Arc::downgrade(&arena));
+        }
+        Ok(specs
+            .iter()
+            .zip(offsets)
+            .zip(bytes)
+            .map(|((&(len, dtype), off), b)| {
+                // SAFETY: [base + off, base + off + max(b, 16)) lies inside the arena's
+                // allocation (group_layout), which outlives the view (the buffer holds the
+                // arena); the view is leaked, never freed, on drop.
+                let view = unsafe {
+                    self.dev
+                        .stream
+                        .upgrade_device_ptr::<u8>(base + off as u64, b.max(16))
+                };
+                CudaBuf {
+                    data: ManuallyDrop::new(view),
+                    dtype,
+                    len,
+                    arena: Some(arena.clone()),
+                }
+            })
+            .collect())
+    }
+
+    /// Group allocations alive now, per category (what `repshield info --device cuda` prints
+    /// next to the plan).
+    pub fn arenas(&self) -> Vec<ArenaUse> {
+        let live = arenas().lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<ArenaUse> = Vec::new();
+        for a in live.iter().filter_map(Weak::upgrade) {
+            match out.iter_mut().find(|u| u.category == a.category) {
+                Some(u) => {
+                    u.groups += 1;
+                    u.pieces += a.pieces;
+                    u.bytes += a.slice.len();
+                }
+                None => out.push(ArenaUse {
+                    category: a.category,
+                    groups: 1,
+                    pieces: a.pieces,
+                    bytes: a.slice.len(),
+                }),
+            }
+        }
+        out
     }
 
     /// Uploads `data` stored as `dtype` (bf16 rounds to nearest even).
     pub fn upload_dtype(&self, data: &[f32], dtype: DType) -> Result<CudaBuf> {
         let mut buf = self.alloc_dtype(data.len(), dtype)?;
-        if data.is_empty() {
-            return Ok(buf);
+        self.copy_in(data, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// `upload_dtype` of several tensors into one `alloc_group_dtype`.
+    pub fn upload_group_dtype(
+        &self,
+        category: &'static str,
+        data: &[(&[f32], DType)],
+    ) -> Result<Vec<CudaBuf>> {
+        let specs: Vec<(usize, DType)> = data.iter().map(|(d, dt)| (d.len(), *dt)).collect();
+        let mut bufs = self.alloc_group_dtype(category, &specs)?;
+        for ((d, _), buf) in data.iter().zip(&mut bufs) {
+            self.copy_in(d, buf)?;
         }
-        let res = match dtype {
+        Ok(bufs)
+    }
+
+    /// Host `data` into `buf` (same length), converted to `buf`'s dtype.
+    fn copy_in(&self, data: &[f32], buf: &mut CudaBuf) -> Result<()> {
+        assert_eq!(data.len(), buf.len, "copy_in: length mismatch");
+        if data.is_empty() {
+            return Ok(());
+        }
+        let dst = &mut *buf.data;
+        let res = match buf.dtype {
             DType::F32 => self
                 .dev
                 .stream
-                .memcpy_htod(bytemuck::cast_slice::<f32, u8>(data), &mut buf.data),
+                .memcpy_htod(bytemuck::cast_slice::<f32, u8>(data), dst),
             DType::BF16 => {
                 let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
                 self.dev
                     .stream
-                    .memcpy_htod(bytemuck::cast_slice::<half::bf16, u8>(&h), &mut buf.data)
+                    .memcpy_htod(bytemuck::cast_slice::<half::bf16, u8>(&h), dst)
             }
         };
-        res.context("copying to the GPU")?;
-        Ok(buf)
+        res.context("copying to the GPU")
     }
 
     /// Uploads a small index array (token ids, row lists) for one launch.
@@ -391,8 +566,8 @@ impl CudaBackend {
         let mut b = self.dev.stream.launch_builder(f);
         for a in args.iter_mut() {
             match a {
-                Arg::In(buf) => b.arg(&buf.data),
-                Arg::Out(buf) => b.arg(&mut buf.data),
+                Arg::In(buf) => b.arg(&*buf.data),
+                Arg::Out(buf) => b.arg(&mut *buf.data),
                 Arg::U32(ids) => b.arg(&**ids),
                 Arg::U32Out(ids) => b.arg(&mut **ids),
                 Arg::Ptr(p) => b.arg(&*p),
@@ -486,10 +661,28 @@ impl Backend for CudaBackend {
     fn alloc_f32(&self, len: usize) -> Result<CudaBuf> {
         self.alloc_dtype(len, DType::F32)
     }
+    fn alloc_group(&self, category: &'static str, specs: &[(usize, bool)]) -> Result<Vec<CudaBuf>> {
+        let specs: Vec<(usize, DType)> = specs
+            .iter()
+            .map(|&(len, f32)| (len, if f32 { DType::F32 } else { self.working }))
+            .collect();
+        self.alloc_group_dtype(category, &specs)
+    }
+    fn upload_group(
+        &self,
+        category: &'static str,
+        data: &[(&[f32], bool)],
+    ) -> Result<Vec<CudaBuf>> {
+        let data: Vec<(&[f32], DType)> = data
+            .iter()
+            .map(|&(d, f32)| (d, if f32 { DType::F32 } else { self.working }))
+            .collect();
+        self.upload_group_dtype(category, &data)
+    }
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         let stream = &self.dev.stream;
         let bytes: Vec<u8> = stream
-            .clone_dtoh(&buf.data)
+            .clone_dtoh(&*buf.data)
             .context("copying from the GPU")?;
         stream
             .synchronize()

@@ -102,7 +102,7 @@ impl CudaBackend {
         if k == 0 {
             if !accumulate {
                 self.stream()
-                    .memset_zeros(&mut out.data)
+                    .memset_zeros(&mut *out.data)
                     .unwrap_or_else(|e| panic!("matmul: zeroing out: {e}"));
             }
             return;
@@ -320,7 +320,7 @@ impl CudaBackend {
         if k == 0 {
             if !accumulate {
                 self.stream()
-                    .memset_zeros(&mut out.data)
+                    .memset_zeros(&mut *out.data)
                     .unwrap_or_else(|e| panic!("gemm: zeroing out: {e}"));
             }
             return;

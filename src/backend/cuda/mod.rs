@@ -61,7 +61,7 @@ mod device;
 #[cfg(feature = "cuda")]
 pub use attention::AttentionPlan;
 #[cfg(feature = "cuda")]
-pub use device::{CudaBackend, CudaBuf, DType};
+pub use device::{ArenaUse, CudaBackend, CudaBuf, DType};
 #[cfg(feature = "cuda")]
 pub use matmul::{GemmKernel, MatmulKernel, MATVEC_MAX_M};
 
@@ -83,6 +83,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "matmul_bf16_128x128",
     "matmul_bf16_64x64",
     "matvec_bf16",
+    "matvec_lora_bf16",
     "matmul_generic",
     "add_bias_bf16",
     "add_bias_f32",

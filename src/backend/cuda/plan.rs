@@ -58,10 +58,10 @@ impl MemoryPlan {
             ),
             item(
                 format!(
-                    "norms{} and rope inv_freq, f32",
+                    "norms{} and rope inv_freq (and its negation, for the backward), f32",
                     if cfg.qkv_bias { ", qkv biases" } else { "" }
                 ),
-                (l * (2 * d + bias) + d + cfg.head_dim / 2) * F32,
+                (l * (2 * d + bias) + d + cfg.head_dim) * F32,
             ),
         ];
         if !cfg.tie_embeddings {
@@ -126,6 +126,11 @@ impl MemoryPlan {
         ]
     }
 
+    /// Bytes of one category's items.
+    pub fn total(items: &[PlanItem]) -> usize {
+        items.iter().map(|i| i.bytes).sum()
+    }
+
     pub fn total_bytes(&self) -> usize {
         self.categories()
             .iter()
@@ -149,8 +154,7 @@ impl fmt::Display for MemoryPlan {
             self.batch * self.ctx
         )?;
         for (name, items) in self.categories() {
-            let sum: usize = items.iter().map(|i| i.bytes).sum();
-            writeln!(f, "  {name:<12} {:>10.1} MiB", mib(sum))?;
+            writeln!(f, "  {name:<12} {:>10.1} MiB", mib(Self::total(items)))?;
             for i in items {
                 writeln!(f, "    {:>10.1} MiB  {}", mib(i.bytes), i.what)?;
             }
@@ -189,11 +193,11 @@ mod tests {
         let cfg = smollm2();
         let plan = MemoryPlan::new(&cfg, 1, 2048);
         // Matrices in bf16, vectors in f32: the bf16 share is everything but norms/inv_freq.
-        let vectors = cfg.num_layers * 2 * 576 + 576 + 32;
-        let weight_bytes: usize = plan.weights.iter().map(|i| i.bytes).sum();
+        // inv_freq (32) is uploaded twice, as itself and negated.
+        let vectors = cfg.num_layers * 2 * 576 + 576 + 64;
         assert_eq!(
-            weight_bytes,
-            (cfg.param_count() - (vectors - 32)) * 2 + vectors * 4
+            MemoryPlan::total(&plan.weights),
+            (cfg.param_count() - (vectors - 64)) * 2 + vectors * 4
         );
         assert_eq!(plan.kv_cache[0].bytes, 30 * 2 * 2048 * 192 * 2);
         let text = plan.to_string();
