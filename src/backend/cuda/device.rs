@@ -94,6 +94,10 @@ pub(super) struct Device {
     /// Flash-decoding partials of attention, grown on demand and reused: every op runs in
     /// order on one stream, so a later launch cannot overtake an earlier reader.
     pub(super) attn_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// cuBLASLt's handle, workspace and GEMM plans (cublaslt.rs), created on first use so that
+    /// a machine without libcublasLt still opens the device.
+    #[cfg(feature = "cublaslt")]
+    pub(super) cublaslt: Mutex<Option<super::cublaslt::Lt>>,
 }
 
 /// Dynamic shared memory of the 128x128 GEMM tile (4 stages x (128 + 128) rows x 40 bf16).
@@ -191,6 +195,8 @@ impl Device {
             compute_capability,
             driver_version,
             attn_scratch: Mutex::new(None),
+            #[cfg(feature = "cublaslt")]
+            cublaslt: Mutex::new(None),
         })
     }
 }
