@@ -3,6 +3,8 @@
 //! flushed before each repetition), next to its counted floor: the larger of FLOPs / peak and
 //! bytes / measured bandwidth (DESIGN.md, performance method). Optionally side by side with
 //! PyTorch doing the same op (tools/bench_kernels_torch.py: cuBLAS GEMMs, SDPA attention).
+//! Built with the `cublaslt` feature, each projection GEMM is also timed through cuBLASLt on the
+//! same buffers, the same way, in the same run.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AttnShape, BackwardOps};
@@ -11,7 +13,9 @@ use crate::model::ModelConfig;
 use crate::train::adamw::AdamWConfig;
 use crate::util::Rng;
 use anyhow::{ensure, Result};
+use std::cell::RefCell;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -75,6 +79,24 @@ pub trait OpTimer: BackwardOps {
     fn bandwidth_gbs(&self) -> Result<f64>;
     /// Peak FLOP/s in TFLOP/s and where the figure comes from.
     fn peak_tflops(&self) -> Option<(f64, String)>;
+    /// The vendor GEMM timed next to the projection GEMMs: `None` when this build has none,
+    /// else its name and version, or why it cannot run here.
+    fn vendor_gemm(&self) -> Option<std::result::Result<String, String>> {
+        None
+    }
+    /// `out[m, n] = x[m, k] w[n, k]^T` through the vendor GEMM (called only when
+    /// `vendor_gemm` named one).
+    fn vendor_matmul(
+        &self,
+        _x: &Self::Buf,
+        _w: &Self::Buf,
+        _out: &mut Self::Buf,
+        _m: usize,
+        _n: usize,
+        _k: usize,
+    ) -> Result<()> {
+        anyhow::bail!("this backend has no vendor GEMM")
+    }
 }
 
 impl OpTimer for CpuBackend {
@@ -112,6 +134,26 @@ impl OpTimer for crate::backend::cuda::CudaBackend {
         let name = crate::backend::Backend::name(self);
         known_peak_tflops(&name).map(|p| (p, format!("bf16 dense peak of {name} (data sheet)")))
     }
+    #[cfg(feature = "cublaslt")]
+    fn vendor_gemm(&self) -> Option<std::result::Result<String, String>> {
+        Some(
+            self.cublaslt_version()
+                .map(|v| format!("cuBLASLt {v}"))
+                .map_err(|e| format!("{e:#}")),
+        )
+    }
+    #[cfg(feature = "cublaslt")]
+    fn vendor_matmul(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        out: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.matmul_cublaslt(x, w, out, m, n, k)
+    }
 }
 
 /// One timed op.
@@ -125,6 +167,9 @@ pub struct Row {
     /// Max of flops / peak and bytes / bandwidth, in ms.
     pub floor_ms: f64,
     pub torch_ms: Option<f64>,
+    /// The same GEMM through cuBLASLt (built with the `cublaslt` feature; projection GEMMs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cublaslt_ms: Option<f64>,
 }
 
 struct Case<'a> {
@@ -133,6 +178,8 @@ struct Case<'a> {
     flops: f64,
     bytes: f64,
     run: Box<dyn FnMut() + 'a>,
+    /// The same op through the vendor library, on the same buffers (projection GEMMs).
+    vendor: Option<Box<dyn FnMut() -> Result<()> + 'a>>,
 }
 
 fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
@@ -140,13 +187,15 @@ fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
 }
 
 /// The ops at `cfg`'s shape, `t` token rows, decode over `ctx` cached keys. `wb` is the
-/// storage size of the working dtype (2 for bf16 on the GPU, 4 on the CPU).
-fn cases<'a, B: BackwardOps>(
+/// storage size of the working dtype (2 for bf16 on the GPU, 4 on the CPU); `vendor`: also
+/// time the projection GEMMs through `OpTimer::vendor_matmul`.
+fn cases<'a, B: OpTimer>(
     be: &'a B,
     cfg: &ModelConfig,
     t: usize,
     ctx: usize,
     wb: f64,
+    vendor: bool,
 ) -> Result<Vec<Case<'a>>> {
     let mut rng = Rng::new(7);
     let (d, ff, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -166,6 +215,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 0.0,
             bytes: 2.0 * (t * d) as f64 * wb,
             run: Box::new(move || be.embedding(&table, &ids, d, &mut o)),
+            vendor: None,
         });
     }
     // Norms.
@@ -179,6 +229,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 4.0 * (t * d) as f64,
             bytes: 2.0 * (t * d) as f64 * wb,
             run: Box::new(move || be.rmsnorm(&x, &w, d, 1e-5, &mut o)),
+            vendor: None,
         });
         let mut res = up(t * d, &mut rng)?;
         let delta = up(t * d, &mut rng)?;
@@ -190,6 +241,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 5.0 * (t * d) as f64,
             bytes: 4.0 * (t * d) as f64 * wb,
             run: Box::new(move || be.add_rmsnorm(&mut res, &delta, &w, d, 1e-5, &mut o)),
+            vendor: None,
         });
     }
     // Projection GEMMs (x w^T), the decode GEMV, and a square GEMM.
@@ -204,15 +256,22 @@ fn cases<'a, B: BackwardOps>(
         ("matmul square", sq, sq, sq),
     ];
     for (op, m, n, k) in gemms {
-        let x = up(m * k, &mut rng)?;
-        let w = be.upload(&random(n * k, &mut rng, 0.02))?;
-        let mut o = be.alloc(m * n)?;
+        // Shared, so that the vendor GEMM reads and writes the very same buffers.
+        let x = Rc::new(up(m * k, &mut rng)?);
+        let w = Rc::new(be.upload(&random(n * k, &mut rng, 0.02))?);
+        let o = Rc::new(RefCell::new(be.alloc(m * n)?));
+        let vendor = vendor.then(|| {
+            let (x, w, o) = (x.clone(), w.clone(), o.clone());
+            Box::new(move || be.vendor_matmul(&x, &w, &mut o.borrow_mut(), m, n, k))
+                as Box<dyn FnMut() -> Result<()> + 'a>
+        });
         out.push(Case {
             op,
             shape: format!("[{m}, {k}] x [{n}, {k}]^T"),
             flops: 2.0 * (m * n * k) as f64,
             bytes: ((m * k + n * k + m * n) as f64) * wb,
-            run: Box::new(move || be.matmul(&x, &w, &mut o, m, n, k, 1.0, false)),
+            run: Box::new(move || be.matmul(&x, &w, &mut o.borrow_mut(), m, n, k, 1.0, false)),
+            vendor,
         });
     }
     // The backward's dX = dY W through the down projection (W [d, ff]).
@@ -227,6 +286,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 2.0 * (m * n * k) as f64,
             bytes: ((m * k + n * k + m * n) as f64) * wb,
             run: Box::new(move || be.gemm(&dy, &w, &mut dx, m, n, k, false, false, 1.0, false)),
+            vendor: None,
         });
     }
     // RoPE on q, SwiGLU and its backward.
@@ -242,6 +302,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 3.0 * (t * qd) as f64,
             bytes: 2.0 * (t * qd) as f64 * wb,
             run: Box::new(move || be.rope(&mut q, 1, t, nh, hd, 0, &inv)),
+            vendor: None,
         });
         let g = up(t * ff, &mut rng)?;
         let u = up(t * ff, &mut rng)?;
@@ -252,6 +313,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 6.0 * (t * ff) as f64,
             bytes: 3.0 * (t * ff) as f64 * wb,
             run: Box::new(move || be.swiglu(&g, &u, &mut o)),
+            vendor: None,
         });
         let (g, u, dout) = (
             up(t * ff, &mut rng)?,
@@ -265,6 +327,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 10.0 * (t * ff) as f64,
             bytes: 5.0 * (t * ff) as f64 * wb,
             run: Box::new(move || be.swiglu_bwd(&g, &u, &dout, &mut dg, &mut du)),
+            vendor: None,
         });
         let (x, dy) = (up(t * d, &mut rng)?, up(t * d, &mut rng)?);
         let w = be.upload_f32(&random(d, &mut rng, 1.0))?;
@@ -275,6 +338,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 8.0 * (t * d) as f64,
             bytes: 3.0 * (t * d) as f64 * wb,
             run: Box::new(move || be.rmsnorm_bwd(&x, &w, &dy, d, 1e-5, &mut dx, false)),
+            vendor: None,
         });
     }
     // Attention: causal prefill over one sequence of t tokens, its backward, and decode.
@@ -303,6 +367,7 @@ fn cases<'a, B: BackwardOps>(
             flops,
             bytes,
             run: Box::new(move || be.attention(&q, &k, &vv, None, &mut o, s)),
+            vendor: None,
         });
         let (q, k, vv) = (
             up(t * qd, &mut rng)?,
@@ -322,6 +387,7 @@ fn cases<'a, B: BackwardOps>(
             run: Box::new(move || {
                 be.attention_bwd(&q, &k, &vv, None, &o, &dout, &mut dq, &mut dk, &mut dv, s)
             }),
+            vendor: None,
         });
         let sd = AttnShape {
             batch: 1,
@@ -344,6 +410,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 4.0 * (nh * hd * ctx) as f64,
             bytes: (2 * ctx * kvd) as f64 * wb,
             run: Box::new(move || be.attention(&q, &k, &vv, None, &mut o, sd)),
+            vendor: None,
         });
     }
     // Retain KL and the attack's target CE over f32 logits, and AdamW over a rank-16 LoRA of
@@ -365,6 +432,7 @@ fn cases<'a, B: BackwardOps>(
                 be.kl_retain(&zo, &zt, &mask, 1, v, 2.0, 1.0, Some(&mut g))
                     .expect("kl_retain");
             }),
+            vendor: None,
         });
         // The attack's target CE over one sequence's logits: the last quarter of the rows (at
         // most 32) are targets.
@@ -384,6 +452,7 @@ fn cases<'a, B: BackwardOps>(
                 be.target_ce(&z, v, &[&targets], Some(&mut dz))
                     .expect("target_ce");
             }),
+            vendor: None,
         });
         // Rank 16 on all seven projections of every layer: r (fan_in + fan_out) each.
         let n = 16 * cfg.num_layers * (7 * d + 2 * qd + 2 * kvd + 3 * ff);
@@ -397,6 +466,7 @@ fn cases<'a, B: BackwardOps>(
             flops: 12.0 * n as f64,
             bytes: 7.0 * n as f64 * 4.0,
             run: Box::new(move || be.adamw_step(&adam, 1, &mut p, &g, 1.0, &mut m, &mut vv)),
+            vendor: None,
         });
     }
     Ok(out)
@@ -419,19 +489,53 @@ fn run_on<B: OpTimer>(be: &B, a: &KernelsArgs, cfg: &ModelConfig, wb: f64) -> Re
             None => "unknown (pass --peak-tflops; floors use bandwidth only)".into(),
         }
     );
+    let vendor = match be.vendor_gemm() {
+        Some(Ok(name)) => {
+            println!("{name}: each projection GEMM also timed through it, on the same buffers, the same way");
+            true
+        }
+        Some(Err(why)) => {
+            println!("{why} (no cuBLASLt column)");
+            false
+        }
+        None => false,
+    };
     let filter: Vec<String> = a
         .only
         .as_deref()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
         .unwrap_or_default();
     let mut rows = Vec::new();
-    for mut c in cases(be, cfg, a.tokens, a.ctx, wb)? {
+    for mut c in cases(be, cfg, a.tokens, a.ctx, wb, vendor)? {
         if !filter.is_empty() && !filter.iter().any(|f| c.op.contains(f.as_str())) {
             continue;
         }
         let times = be.time_ms(&mut *c.run, a.repeats)?;
         be.synchronize()?;
         let ms = median(&times);
+        let cublaslt_ms = match c.vendor.as_mut() {
+            None => None,
+            Some(run) => {
+                let mut err = None;
+                let times = be.time_ms(
+                    &mut || {
+                        if let Err(e) = run() {
+                            err.get_or_insert(e);
+                        }
+                    },
+                    a.repeats,
+                )?;
+                be.synchronize()?;
+                match err {
+                    // A failing comparison loses only its own cell.
+                    Some(e) => {
+                        eprintln!("{}: the cuBLASLt run failed: {e:#}", c.op);
+                        None
+                    }
+                    None => Some(median(&times)),
+                }
+            }
+        };
         let floor_ms =
             (c.bytes / (bw * 1e9)).max(peak.as_ref().map_or(0.0, |p| c.flops / (p.0 * 1e12))) * 1e3;
         rows.push(Row {
@@ -442,15 +546,31 @@ fn run_on<B: OpTimer>(be: &B, a: &KernelsArgs, cfg: &ModelConfig, wb: f64) -> Re
             bytes: c.bytes,
             floor_ms,
             torch_ms: None,
+            cublaslt_ms,
         });
     }
     Ok(rows)
 }
 
+/// `ms` and how many times faster than it ours is (`other / ours`), or dashes.
+fn versus(other: Option<f64>, ours: f64) -> (String, String) {
+    match other {
+        Some(t) => (format!("{t:.4}"), format!("{:.2}x", t / ours)),
+        None => ("-".into(), "-".into()),
+    }
+}
+
 fn print_rows(rows: &[Row]) {
+    // The cuBLASLt columns only when the `cublaslt` build measured something.
+    let lt = rows.iter().any(|r| r.cublaslt_ms.is_some());
+    let (lt_head, lt_rule) = if lt {
+        (" cuBLASLt ms | vs cuBLASLt |", "---|---|")
+    } else {
+        ("", "")
+    };
     println!();
-    println!("| op | shape | ms (median) | TFLOP/s | GB/s | floor ms | of floor | PyTorch ms | vs PyTorch |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| op | shape | ms (median) | TFLOP/s | GB/s | floor ms | of floor | PyTorch ms | vs PyTorch |{lt_head}");
+    println!("|---|---|---|---|---|---|---|---|---|{lt_rule}");
     for r in rows {
         let s = r.ms / 1e3;
         let tflops = if r.flops > 0.0 {
@@ -458,12 +578,15 @@ fn print_rows(rows: &[Row]) {
         } else {
             "-".into()
         };
-        let (tm, ratio) = match r.torch_ms {
-            Some(t) => (format!("{t:.4}"), format!("{:.2}x", t / r.ms)),
-            None => ("-".into(), "-".into()),
+        let (tm, ratio) = versus(r.torch_ms, r.ms);
+        let lt_cells = if lt {
+            let (m, x) = versus(r.cublaslt_ms, r.ms);
+            format!(" {m} | {x} |")
+        } else {
+            String::new()
         };
         println!(
-            "| {} | {} | {:.4} | {tflops} | {:.0} | {:.4} | {:.0}% | {tm} | {ratio} |",
+            "| {} | {} | {:.4} | {tflops} | {:.0} | {:.4} | {:.0}% | {tm} | {ratio} |{lt_cells}",
             r.op,
             r.shape,
             r.ms,

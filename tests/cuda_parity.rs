@@ -2467,3 +2467,84 @@ fn device_repbend_and_circuit_breakers_match_the_references() {
     check("cb retain", &gr, &wg.retain, &all);
     check("cb", &gc, &wg.cb, &targets);
 }
+
+/// The hand-written projection GEMM against cuBLASLt (feature `cublaslt`) on the same bf16
+/// inputs, and both against an f64 reference of those inputs, at shapes that take the GEMV, the
+/// tensor-core kernel with ragged tiles, and the SIMT kernel (k % 8 != 0, which cuBLASLt runs
+/// with unaligned rows). Bounds on the relative L2 error: f32 output 1e-4 (f32 summation order
+/// differs, ~1e-6 expected; a layout or transpose mistake gives ~1); bf16 output 5e-3 (one
+/// rounding to 8 significant bits is ~1e-3 relative L2 against the f64 reference; the two GEMMs
+/// round the same f32 sums and should differ only at ties). Skips with the reason when there is
+/// no GPU or no libcublasLt.
+#[cfg(feature = "cublaslt")]
+#[test]
+fn matmul_matches_cublaslt() {
+    let Some(g) = gpu() else { return };
+    let version = match g.cublaslt_version() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("skipping: {e:#}");
+            return;
+        }
+    };
+    eprintln!("cuBLASLt {version}");
+    let shapes: &[(usize, usize, usize)] = &[
+        (5, 300, 512),   // decode GEMV, n not a multiple of any tile
+        (130, 257, 264), // tensor cores, ragged m and n
+        (67, 96, 100),   // k % 8 != 0: the SIMT kernel
+    ];
+    let mut used = HashSet::new();
+    for &(m, n, k) in shapes {
+        let x = random(m * k, 11, 1.0, DType::BF16);
+        let w = random(n * k, 12, 1.0, DType::BF16);
+        let (xb, wb) = (up(&g, &x, DType::BF16), up(&g, &w, DType::BF16));
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k)
+                    .map(|j| x[r * k + j] as f64 * w[c * k + j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        used.insert(g.matmul_kernel(m, n, k, DType::BF16, DType::BF16));
+        for (od, bound) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-3)] {
+            let mut ours = poisoned(&g, m * n, od);
+            let mut theirs = poisoned(&g, m * n, od);
+            g.matmul(&xb, &wb, &mut ours, m, n, k, 1.0, false);
+            g.matmul_cublaslt(&xb, &wb, &mut theirs, m, n, k)
+                .unwrap_or_else(|e| panic!("cuBLASLt m{m} n{n} k{k} -> {od:?}: {e:#}"));
+            let (ours, theirs) = (g.download(&ours).unwrap(), g.download(&theirs).unwrap());
+            let (ours_lt, lt_ref, ours_ref) = (
+                rel_l2(&ours, &theirs),
+                rel_l2(&theirs, &want),
+                rel_l2(&ours, &want),
+            );
+            eprintln!(
+                "m{m} n{n} k{k} -> {od:?}: rel L2 ours vs cuBLASLt {ours_lt:.2e}, cuBLASLt vs f64 {lt_ref:.2e}, ours vs f64 {ours_ref:.2e}"
+            );
+            // `<=` written so that NaN (an element left poisoned) fails.
+            assert!(
+                lt_ref <= bound,
+                "cuBLASLt itself is off the f64 reference at m{m} n{n} k{k} -> {od:?}: {lt_ref}"
+            );
+            assert!(
+                ours_lt <= bound,
+                "matmul differs from cuBLASLt at m{m} n{n} k{k} -> {od:?}: rel L2 {ours_lt} > {bound}"
+            );
+        }
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "the shapes did not take three kernels: {used:?}"
+    );
+    // Preconditions are errors, not panics.
+    let xf = up(&g, &random(4 * 8, 13, 1.0, DType::F32), DType::F32);
+    let wb = up(&g, &random(3 * 8, 14, 1.0, DType::BF16), DType::BF16);
+    let mut o = poisoned(&g, 4 * 3, DType::F32);
+    let err = g.matmul_cublaslt(&xf, &wb, &mut o, 4, 3, 8).unwrap_err();
+    assert!(format!("{err}").contains("must be bf16"), "{err}");
+    let xb = up(&g, &random(4 * 8, 13, 1.0, DType::BF16), DType::BF16);
+    let err = g.matmul_cublaslt(&xb, &wb, &mut o, 4, 3, 9).unwrap_err();
+    assert!(format!("{err}").contains("values, not"), "{err}");
+}

@@ -4,7 +4,8 @@
 #   2. builds with --features cuda, a missing nvcc being an error, and prints the ptxas
 #      register/stack/spill report of every kernel for sm_80 and sm_90 (ptxas rejecting a
 #      kernel fails the build);
-#   3. lints the CUDA code (it is compiled only with the feature);
+#   3. lints the CUDA code (it is compiled only with the feature), and once more with the
+#      optional cuBLASLt comparison (feature `cublaslt`), so that it compiles on every run;
 #   4. runs the CUDA test suite: the PTX checks and no-GPU error paths run, every GPU test
 #      prints "skipping: no CUDA driver" and passes;
 #   5. runs the same suite on the CPU emulator of the driver (tools/cuda-emu/README.md): every
@@ -34,6 +35,8 @@ cat "$report"
 
 echo "-- cargo clippy --features cuda"
 cargo clippy --release --features cuda --all-targets -- -D warnings
+echo "-- cargo clippy --features cuda,cublaslt"
+cargo clippy --release --features cuda,cublaslt --all-targets -- -D warnings
 
 echo "-- cargo test --release --features cuda --test cuda_parity"
 # --nocapture: each GPU test's "skipping: no CUDA driver ..." line shows in the log.

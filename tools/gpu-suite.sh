@@ -2,8 +2,8 @@
 # The CUDA checks for a machine that has a GPU but no Rust toolchain, in two halves:
 #
 #   tools/gpu-suite.sh build   # here (Rust + the pinned nvcc): builds the CUDA test and bench
-#                              # binaries with --features cuda into .device/bin (gitignored),
-#                              # stripped, with the fixtures they read
+#                              # binaries with --features cuda,cublaslt into .device/bin
+#                              # (gitignored), stripped, with the fixtures they read
 #   tools/gpu-suite.sh run OUT # there, from the repository root (.device/bin carried along):
 #                              # nvidia-smi, the CUDA parity suite, compute-sanitizer memcheck
 #                              # and racecheck on one pass of it; logs and a summary.md land in OUT
@@ -13,7 +13,9 @@
 #                              # torch; OUT/bench.md
 #
 # The binaries embed the PTX, so the GPU machine needs only its driver (and compute-sanitizer
-# from its CUDA install for the sanitizer passes, skipped with a note when absent).
+# from its CUDA install for the sanitizer passes, skipped with a note when absent). The
+# cuBLASLt comparison (feature `cublaslt`: a parity test and a column of `bench kernels`) also
+# needs libcublasLt.so.13; `run` and `bench` look for it (find_cublaslt) and say what they found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +23,9 @@ build() {
   CUDA_HOME="$(bash tools/install-cuda-toolchain.sh)"
   export CUDA_HOME REPSHIELD_REQUIRE_NVCC=1
   local target="${CARGO_TARGET_DIR:-target}"
-  cargo build --release --features cuda --bins
+  cargo build --release --features cuda,cublaslt --bins
   local json
-  json="$(cargo test --release --features cuda --test cuda_parity --no-run --message-format=json 2>/dev/null)"
+  json="$(cargo test --release --features cuda,cublaslt --test cuda_parity --no-run --message-format=json 2>/dev/null)"
   local test_bin
   test_bin="$(printf '%s\n' "$json" | grep -o '"executable":"[^"]*cuda_parity[^"]*"' | tail -n 1 | cut -d'"' -f4)"
   [ -x "$test_bin" ] || { echo "cuda_parity test binary not found" >&2; exit 1; }
@@ -49,11 +51,53 @@ start() {
   } > "$2"
 }
 
+# find_cublaslt FILE: makes libcublasLt.so.13 loadable for the cuBLASLt comparison. cudarc
+# (bindings `cuda-13000`) dlopens libcublasLt.so, then libcublasLt.so.13, .so.12, ... by name,
+# so the library must be where the loader looks. PyTorch's cu13 wheels bring it as the
+# nvidia-cublas wheel (<site-packages>/nvidia/cu13/lib), which is not on the loader path: when
+# the loader does not already find one, the folder of the first libcublasLt.so.13 in
+# LD_LIBRARY_PATH, the site-packages of the machine's python (nvidia/cu13/lib,
+# nvidia/cublas/lib, torch/lib) or /usr/local/cuda goes on LD_LIBRARY_PATH. What it found is
+# appended to FILE and printed.
+find_cublaslt() {
+  local note cache
+  # Read once: `ldconfig -p | grep -m 1` could die of SIGPIPE under pipefail.
+  cache="$(ldconfig -p 2>/dev/null || true)"
+  if grep -q 'libcublasLt\.so\.13 ' <<<"$cache"; then
+    note="libcublasLt.so.13 on the loader path: $(grep -m 1 'libcublasLt\.so\.13 ' <<<"$cache" | sed 's/.*=> //')"
+  else
+    local py roots=() found=""
+    py="$(command -v python3 || command -v python || true)"
+    if [ -n "$py" ]; then
+      mapfile -t roots < <("$py" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null || true)
+    fi
+    local dir lib
+    for dir in ${LD_LIBRARY_PATH:+${LD_LIBRARY_PATH//:/ }} "${roots[@]/%//nvidia/cu13/lib}" "${roots[@]/%//nvidia/cublas/lib}" \
+      "${roots[@]/%//torch/lib}" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+      for lib in "$dir"/libcublasLt.so.13*; do
+        [ -e "$lib" ] && { found="$lib"; break 2; }
+      done
+    done
+    if [ -n "$found" ]; then
+      dir="$(dirname "$found")"
+      case ":${LD_LIBRARY_PATH:-}:" in
+        *":$dir:"*) ;;
+        *) export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+      esac
+      note="found $found; LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    else
+      note="no libcublasLt.so.13 found (loader path, ${py:-no python}'s site-packages, /usr/local/cuda): the cuBLASLt test skips and bench kernels has no cuBLASLt column"
+    fi
+  fi
+  printf '\ncuBLASLt: %s\n' "$note" | tee -a "$1" >&2
+}
+
 run() {
   local out="${1:?usage: tools/gpu-suite.sh run OUT}"
   local bin=.device/bin
   local s="$out/summary.md"
   start "CUDA suite" "$s" cuda_parity
+  find_cublaslt "$s"
   # The suite: every test prints its own comparison; a GPU must be present, so any "skipping"
   # line here is a failure of the setup, not a pass.
   set +e
@@ -94,6 +138,7 @@ bench() {
   local bin=.device/bin
   local s="$out/bench.md"
   start "CUDA benchmarks" "$s" repshield
+  find_cublaslt "$s"
   local py
   py="$(command -v python3 || command -v python || true)"
   local kcmp=() tcmp=()
@@ -109,7 +154,7 @@ bench() {
     set -e
     {
       printf '\n## bench kernels --shape %s (exit %s)\n\n' "$shape" "$krc"
-      grep -E '^\||^tokens|^#' "$out/kernels-$shape.md"
+      grep -E '^\||^tokens|^#|^cuBLASLt' "$out/kernels-$shape.md"
     } >> "$s"
   done
   if [ -z "${GPU_SUITE_SKIP_TRAIN:-}" ]; then

@@ -160,6 +160,10 @@ pub(super) struct Device {
     pub(super) attn_scratch: Mutex<Option<CudaSlice<f32>>>,
     /// `REPSHIELD_CUDA_SEPARATE=1`: `alloc_group_dtype` allocates each buffer on its own.
     separate_groups: bool,
+    /// cuBLASLt's handle, workspace and GEMM plans (cublaslt.rs), created on first use so that
+    /// a machine without libcublasLt still opens the device.
+    #[cfg(feature = "cublaslt")]
+    pub(super) cublaslt: Mutex<Option<super::cublaslt::Lt>>,
 }
 
 /// Dynamic shared memory of the 128x128 GEMM tile (4 stages x (128 + 128) rows x 40 bf16).
@@ -258,6 +262,8 @@ impl Device {
             driver_version,
             attn_scratch: Mutex::new(None),
             separate_groups: std::env::var("REPSHIELD_CUDA_SEPARATE").is_ok_and(|v| v == "1"),
+            #[cfg(feature = "cublaslt")]
+            cublaslt: Mutex::new(None),
         })
     }
 }

@@ -35,6 +35,8 @@ mod attention;
 mod capture;
 #[cfg(feature = "cuda")]
 mod ce;
+#[cfg(feature = "cublaslt")]
+mod cublaslt;
 #[cfg(feature = "cuda")]
 mod dropout;
 #[cfg(feature = "cuda")]
