@@ -57,6 +57,9 @@ template <typename T> struct Pack16 {
   __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<uint4*>(p) = raw; }
 };
 
+// SwiGLU's gate activation (swiglu.cu, and the fused decode GEMV of matmul.cu).
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

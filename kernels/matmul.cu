@@ -26,6 +26,10 @@
 //       xa [M, rank] (= x_d A^T, computed first) and lb [N, rank] (= B) are side tensors (f32 or
 //       bf16 per flag). Saves decode the up-projection launch and a read-modify-write of out per
 //       adapted projection. Same grid as matvec_bf16.
+//   matvec_swiglu_bf16
+//       the MLP's gate/up half at decode, M <= 8: act [M, N] = silu(x wg^T + LoRA_g) * (x wu^T +
+//       LoRA_u), each LoRA term optional (xa null) as in matvec_lora_bf16; one warp per feature
+//       reads its row of wg and of wu once. gate and up are not stored. Same grid as matvec_bf16.
 //   matmul_generic
 //       any dtype mix (x_f32, w_f32, out_f32 flags) and any K: 64x64 SIMT tiles, f32 math. For
 //       LoRA factors kept in f32 and shapes the tensor-core path does not take.
@@ -253,6 +257,15 @@ __device__ __forceinline__ void gemm_tc(const bf16* __restrict__ x, const bf16* 
 }
 
 // One warp per output feature n; all m <= 8 rows of x against that row of w.
+// xa_i . lb_n over the rank, split across the lanes of a warp and summed (every lane gets it).
+__device__ __forceinline__ float lora_dot(const void* __restrict__ xa, int xa_f32, const void* __restrict__ lb,
+                                          int lb_f32, int rank, int i, int n, int lane) {
+  float l = 0.0f;
+  for (int r = lane; r < rank; r += 32)
+    l = fmaf(load_side(xa, xa_f32, (long long)i * rank + r), load_side(lb, lb_f32, (long long)n * rank + r), l);
+  return warp_sum(l);
+}
+
 // With `xa` given, the LoRA up projection is fused in: out[i, n] gets
 // scale * x_i . w_n + lora_scale * xa_i . lb_n, rounded once, where xa [M, rank] = x_d A^T was
 // computed before and lb [N, rank] is B. The lanes of the warp split the rank.
@@ -289,12 +302,58 @@ __device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf
       if (xa == nullptr) {
         if (lane == 0) store_out(out, out_f32, (long long)i * N + n, v, scale, accumulate);
       } else {
-        float l = 0.0f;
-        for (int r = lane; r < rank; r += 32)
-          l = fmaf(load_side(xa, xa_f32, (long long)i * rank + r), load_side(lb, lb_f32, (long long)n * rank + r), l);
-        l = warp_sum(l);
+        const float l = lora_dot(xa, xa_f32, lb, lb_f32, rank, i, n, lane);
         if (lane == 0) store_out(out, out_f32, (long long)i * N + n, fmaf(lora_scale, l, scale * v), 1.0f, accumulate);
       }
+    }
+  }
+}
+
+// The MLP's first half at decode: the warp of feature n streams row n of both wg and wu once
+// against all M <= 8 rows of x and stores act = silu(g) * u with g = x wg_n (+ LoRA), u = x
+// wu_n (+ LoRA), each LoRA term as in matvec_impl (xa null: none). gate and up never reach
+// memory.
+__device__ __forceinline__ void matvec_swiglu_impl(const bf16* __restrict__ x, const bf16* __restrict__ wg,
+                                                   const bf16* __restrict__ wu, void* __restrict__ act, int act_f32,
+                                                   int M, int N, int K, const void* __restrict__ xa_g, int xa_g_f32,
+                                                   const void* __restrict__ lb_g, int lb_g_f32, int rank_g,
+                                                   float scale_g, const void* __restrict__ xa_u, int xa_u_f32,
+                                                   const void* __restrict__ lb_u, int lb_u_f32, int rank_u,
+                                                   float scale_u) {
+  constexpr int MAXM = 8;
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const uint4* gr = reinterpret_cast<const uint4*>(wg + (long long)n * K);
+  const uint4* ur = reinterpret_cast<const uint4*>(wu + (long long)n * K);
+  const int packs = K >> 3;
+  float ag[MAXM], au[MAXM];
+#pragma unroll
+  for (int i = 0; i < MAXM; i++) ag[i] = 0.0f, au[i] = 0.0f;
+  for (int p = lane; p < packs; p += 32) {
+    Pack16<bf16> gp, up;
+    gp.raw = __ldcs(gr + p);
+    up.raw = __ldcs(ur + p);
+#pragma unroll
+    for (int i = 0; i < MAXM; i++) {
+      if (i < M) {
+        Pack16<bf16> xp;
+        xp.raw = __ldg(reinterpret_cast<const uint4*>(x + (long long)i * K) + p);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+          ag[i] = fmaf(xp.get(e), gp.get(e), ag[i]);
+          au[i] = fmaf(xp.get(e), up.get(e), au[i]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MAXM; i++) {
+    if (i < M) {
+      float g = warp_sum(ag[i]), u = warp_sum(au[i]);
+      if (xa_g != nullptr) g = fmaf(scale_g, lora_dot(xa_g, xa_g_f32, lb_g, lb_g_f32, rank_g, i, n, lane), g);
+      if (xa_u != nullptr) u = fmaf(scale_u, lora_dot(xa_u, xa_u_f32, lb_u, lb_u_f32, rank_u, i, n, lane), u);
+      if (lane == 0) store_any(act, act_f32, (long long)i * N + n, silu(g) * u);
     }
   }
 }
@@ -445,6 +504,16 @@ extern "C" __global__ void __launch_bounds__(256)
                      int M, int N, int K, float scale, int accumulate, const void* __restrict__ xa, int xa_f32,
                      const void* __restrict__ lb, int lb_f32, int rank, float lora_scale) {
   matvec_impl(x, w, out, out_f32, M, N, K, scale, accumulate, xa, xa_f32, lb, lb_f32, rank, lora_scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    matvec_swiglu_bf16(const bf16* __restrict__ x, const bf16* __restrict__ wg, const bf16* __restrict__ wu,
+                       void* __restrict__ act, int act_f32, int M, int N, int K, const void* __restrict__ xa_g,
+                       int xa_g_f32, const void* __restrict__ lb_g, int lb_g_f32, int rank_g, float scale_g,
+                       const void* __restrict__ xa_u, int xa_u_f32, const void* __restrict__ lb_u, int lb_u_f32,
+                       int rank_u, float scale_u) {
+  matvec_swiglu_impl(x, wg, wu, act, act_f32, M, N, K, xa_g, xa_g_f32, lb_g, lb_g_f32, rank_g, scale_g, xa_u, xa_u_f32,
+                     lb_u, lb_u_f32, rank_u, scale_u);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -10,8 +10,6 @@
 // 256 threads per block, as many blocks as the launcher chooses.
 #include "common.cuh"
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
-
 template <typename T>
 __device__ __forceinline__ void swiglu_impl(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
                                             long long n) {

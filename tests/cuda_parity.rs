@@ -491,6 +491,85 @@ fn matmul_lora_matches_cpu_fused_and_not() {
     );
 }
 
+/// The MLP's gate/up half as one op: fused into one decode GEMV (`matvec_swiglu_bf16`) for
+/// m <= 8, with either, both or no LoRA terms; the default steps otherwise. `act` only (the
+/// fused kernel leaves gate and up unwritten).
+#[test]
+fn gate_up_swiglu_matches_cpu_fused_and_not() {
+    let Some(g) = gpu() else { return };
+    let shapes: &[(usize, usize, usize)] = &[(1, 1536, 576), (3, 37, 72), (8, 33, 8), (9, 100, 64)];
+    let mut fused = 0;
+    for &(m, n, k) in shapes {
+        for (with_g, with_u, r) in [
+            (false, false, 0),
+            (true, true, 16),
+            (false, true, 40),
+            (true, false, 5),
+        ] {
+            for od in [DType::BF16, DType::F32] {
+                let x = random(m * k, 31, 1.0, DType::BF16);
+                let wg = random(n * k, 32, 1.0, DType::BF16);
+                let wu = random(n * k, 33, 1.0, DType::BF16);
+                let (xa_g, b_g) = (
+                    random(m * r, 34, 1.0, DType::F32),
+                    random(n * r, 35, 0.5, DType::F32),
+                );
+                let (xa_u, b_u) = (
+                    random(m * r, 36, 1.0, DType::BF16),
+                    random(n * r, 37, 0.5, DType::F32),
+                );
+                let (mut gate, mut upv, mut act) =
+                    (vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n]);
+                CpuBackend.gate_up_swiglu(
+                    &x,
+                    &wg,
+                    &wu,
+                    with_g.then_some((&xa_g, &b_g, r, 0.75)),
+                    with_u.then_some((&xa_u, &b_u, r, 0.75)),
+                    &mut gate,
+                    &mut upv,
+                    &mut act,
+                    m,
+                    n,
+                    k,
+                );
+                let (gxa_g, gb_g) = (up(&g, &xa_g, DType::F32), up(&g, &b_g, DType::F32));
+                let (gxa_u, gb_u) = (up(&g, &xa_u, DType::BF16), up(&g, &b_u, DType::F32));
+                let mut gact = poisoned(&g, m * n, od);
+                fused += (g.matmul_kernel(m, n, k, DType::BF16, DType::BF16)
+                    == MatmulKernel::Matvec) as usize;
+                g.gate_up_swiglu(
+                    &up(&g, &x, DType::BF16),
+                    &up(&g, &wg, DType::BF16),
+                    &up(&g, &wu, DType::BF16),
+                    with_g.then_some((&gxa_g, &gb_g, r, 0.75)),
+                    with_u.then_some((&gxa_u, &gb_u, r, 0.75)),
+                    &mut g.alloc_dtype(m * n, od).unwrap(),
+                    &mut g.alloc_dtype(m * n, od).unwrap(),
+                    &mut gact,
+                    m,
+                    n,
+                    k,
+                );
+                // The fused kernel keeps g and u in f32 (the CPU's f32 too), so what differs is
+                // act's output rounding (rtol) and the f32 sums' order, amplified by u ~ sqrt(k)/3.
+                let base = tol_for(od);
+                let tol = Tol {
+                    atol: base.atol.max(2e-6) * ((k + r) as f32).sqrt() * 2.0,
+                    rtol: base.rtol,
+                };
+                assert_close(
+                    &format!("gate_up_swiglu m{m} n{n} k{k} lora {with_g}/{with_u} r{r} -> {od:?}"),
+                    &g.download(&gact).unwrap(),
+                    &act,
+                    tol,
+                );
+            }
+        }
+    }
+    assert_eq!(fused, 3 * 4 * 2, "three shapes take the fused GEMV");
+}
+
 /// `alloc_group` / `upload_group`: the pieces of one allocation hold their own data at odd
 /// sizes in both dtypes, a kernel writing one piece leaves its neighbours alone, the group is
 /// listed by `arenas` while a piece lives and freed with the last one; a model's tensors are

@@ -99,6 +99,32 @@ pub mod dropout_mask {
     }
 }
 
+/// `Backend::gate_up_swiglu`'s default: the two projections (with their LoRA terms) into
+/// `gate` and `up`, then `swiglu`. Backends that fuse only some shapes run this for the rest.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn gate_up_swiglu_steps<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    wg: &B::Buf,
+    wu: &B::Buf,
+    lora_g: Option<(&B::Buf, &B::Buf, usize, f32)>,
+    lora_u: Option<(&B::Buf, &B::Buf, usize, f32)>,
+    gate: &mut B::Buf,
+    up: &mut B::Buf,
+    act: &mut B::Buf,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    for (w, lora, out) in [(wg, lora_g, &mut *gate), (wu, lora_u, &mut *up)] {
+        match lora {
+            Some((xa, b, rank, scale)) => be.matmul_lora(x, w, xa, b, out, m, n, k, rank, scale),
+            None => be.matmul(x, w, out, m, n, k, 1.0, false),
+        }
+    }
+    be.swiglu(gate, up, act);
+}
+
 pub trait Backend {
     /// A flat device buffer of f32 values (the CUDA backend stores bf16/f32 per tensor class).
     type Buf;
@@ -234,6 +260,28 @@ pub trait Backend {
     ) {
         self.matmul(x, w, out, m, n, k, 1.0, false);
         self.matmul(xa, b, out, m, n, rank, lora_scale, true);
+    }
+    /// The MLP's gate/up half: `act = silu(gate) * up` with `gate = x wg^T` and `up = x wu^T`
+    /// (`x [m, k]`, `wg, wu [n, k]`), each plus an optional LoRA term `(xa, b, rank, scale)` as
+    /// in `matmul_lora`. The default runs the two projections into `gate` and `up` and then
+    /// `swiglu`; a backend may fuse it all (the CUDA decode GEMV does, and then leaves `gate`
+    /// and `up` unwritten), so callers that need `gate` and `up` afterwards must not use it.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn gate_up_swiglu(
+        &self,
+        x: &Self::Buf,
+        wg: &Self::Buf,
+        wu: &Self::Buf,
+        lora_g: Option<(&Self::Buf, &Self::Buf, usize, f32)>,
+        lora_u: Option<(&Self::Buf, &Self::Buf, usize, f32)>,
+        gate: &mut Self::Buf,
+        up: &mut Self::Buf,
+        act: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        gate_up_swiglu_steps(self, x, wg, wu, lora_g, lora_u, gate, up, act, m, n, k)
     }
     /// `x[r] += bias` per row of width `bias.len()` (`bias` a side tensor).
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf);

@@ -50,6 +50,9 @@ pub struct LayerActs<B: Backend> {
     /// Post-RoPE keys and values of the whole sequence, `[batch * seq, kv_dim]` (recorded only).
     pub k_all: Option<B::Buf>,
     pub v_all: Option<B::Buf>,
+    /// `x_d A^T` of the up projection's LoRA pair when the gate/up half runs as one op
+    /// (`Backend::gate_up_swiglu`; the gate's goes to the forward's shared LoRA scratch).
+    pub lora_tmp_up: Option<B::Buf>,
 }
 
 /// Everything the backward pass reads.
@@ -97,6 +100,7 @@ impl<B: Backend> LayerActs<B> {
             act: next(),
             k_all: None,
             v_all: None,
+            lora_tmp_up: None,
         })
     }
 }
@@ -582,25 +586,37 @@ impl<B: Backend> Llama<B> {
         if record {
             a.h_mid = Some(clone_buf(be, x, rows, d)?);
         }
-        self.project(
-            layer,
-            LoraModule::Gate,
-            lora(LoraModule::Gate),
-            &a.xn2,
-            &mut a.gate,
-            rows,
-            lora_tmp,
-        )?;
-        self.project(
-            layer,
-            LoraModule::Up,
-            lora(LoraModule::Up),
-            &a.xn2,
-            &mut a.up,
-            rows,
-            lora_tmp,
-        )?;
-        be.swiglu(&a.gate, &a.up, &mut a.act);
+        if record || dropout.is_some() {
+            // Training keeps gate and up for the backward.
+            self.project(
+                layer,
+                LoraModule::Gate,
+                lora(LoraModule::Gate),
+                &a.xn2,
+                &mut a.gate,
+                rows,
+                lora_tmp,
+            )?;
+            self.project(
+                layer,
+                LoraModule::Up,
+                lora(LoraModule::Up),
+                &a.xn2,
+                &mut a.up,
+                rows,
+                lora_tmp,
+            )?;
+            be.swiglu(&a.gate, &a.up, &mut a.act);
+        } else {
+            self.gate_up_swiglu(
+                layer,
+                lora(LoraModule::Gate),
+                lora(LoraModule::Up),
+                a,
+                rows,
+                lora_tmp,
+            )?;
+        }
         self.project(
             layer,
             LoraModule::Down,
@@ -619,6 +635,54 @@ impl<B: Backend> Llama<B> {
             a.k_all = Some(clone_buf(be, k_cache, rows, cfg.kv_dim())?);
             a.v_all = Some(clone_buf(be, v_cache, rows, cfg.kv_dim())?);
         }
+        Ok(())
+    }
+
+    /// `a.act = silu(gate) * up` from `a.xn2` through `Backend::gate_up_swiglu` (one launch at
+    /// decode on CUDA): the LoRA pairs' `x A^T` go to `tmp_gate` and `a.lora_tmp_up` first. No
+    /// dropout (inference only); `a.gate` and `a.up` are left unspecified.
+    fn gate_up_swiglu(
+        &self,
+        layer: &DeviceLayer<B>,
+        lora_g: Option<(&super::model::DeviceLora<B>, Option<LoraDropout>)>,
+        lora_u: Option<(&super::model::DeviceLora<B>, Option<LoraDropout>)>,
+        a: &mut LayerActs<B>,
+        rows: usize,
+        tmp_gate: &mut B::Buf,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let (d, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        if let Some((l, _)) = lora_g {
+            if be.len(tmp_gate) != rows * l.rank {
+                *tmp_gate = be.alloc(rows * l.rank)?;
+            }
+            be.matmul(&a.xn2, &l.a, tmp_gate, rows, l.rank, d, 1.0, false);
+        }
+        let mut tmp_up = a.lora_tmp_up.take();
+        if let Some((l, _)) = lora_u {
+            if tmp_up.as_ref().is_none_or(|t| be.len(t) != rows * l.rank) {
+                tmp_up = Some(be.alloc(rows * l.rank)?);
+            }
+            let t = tmp_up.as_mut().expect("allocated above");
+            be.matmul(&a.xn2, &l.a, t, rows, l.rank, d, 1.0, false);
+        }
+        be.gate_up_swiglu(
+            &a.xn2,
+            &layer.gate,
+            &layer.up,
+            lora_g.map(|(l, _)| (&*tmp_gate, &l.b, l.rank, l.scale)),
+            lora_u.map(|(l, _)| {
+                let t = tmp_up.as_ref().expect("down projection ran");
+                (t, &l.b, l.rank, l.scale)
+            }),
+            &mut a.gate,
+            &mut a.up,
+            &mut a.act,
+            rows,
+            ff,
+            d,
+        );
+        a.lora_tmp_up = tmp_up;
         Ok(())
     }
 

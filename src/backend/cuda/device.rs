@@ -763,6 +763,22 @@ impl Backend for CudaBackend {
     ) {
         self.matmul_lora_impl(x, w, xa, b, out, m, n, k, rank, lora_scale)
     }
+    fn gate_up_swiglu(
+        &self,
+        x: &CudaBuf,
+        wg: &CudaBuf,
+        wu: &CudaBuf,
+        lora_g: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        lora_u: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        gate: &mut CudaBuf,
+        up: &mut CudaBuf,
+        act: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        self.gate_up_swiglu_impl(x, wg, wu, lora_g, lora_u, gate, up, act, m, n, k)
+    }
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
         self.add_bias_impl(x, bias)
     }

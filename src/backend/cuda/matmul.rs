@@ -259,6 +259,100 @@ impl CudaBackend {
         unsafe { self.launch("matvec_lora_bf16", cfg, &mut args) };
     }
 
+    /// `Backend::gate_up_swiglu`: on the decode GEMV path one launch of `matvec_swiglu_bf16`
+    /// (gate and up are not written); every other shape runs the trait's default steps.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub(super) fn gate_up_swiglu_impl(
+        &self,
+        x: &CudaBuf,
+        wg: &CudaBuf,
+        wu: &CudaBuf,
+        lora_g: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        lora_u: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        gate: &mut CudaBuf,
+        up: &mut CudaBuf,
+        act: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        let fused = m > 0
+            && n > 0
+            && k > 0
+            && wg.dtype == wu.dtype
+            && self.matmul_kernel(m, n, k, x.dtype, wg.dtype) == MatmulKernel::Matvec;
+        if !fused {
+            crate::backend::gate_up_swiglu_steps(
+                self, x, wg, wu, lora_g, lora_u, gate, up, act, m, n, k,
+            );
+            return;
+        }
+        assert_eq!(x.len, m * k, "gate_up_swiglu: x is not [m={m}, k={k}]");
+        assert_eq!(wg.len, n * k, "gate_up_swiglu: wg is not [n={n}, k={k}]");
+        assert_eq!(wu.len, n * k, "gate_up_swiglu: wu is not [n={n}, k={k}]");
+        assert_eq!(act.len, m * n, "gate_up_swiglu: act is not [m={m}, n={n}]");
+        assert!(
+            [x, wg, wu].iter().all(|b| self.addr(b).is_multiple_of(16)),
+            "gate_up_swiglu: x, wg and wu must be 16-byte aligned"
+        );
+        // A LoRA term as kernel arguments: (xa, xa_f32, b, b_f32, rank, scale), null when absent.
+        let lora_args = |l: Option<(&CudaBuf, &CudaBuf, usize, f32)>| -> [Arg<'static>; 6] {
+            match l {
+                Some((xa, b, rank, scale)) => {
+                    assert_eq!(
+                        xa.len,
+                        m * rank,
+                        "gate_up_swiglu: xa is not [m={m}, rank={rank}]"
+                    );
+                    assert_eq!(
+                        b.len,
+                        n * rank,
+                        "gate_up_swiglu: b is not [n={n}, rank={rank}]"
+                    );
+                    [
+                        Arg::Ptr(self.addr(xa)),
+                        Arg::I32(xa.dtype.flag()),
+                        Arg::Ptr(self.addr(b)),
+                        Arg::I32(b.dtype.flag()),
+                        Arg::I32(int(rank, "lora rank")),
+                        Arg::F32(scale),
+                    ]
+                }
+                None => [
+                    Arg::Ptr(0),
+                    Arg::I32(0),
+                    Arg::Ptr(0),
+                    Arg::I32(0),
+                    Arg::I32(0),
+                    Arg::F32(0.0),
+                ],
+            }
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let act_f32 = act.dtype.flag();
+        let mut args: Vec<Arg<'_>> = vec![
+            Arg::In(x),
+            Arg::In(wg),
+            Arg::In(wu),
+            Arg::Out(act),
+            Arg::I32(act_f32),
+            Arg::I32(int(m, "matmul m")),
+            Arg::I32(int(n, "matmul n")),
+            Arg::I32(int(k, "matmul k")),
+        ];
+        args.extend(lora_args(lora_g));
+        args.extend(lora_args(lora_u));
+        // SAFETY: matvec_swiglu_bf16(const bf16* x, const bf16* wg, const bf16* wu, void* act,
+        // int, int M, int N, int K, then (const void* xa, int, const void* b, int, int rank,
+        // float scale) for gate and for up); shapes, the matvec plan (bf16, k % 8 == 0, m <= 8)
+        // and alignment checked above; the LoRA buffers outlive the launch (borrowed).
+        unsafe { self.launch("matvec_swiglu_bf16", cfg, &mut args) };
+    }
+
     pub(super) fn add_bias_impl(&self, x: &mut CudaBuf, bias: &CudaBuf) {
         assert!(bias.len > 0, "add_bias: empty bias");
         assert_eq!(

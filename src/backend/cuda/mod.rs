@@ -86,6 +86,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "matmul_bf16_64x64",
     "matvec_bf16",
     "matvec_lora_bf16",
+    "matvec_swiglu_bf16",
     "matmul_generic",
     "add_bias_bf16",
     "add_bias_f32",
