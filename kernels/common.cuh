@@ -60,7 +60,8 @@ template <typename T> struct Pack16 {
 // SwiGLU's gate activation (swiglu.cu, and the fused decode GEMV of matmul.cu).
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// F: float, or double where sums need it (row_stats, top-p sampling).
+template <typename F> __device__ __forceinline__ F warp_sum(F v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -73,13 +74,13 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-// `scratch` holds 32 floats; the trailing barrier lets callers reuse it at once.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// `scratch` holds 32 values; the trailing barrier lets callers reuse it at once.
+template <typename F> __device__ __forceinline__ F block_sum(F v, F* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   v = warp_sum(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  v = lane < nwarps ? scratch[lane] : 0.0f;
+  v = lane < nwarps ? scratch[lane] : F(0);
   v = warp_sum(v);
   __syncthreads();
   return v;

@@ -20,16 +20,6 @@
 //     grid = rows, block = 256.
 #include "common.cuh"
 
-namespace {
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-}  // namespace
-
 extern "C" __global__ void __launch_bounds__(256)
     row_stats(const void* __restrict__ x, int x_f32, const void* __restrict__ y, int y_f32, int y_vec,
               const float* __restrict__ scale, int dim, float* __restrict__ stats) {
@@ -48,10 +38,10 @@ extern "C" __global__ void __launch_bounds__(256)
   }
   __shared__ double part[4][8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  aa = warp_sum_d(aa);
-  bb = warp_sum_d(bb);
-  ab = warp_sum_d(ab);
-  dd = warp_sum_d(dd);
+  aa = warp_sum(aa);
+  bb = warp_sum(bb);
+  ab = warp_sum(ab);
+  dd = warp_sum(dd);
   if (lane == 0) {
     part[0][warp] = aa;
     part[1][warp] = bb;

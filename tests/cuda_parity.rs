@@ -804,6 +804,95 @@ fn argmax_picks_the_first_maximum_and_ignores_nan() {
     }
 }
 
+/// Top-p sampling against the CPU twin (`cpu::sampling::sample_top_p`) on fresh random logits.
+/// Both sides compute every `p_i` with the same f32 operations (bit-identical) and sum in f64,
+/// only in different orders (~1e-13 relative apart at width 49152), so the tokens must be
+/// identical except where the twin's draw `u * kept_mass` lies within a relative 1e-9 of a
+/// cumulative boundary of the kept tokens, or `top_p * total` within 1e-9 of the kept mass on
+/// either side of the threshold. Those cases are counted; at most one draw in 1000 may be one
+/// (none in practice). Every row starts as u32::MAX on the device, so an unwritten row fails.
+#[test]
+fn sample_top_p_matches_cpu_twin() {
+    use repshield::backend::cpu::sampling::{kept_mass, nucleus, sample_top_p};
+    let Some(g) = gpu() else { return };
+    const NEAR: f64 = 1e-9;
+    let pairs = [(1.0, 0.9), (0.7, 0.5), (1.5, 1.0), (2.0, 0.05), (0.0, 0.9)];
+    let (mut draws, mut near) = (0usize, 0usize);
+    for (rows, width, sets) in [(3, 1, 4), (4, 37, 24), (5, 1000, 12), (2, 49152, 3)] {
+        for dtype in dtypes() {
+            let gd = g.clone().with_working_dtype(dtype);
+            let mut x = random(rows * width, 16 + width as u64, 8.0, dtype);
+            if width >= 37 {
+                // A tie with the maximum, a NaN and a -inf in row 0.
+                x[3] = 9.0;
+                x[5] = 9.0;
+                x[7] = f32::NAN;
+                x[9] = f32::NEG_INFINITY;
+            }
+            let buf = gd.upload(&x).unwrap();
+            assert_eq!(buf.dtype(), dtype);
+            let mut rng = Rng::new(width as u64);
+            for &(temperature, top_p) in &pairs {
+                let what = format!("top-p {rows}x{width} {dtype:?} T {temperature} p {top_p}");
+                let mut seen = HashSet::new();
+                for set in 0..sets {
+                    let u: Vec<f32> = match set {
+                        0 => vec![0.0; rows],
+                        1 => vec![1.0 - f32::EPSILON / 2.0; rows],
+                        _ => (0..rows).map(|_| rng.uniform()).collect(),
+                    };
+                    let got = gd
+                        .sample_top_p_rows(&buf, width, temperature, top_p, &u)
+                        .unwrap();
+                    let via_default = CpuBackend
+                        .sample_top_p_rows(&x, width, temperature, top_p, &u)
+                        .unwrap();
+                    for r in 0..rows {
+                        let row = &x[r * width..(r + 1) * width];
+                        let want = sample_top_p(row, temperature, top_p, u[r]);
+                        assert_eq!(via_default[r], want, "{what}: the trait's default");
+                        draws += 1;
+                        seen.insert((r, got[r]));
+                        if got[r] == want {
+                            continue;
+                        }
+                        let n = nucleus(row, temperature, top_p).unwrap_or_else(|| {
+                            panic!("{what} row {r}: got {} want argmax {want}", got[r])
+                        });
+                        let total = kept_mass(&n.probs, 0.0);
+                        let target = total * top_p.clamp(0.0, 1.0) as f64;
+                        let above = kept_mass(&n.probs, f32::from_bits(n.threshold.to_bits() + 1));
+                        let near_threshold = [n.mass, above]
+                            .iter()
+                            .any(|m| (m - target).abs() <= NEAR * total);
+                        let draw = u[r] as f64 * n.mass;
+                        let mut acc = 0.0;
+                        let near_draw = n.probs.iter().filter(|&&p| p >= n.threshold).any(|&p| {
+                            acc += p as f64;
+                            (acc - draw).abs() <= NEAR * n.mass
+                        });
+                        assert!(
+                            near_threshold || near_draw,
+                            "{what} row {r} u {}: GPU {} CPU {want}, not a rounding-level boundary case",
+                            u[r],
+                            got[r]
+                        );
+                        near += 1;
+                    }
+                }
+                if width >= 1000 && temperature > 0.0 && top_p >= 0.5 {
+                    assert!(seen.len() >= 2 * rows, "{what}: draws must vary: {seen:?}");
+                }
+            }
+        }
+    }
+    eprintln!("top-p: {draws} draws, {near} within rounding of a boundary");
+    assert!(
+        near * 1000 <= draws,
+        "{near} of {draws} draws at a boundary"
+    );
+}
+
 /// Attention shapes: prefill (single pass), decode and chunked prefill over a long cache
 /// (flash-decoding split), every head-dim class, GQA and MHA, with and without a key mask.
 #[test]

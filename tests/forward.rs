@@ -1,10 +1,14 @@
 //! Forward-pass invariants on random weights: KV-cache decode equals full prefill, batching and
 //! padding do not change a sequence's outputs, LoRA with B = 0 is the identity and with B != 0
-//! equals merging B A into the weights, and the matmul paths agree with a naive product.
+//! equals merging B A into the weights, the matmul paths agree with a naive product, and
+//! top-p generation samples each token from its logits with one uniform from the seeded `Rng`.
 
 use repshield::backend::cpu::{matmul::matmul_fwd, CpuBackend};
 use repshield::backend::Backend;
-use repshield::llama::{Llama, LogitsMode, LoraAdapter, LoraConfig, LoraModule};
+use repshield::llama::generate::sample_top_p;
+use repshield::llama::{
+    generate, GenerateOptions, Llama, LogitsMode, LoraAdapter, LoraConfig, LoraModule, Sampling,
+};
 use repshield::model::{ModelConfig, ModelWeights, RopeScaling};
 use repshield::util::Rng;
 
@@ -332,4 +336,43 @@ fn peft_adapter_round_trips_and_reports_bad_files() {
     std::fs::remove_file(dir.path().join("adapter_config.json")).unwrap();
     let err = format!("{:#}", load_peft(dir.path(), &cfg).unwrap_err());
     assert!(err.contains("adapter_config.json"), "{err}");
+}
+
+#[test]
+fn top_p_generate_draws_one_seeded_uniform_per_token() {
+    let cfg = tiny_cfg(false, false);
+    let m = Llama::new(CpuBackend, &cfg, &ModelWeights::random(&cfg, 31)).unwrap();
+    let prompt = ids(5, 8, cfg.vocab_size);
+    let (temperature, top_p, seed) = (1.3, 0.9, 17);
+    let opts = |sampling| GenerateOptions {
+        max_new_tokens: 12,
+        sampling,
+        stop_tokens: vec![],
+    };
+    let sampled = opts(Sampling::TopP {
+        temperature,
+        top_p,
+        seed,
+    });
+    let got = generate(&m, &prompt, &sampled, |_| Ok(())).unwrap();
+    // The same steps by hand: the logits of the last position, one uniform per token.
+    let mut rng = Rng::new(seed);
+    let mut cache = m.new_cache(1, prompt.len() + 12).unwrap();
+    let mut input = prompt.clone();
+    let mut want = Vec::new();
+    for _ in 0..12 {
+        let out = m
+            .forward(&input, 1, &mut cache, None, &[], LogitsMode::Last)
+            .unwrap();
+        let logits = CpuBackend.download(out.logits.as_ref().unwrap()).unwrap();
+        let next = sample_top_p(&logits, temperature, top_p, rng.uniform());
+        want.push(next);
+        input = vec![next];
+    }
+    assert_eq!(got, want);
+    let greedy = generate(&m, &prompt, &opts(Sampling::Greedy), |_| Ok(())).unwrap();
+    assert_ne!(
+        got, greedy,
+        "random weights at temperature 1.3 must sample off the argmax"
+    );
 }

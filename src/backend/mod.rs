@@ -125,6 +125,35 @@ pub fn gate_up_swiglu_steps<B: Backend + ?Sized>(
     be.swiglu(gate, up, act);
 }
 
+/// `Backend::sample_top_p_rows`' preconditions, shared by every implementation.
+pub fn check_top_p_args(
+    len: usize,
+    width: usize,
+    temperature: f32,
+    top_p: f32,
+    uniforms: &[f32],
+) -> Result<()> {
+    anyhow::ensure!(
+        width > 0 && len.is_multiple_of(width),
+        "sample_top_p_rows: {len} values are not rows of {width}"
+    );
+    anyhow::ensure!(
+        uniforms.len() == len / width,
+        "sample_top_p_rows: {} uniforms for {} rows",
+        uniforms.len(),
+        len / width
+    );
+    anyhow::ensure!(
+        uniforms.iter().all(|u| (0.0..1.0).contains(u)),
+        "sample_top_p_rows: uniforms must lie in [0, 1)"
+    );
+    anyhow::ensure!(
+        !temperature.is_nan() && !top_p.is_nan(),
+        "sample_top_p_rows: temperature {temperature}, top_p {top_p}"
+    );
+    Ok(())
+}
+
 pub trait Backend {
     /// A flat device buffer of f32 values (the CUDA backend stores bf16/f32 per tensor class).
     type Buf;
@@ -199,15 +228,27 @@ pub trait Backend {
         Ok(self
             .download(x)?
             .chunks_exact(width)
-            .map(|row| {
-                let mut best = 0;
-                for (i, &v) in row.iter().enumerate() {
-                    if v > row[best] || row[best].is_nan() && !v.is_nan() {
-                        best = i;
-                    }
-                }
-                best as u32
-            })
+            .map(cpu::sampling::argmax)
+            .collect())
+    }
+    /// One top-p (nucleus) sample from each row of width `width`, row `r` drawn with
+    /// `uniforms[r]` in [0, 1) (drawn on the host, so seeded runs reproduce on every device).
+    /// The exact definition (ties at the nucleus boundary all kept, `temperature <= 0` is
+    /// argmax) is `cpu::sampling::sample_top_p`'s. Sampling needs only these, not the logits.
+    fn sample_top_p_rows(
+        &self,
+        x: &Self::Buf,
+        width: usize,
+        temperature: f32,
+        top_p: f32,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        check_top_p_args(self.len(x), width, temperature, top_p, uniforms)?;
+        Ok(self
+            .download(x)?
+            .chunks_exact(width)
+            .zip(uniforms)
+            .map(|(row, &u)| cpu::sampling::sample_top_p(row, temperature, top_p, u))
             .collect())
     }
 

@@ -8,7 +8,9 @@ use anyhow::Result;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Sampling {
     Greedy,
-    /// Temperature, then nucleus (top-p) filtering.
+    /// Temperature, then nucleus (top-p) filtering: `cpu::sampling::sample_top_p` defines it,
+    /// `Backend::sample_top_p_rows` runs it on the device with one uniform per token from a
+    /// `Rng` seeded with `seed`.
     TopP {
         temperature: f32,
         top_p: f32,
@@ -24,51 +26,7 @@ pub struct GenerateOptions {
     pub stop_tokens: Vec<u32>,
 }
 
-/// Index of the largest logit (first one on ties, like torch.argmax).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// Samples from softmax(logits / temperature) restricted to the smallest set of tokens whose
-/// probability mass reaches `top_p`.
-pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng) -> u32 {
-    if temperature <= 0.0 {
-        return argmax(logits);
-    }
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, ((l - max) / temperature).exp()))
-        .collect();
-    let total: f32 = probs.iter().map(|p| p.1).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        mass += p.1 / total;
-        kept += 1;
-        if mass >= top_p {
-            break;
-        }
-    }
-    let probs = &probs[..kept];
-    let kept_total: f32 = probs.iter().map(|p| p.1).sum();
-    let mut u = rng.uniform() * kept_total;
-    for p in probs {
-        if u < p.1 {
-            return p.0;
-        }
-        u -= p.1;
-    }
-    probs[kept - 1].0
-}
+pub use crate::backend::cpu::sampling::{argmax, sample_top_p};
 
 /// Generates up to `max_new_tokens` after `prompt`. `on_token` sees each new id as it is chosen.
 pub fn generate<B: Backend>(
@@ -87,14 +45,19 @@ pub fn generate<B: Backend>(
     let mut input = prompt.to_vec();
     while out.len() < opts.max_new_tokens {
         let fwd = model.forward(&input, 1, &mut cache, None, &[], LogitsMode::Last)?;
-        let logits = model
-            .backend
-            .download(fwd.logits.as_ref().expect("logits requested"))?;
+        // Token selection runs where the logits are: one id comes back, not the vocabulary.
+        let logits = fwd.logits.as_ref().expect("logits requested");
+        let vocab = model.cfg.vocab_size;
         let next = match opts.sampling {
-            Sampling::Greedy => argmax(&logits),
+            Sampling::Greedy => model.backend.argmax_rows(logits, vocab)?[0],
             Sampling::TopP {
                 temperature, top_p, ..
-            } => sample_top_p(&logits, temperature, top_p, &mut rng),
+            } => {
+                let u = rng.uniform();
+                model
+                    .backend
+                    .sample_top_p_rows(logits, vocab, temperature, top_p, &[u])?[0]
+            }
         };
         out.push(next);
         on_token(next)?;

@@ -8,6 +8,7 @@ pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
 pub mod rows;
+pub mod sampling;
 pub mod simd;
 pub mod swiglu;
 

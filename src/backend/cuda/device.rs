@@ -717,6 +717,16 @@ impl Backend for CudaBackend {
     fn argmax_rows(&self, x: &CudaBuf, width: usize) -> Result<Vec<u32>> {
         self.argmax_impl(x, width)
     }
+    fn sample_top_p_rows(
+        &self,
+        x: &CudaBuf,
+        width: usize,
+        temperature: f32,
+        top_p: f32,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        self.sample_top_p_impl(x, width, temperature, top_p, uniforms)
+    }
 
     fn embedding(&self, table: &CudaBuf, ids: &[u32], dim: usize, out: &mut CudaBuf) {
         self.embedding_impl(table, ids, dim, out)

@@ -109,6 +109,8 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "dropout_f32",
     "argmax_bf16",
     "argmax_f32",
+    "sample_top_p_bf16",
+    "sample_top_p_f32",
     // backward
     "gemm_nn_bf16_128x128",
     "gemm_nn_bf16_64x64",
