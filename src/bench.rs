@@ -8,6 +8,7 @@
 //! gather, norms, RoPE and SwiGLU are not counted.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::llama::{generate::argmax, KvCache, Llama, LogitsMode};
 use crate::model::{ModelConfig, ModelWeights};
 use crate::util::Rng;
@@ -150,12 +151,36 @@ pub fn forward_flops(cfg: &ModelConfig, start: usize, q_len: usize, logit_rows: 
     mm + attn
 }
 
-/// Bytes a single-token decode step must read at least: every matmul weight once (f32), the
-/// embedding row, the norms and the KV cache up to `kv_len`.
-pub fn decode_bytes(cfg: &ModelConfig, kv_len: usize) -> f64 {
+/// Elements of the matrices a single-token decode step streams: every projection weight and
+/// the LM head once, and the K and V caches up to `kv_len`.
+fn decode_elements(cfg: &ModelConfig, kv_len: usize) -> (usize, usize) {
     let weights = cfg.num_layers * layer_matmul_params(cfg) + cfg.vocab_size * cfg.hidden_size;
     let kv = 2 * cfg.num_layers * cfg.kv_dim() * kv_len;
+    (weights, kv)
+}
+
+/// Bytes a single-token decode step must read at least on the CPU (everything f32): every
+/// projection weight and the LM head once and the K and V caches up to `kv_len`. The embedding
+/// row, the norms and the biases are not counted (under 0.1% at the shapes here).
+pub fn decode_bytes(cfg: &ModelConfig, kv_len: usize) -> f64 {
+    let (weights, kv) = decode_elements(cfg, kv_len);
     4.0 * (weights + kv) as f64
+}
+
+/// [`decode_bytes`] for the CUDA backend's storage: the projection weights, the LM head and
+/// the K and V caches up to `kv_len` in bf16 (2 bytes), the bf16 embedding row, the f32 side
+/// tensors every step reads (2 L + 1 norm weights, the q/k/v biases where the model has them)
+/// and the f32 logits, written by the LM head and read by the argmax.
+pub fn decode_bytes_bf16(cfg: &ModelConfig, kv_len: usize) -> f64 {
+    let (weights, kv) = decode_elements(cfg, kv_len);
+    let d = cfg.hidden_size;
+    let norms = (2 * cfg.num_layers + 1) * d;
+    let biases = if cfg.qkv_bias {
+        cfg.num_layers * (cfg.q_dim() + 2 * cfg.kv_dim())
+    } else {
+        0
+    };
+    2.0 * (weights + kv + d) as f64 + 4.0 * (norms + biases + 2 * cfg.vocab_size) as f64
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,7 +372,7 @@ pub fn measure_read_bandwidth() -> f64 {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCmd {
-    /// Prefill and decode throughput at a model shape with random weights (CPU backend),
+    /// Prefill and decode throughput at a model shape with random weights (CPU or CUDA),
     /// optionally side by side with transformers.
     Generate(GenerateArgs),
     /// One optimiser step of the triplet objective at a model shape with random weights (CPU
@@ -366,6 +391,22 @@ pub enum LogitsArg {
     Last,
     /// Logits of every prompt position (a training-style forward).
     All,
+}
+
+impl LogitsArg {
+    pub fn mode(self) -> LogitsMode {
+        match self {
+            LogitsArg::Last => LogitsMode::Last,
+            LogitsArg::All => LogitsMode::All,
+        }
+    }
+    /// Logit rows of a prefill of `prompt_len` tokens.
+    pub fn rows(self, prompt_len: usize) -> usize {
+        match self {
+            LogitsArg::Last => 1,
+            LogitsArg::All => prompt_len,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -399,9 +440,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub no_peak: bool,
     /// Also print where the time goes: one more prefill and decode run with every backend op
-    /// timed (adds a little overhead per op).
+    /// timed (adds a little overhead per op; CPU only).
     #[arg(long)]
     pub profile: bool,
+    /// cpu, cuda, or auto (CUDA when a GPU and compiled kernels are present). On CUDA the
+    /// model runs in bf16 storage and transformers runs bf16 on the same GPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Peak dense bf16 FLOP/s of the GPU in TFLOP/s for the prefill's share of peak (default:
+    /// a table of known GPUs by name).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -441,19 +490,288 @@ fn spread(xs: &[f64]) -> String {
 /// Results of one `bench generate` run (our engine; the transformers side as parsed JSON).
 #[derive(Debug, Clone)]
 pub struct GenerateReport {
+    /// `cpu` or `cuda`.
+    pub device: &'static str,
     pub prefill_tok_s: f64,
     pub prefill_gflops: f64,
     pub decode_tok_s: f64,
     pub decode_gbs: f64,
+    /// The CPU's measured FMA peak (the CUDA run uses a data-sheet peak instead).
     pub peak: Option<Peak>,
+    /// The CPU's read bandwidth or the GPU's device-to-device copy bandwidth, GB/s.
     pub bandwidth_gbs: Option<f64>,
+    /// Kernel launches of the CUDA run (none on the CPU).
+    pub launches: Option<Launches>,
     pub python: Option<serde_json::Value>,
+}
+
+/// Kernel launches of one prefill and of one decode token (the forward and its argmax).
+#[derive(Debug, Clone, Copy)]
+pub struct Launches {
+    pub prefill: u64,
+    pub decode_per_token: f64,
+}
+
+/// Wall-clock times of the repeats (seconds) and the launches of the last one.
+struct GenerateTimes {
+    prefill_s: Vec<f64>,
+    decode_s: Vec<f64>,
+    prefill_launches: u64,
+    decode_launches: u64,
+}
+
+/// Greedy choice from the last row of `[rows, vocab]` logits, on the device: only the id comes
+/// back to the host.
+fn last_row_argmax<B: Backend>(be: &B, logits: &B::Buf, vocab: usize) -> Result<u32> {
+    let rows = be.len(logits) / vocab;
+    ensure!(rows > 0, "no logits to choose a token from");
+    if rows == 1 {
+        return Ok(be.argmax_rows(logits, vocab)?[0]);
+    }
+    let mut last = be.alloc_f32(vocab)?;
+    be.gather_rows(logits, &[rows as u32 - 1], vocab, &mut last, 0);
+    Ok(be.argmax_rows(&last, vocab)?[0])
+}
+
+/// One warm-up, then `repeats` times: a prefill of `prompt` in a fresh cache and
+/// `decode_tokens` greedy steps after it, each timed by the wall clock between two
+/// synchronizations of the device. A decode step chooses its token with
+/// [`Backend::argmax_rows`] on the last position's logits and downloads that one id, so the
+/// loop is synchronous per token by nature: the next step's input is the id on the host.
+/// `launches` reads the device's kernel launch counter (a constant where there is none).
+fn time_generate<B: Backend>(
+    model: &Llama<B>,
+    prompt: &[u32],
+    logits: LogitsMode,
+    decode_tokens: usize,
+    repeats: usize,
+    launches: &dyn Fn() -> u64,
+) -> Result<GenerateTimes> {
+    let be = &model.backend;
+    let vocab = model.cfg.vocab_size;
+    let capacity = prompt.len() + decode_tokens;
+    let prefill = |cache: &mut KvCache<B>| -> Result<(f64, u64, u32)> {
+        be.synchronize()?;
+        let n0 = launches();
+        let t = Instant::now();
+        let out = model.forward(prompt, 1, cache, None, &[], logits)?;
+        be.synchronize()?;
+        let s = t.elapsed().as_secs_f64();
+        let n = launches() - n0;
+        let logits = out.logits.context("prefill returned no logits")?;
+        Ok((s, n, last_row_argmax(be, &logits, vocab)?))
+    };
+    let step = |cache: &mut KvCache<B>, next: u32| -> Result<u32> {
+        let out = model.forward(&[next], 1, cache, None, &[], LogitsMode::Last)?;
+        let logits = out.logits.context("decode returned no logits")?;
+        Ok(be.argmax_rows(&logits, vocab)?[0])
+    };
+    // Warm-up: page in the weights, spin up the thread pool or load the kernels, size buffers.
+    let mut cache = model.new_cache(1, capacity)?;
+    let (_, _, next) = prefill(&mut cache)?;
+    if decode_tokens > 0 {
+        step(&mut cache, next)?;
+    }
+    let mut t = GenerateTimes {
+        prefill_s: Vec::new(),
+        decode_s: Vec::new(),
+        prefill_launches: 0,
+        decode_launches: 0,
+    };
+    for _ in 0..repeats {
+        let mut cache = model.new_cache(1, capacity)?;
+        let (s, n, mut next) = prefill(&mut cache)?;
+        t.prefill_s.push(s);
+        t.prefill_launches = n;
+        be.synchronize()?;
+        let n0 = launches();
+        let t0 = Instant::now();
+        for _ in 0..decode_tokens {
+            next = step(&mut cache, next)?;
+        }
+        // The last argmax download waited for the last step.
+        t.decode_s.push(t0.elapsed().as_secs_f64());
+        t.decode_launches = launches() - n0;
+    }
+    Ok(t)
+}
+
+/// How one device's figures are stated: the table's column, the FLOP unit, the peak and the
+/// bandwidth the decode is set against, and what a decode token must read.
+struct Roofline {
+    device: &'static str,
+    /// FLOPs per unit (1e9: GFLOP, 1e12: TFLOP), its name, and the decimals printed.
+    flop_unit: (f64, &'static str, usize),
+    /// Peak in `flop_unit` per second.
+    peak: Option<f64>,
+    bandwidth_gbs: Option<f64>,
+    bandwidth_name: &'static str,
+    /// Bytes one decode token reads at this KV length ([`decode_bytes`] or
+    /// [`decode_bytes_bf16`]).
+    decode_bytes: fn(&ModelConfig, usize) -> f64,
+}
+
+/// The figures derived from the times.
+struct Figures {
+    prefill_flops: f64,
+    prefill_tok_s: f64,
+    /// Prefill rate in the roofline's FLOP unit per second.
+    prefill_rate: f64,
+    decode_tok_s: f64,
+    decode_gbs: f64,
+    /// Read by the CUDA run's floor line.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    decode_bytes_total: f64,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    decode_s: f64,
+}
+
+fn random_prompt(cfg: &ModelConfig, seed: u64, len: usize) -> Vec<u32> {
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    (0..len)
+        .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+        .collect()
+}
+
+/// Prints repshield's prefill and decode lines.
+fn print_ours(
+    a: &GenerateArgs,
+    cfg: &ModelConfig,
+    roof: &Roofline,
+    t: &GenerateTimes,
+    logit_rows: usize,
+) -> Figures {
+    let (unit, uname, prec) = roof.flop_unit;
+    let pf = median(&t.prefill_s);
+    let dc = median(&t.decode_s);
+    let prefill_flops = forward_flops(cfg, 0, a.prompt_len, logit_rows);
+    let decode_flops: f64 = (0..a.decode_tokens)
+        .map(|i| forward_flops(cfg, a.prompt_len + i, 1, 1))
+        .sum();
+    let decode_bytes_total: f64 = (0..a.decode_tokens)
+        .map(|i| (roof.decode_bytes)(cfg, a.prompt_len + i + 1))
+        .sum();
+    let prefill_tok_s = a.prompt_len as f64 / pf;
+    let prefill_rate = prefill_flops / pf / unit;
+    let decode_tok_s = if a.decode_tokens > 0 {
+        a.decode_tokens as f64 / dc
+    } else {
+        0.0
+    };
+    let decode_gbs = decode_bytes_total / dc / 1e9;
+    println!(
+        "repshield prefill: {prefill_tok_s:.1} tok/s, median {pf:.3}s ({}), {:.prec$} {uname}/{pf:.3}s = {prefill_rate:.prec$} {uname}/s{}",
+        spread(&t.prefill_s),
+        prefill_flops / unit,
+        roof.peak
+            .map(|p| format!(" = {:.1}% of peak", 100.0 * prefill_rate / p))
+            .unwrap_or_default()
+    );
+    if a.decode_tokens > 0 {
+        println!(
+            "repshield decode:  {decode_tok_s:.1} tok/s, median {dc:.3}s for {} tokens ({}), {:.prec$} {uname}/s, weights+KV {:.1} GB/s{}",
+            a.decode_tokens,
+            spread(&t.decode_s),
+            decode_flops / dc / unit,
+            decode_gbs,
+            roof.bandwidth_gbs
+                .map(|b| format!(" = {:.0}% of {}", 100.0 * decode_gbs / b, roof.bandwidth_name))
+                .unwrap_or_default()
+        );
+    }
+    Figures {
+        prefill_flops,
+        prefill_tok_s,
+        prefill_rate,
+        decode_tok_s,
+        decode_gbs,
+        decode_bytes_total,
+        decode_s: dc,
+    }
+}
+
+/// The side-by-side markdown table; `extra` rows (already formatted) go after the decode rows.
+fn print_table(
+    a: &GenerateArgs,
+    roof: &Roofline,
+    f: &Figures,
+    python: Option<&serde_json::Value>,
+    extra: &[String],
+) {
+    let (unit, uname, prec) = roof.flop_unit;
+    println!();
+    println!(
+        "| metric | repshield ({}) | transformers | ratio |",
+        roof.device
+    );
+    println!("|---|---|---|---|");
+    let py_num = |k: &str| python.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
+    let py_str = |k: &str| {
+        python
+            .and_then(|p| p.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let row = |name: &str, ours: f64, theirs: Option<f64>, note: String| {
+        match theirs {
+            Some(t) => println!(
+                "| {name} | {ours:.1} | {t:.1}{note} | {:.2}x |",
+                ours / t.max(1e-12)
+            ),
+            None => println!("| {name} | {ours:.1} | - | - |"),
+        };
+    };
+    row(
+        &format!("prefill tok/s ({} tokens)", a.prompt_len),
+        f.prefill_tok_s,
+        py_num("prefill_tok_s"),
+        format!(" ({})", py_str("prefill_attn")),
+    );
+    let peak_note = |tok_s: Option<f64>| match (roof.peak, tok_s) {
+        (Some(p), Some(ts)) => {
+            let g = f.prefill_flops / (a.prompt_len as f64 / ts) / unit;
+            format!("{g:.prec$} ({:.1}%)", 100.0 * g / p)
+        }
+        _ => "-".into(),
+    };
+    println!(
+        "| prefill {uname}/s (% of {} peak) | {} | {} | |",
+        roof.peak
+            .map(|p| format!("{p:.0} {uname}/s"))
+            .unwrap_or_else(|| "unmeasured".into()),
+        peak_note(Some(f.prefill_tok_s)),
+        peak_note(py_num("prefill_tok_s"))
+    );
+    if a.decode_tokens > 0 {
+        row(
+            &format!("decode tok/s ({} tokens after the prompt)", a.decode_tokens),
+            f.decode_tok_s,
+            py_num("decode_tok_s"),
+            format!(" ({}, manual loop)", py_str("decode_attn")),
+        );
+        if let Some(g) = py_num("generate_decode_tok_s") {
+            println!(
+                "| decode tok/s, transformers model.generate | | {g:.1} | {:.2}x |",
+                f.decode_tok_s / g
+            );
+        }
+    }
+    for r in extra {
+        println!("{r}");
+    }
 }
 
 pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
     ensure!(a.prompt_len > 0, "--prompt-len must be positive");
     ensure!(a.repeats > 0, "--repeats must be positive");
     let cfg = shape_config(&a.shape)?;
+    if crate::backend::cuda::pick_device(&a.device)? {
+        #[cfg(feature = "cuda")]
+        return bench_generate_cuda(a, &cfg);
+        #[cfg(not(feature = "cuda"))]
+        unreachable!("pick_device never chooses CUDA without the feature")
+    }
     let threads = rayon::current_num_threads();
     let cpu = cpu_model();
     println!(
@@ -488,88 +806,31 @@ pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
         a.seed,
         t.elapsed().as_secs_f64()
     );
-    let mut rng = Rng::new(a.seed ^ 0x5eed);
-    let prompt: Vec<u32> = (0..a.prompt_len)
-        .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
-        .collect();
-    let logits_mode = match a.logits {
-        LogitsArg::Last => LogitsMode::Last,
-        LogitsArg::All => LogitsMode::All,
-    };
-    let logit_rows = match a.logits {
-        LogitsArg::Last => 1,
-        LogitsArg::All => a.prompt_len,
-    };
+    let prompt = random_prompt(&cfg, a.seed, a.prompt_len);
+    let logits_mode = a.logits.mode();
+    let logit_rows = a.logits.rows(a.prompt_len);
     let capacity = a.prompt_len + a.decode_tokens;
 
-    let prefill = |cache: &mut KvCache<CpuBackend>| -> Result<(f64, u32)> {
-        let t = Instant::now();
-        let out = model.forward(&prompt, 1, cache, None, &[], logits_mode)?;
-        let s = t.elapsed().as_secs_f64();
-        let logits = out.logits.context("prefill returned no logits")?;
-        let last = &logits[logits.len() - cfg.vocab_size..];
-        Ok((s, argmax(last)))
-    };
     // All model work runs on a pool thread (see `cpu::on_pool`), as every `repshield` command does.
-    let (prefill_s, decode_s) = crate::backend::cpu::on_pool(|| -> Result<_> {
-        // Warm-up: page in the weights, spin up the thread pool, size the buffers.
-        let mut cache = model.new_cache(1, capacity)?;
-        let (_, mut next) = prefill(&mut cache)?;
-        if a.decode_tokens > 0 {
-            model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
-        }
-        let mut prefill_s = Vec::new();
-        let mut decode_s = Vec::new();
-        for _ in 0..a.repeats {
-            let mut cache = model.new_cache(1, capacity)?;
-            let (s, tok) = prefill(&mut cache)?;
-            prefill_s.push(s);
-            next = tok;
-            let t = Instant::now();
-            for _ in 0..a.decode_tokens {
-                let out = model.forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)?;
-                next = argmax(out.logits.as_ref().context("decode returned no logits")?);
-            }
-            decode_s.push(t.elapsed().as_secs_f64());
-        }
-        Ok((prefill_s, decode_s))
-    })?;
-    let pf = median(&prefill_s);
-    let dc = median(&decode_s);
-    let prefill_flops = forward_flops(&cfg, 0, a.prompt_len, logit_rows);
-    let decode_flops: f64 = (0..a.decode_tokens)
-        .map(|i| forward_flops(&cfg, a.prompt_len + i, 1, 1))
-        .sum();
-    let decode_bytes_total: f64 = (0..a.decode_tokens)
-        .map(|i| decode_bytes(&cfg, a.prompt_len + i + 1))
-        .sum();
-    let prefill_tok_s = a.prompt_len as f64 / pf;
-    let prefill_gflops = prefill_flops / pf / 1e9;
-    let decode_tok_s = if a.decode_tokens > 0 {
-        a.decode_tokens as f64 / dc
-    } else {
-        0.0
-    };
-    let decode_gbs = decode_bytes_total / dc / 1e9;
-    println!(
-        "repshield prefill: {prefill_tok_s:.1} tok/s, median {pf:.3}s ({}), {:.1} GFLOP/{pf:.3}s = {prefill_gflops:.1} GFLOP/s{}",
-        spread(&prefill_s),
-        prefill_flops / 1e9,
-        peak.as_ref()
-            .map(|p| format!(" = {:.1}% of peak", 100.0 * prefill_gflops / p.gflops))
-            .unwrap_or_default()
-    );
-    if a.decode_tokens > 0 {
-        println!(
-            "repshield decode:  {decode_tok_s:.1} tok/s, median {dc:.3}s for {} tokens ({}), {:.1} GFLOP/s, weights+KV {:.1} GB/s{}",
+    let times = crate::backend::cpu::on_pool(|| {
+        time_generate(
+            &model,
+            &prompt,
+            logits_mode,
             a.decode_tokens,
-            spread(&decode_s),
-            decode_flops / dc / 1e9,
-            decode_gbs,
-            bw.map(|b| format!(" = {:.0}% of read bandwidth", 100.0 * decode_gbs / b))
-                .unwrap_or_default()
-        );
-    }
+            a.repeats,
+            &|| 0,
+        )
+    })?;
+    let roof = Roofline {
+        device: "cpu",
+        flop_unit: (1e9, "GFLOP", 1),
+        peak: peak.as_ref().map(|p| p.gflops),
+        bandwidth_gbs: bw,
+        bandwidth_name: "read bandwidth",
+        decode_bytes,
+    };
+    let f = print_ours(a, &cfg, &roof, &times, logit_rows);
 
     if let Some(w) = &weights {
         crate::backend::cpu::on_pool(|| {
@@ -579,78 +840,149 @@ pub fn bench_generate(a: &GenerateArgs) -> Result<GenerateReport> {
 
     let python = match &a.compare_python {
         None => None,
-        Some(py) => Some(run_python(py, a, &cfg, threads, logit_rows)?),
+        Some(py) => Some(run_python(py, a, &cfg, threads, logit_rows, false)?),
     };
-
-    // Side-by-side markdown table.
-    println!();
-    println!("| metric | repshield (cpu) | transformers | ratio |");
-    println!("|---|---|---|---|");
-    let py_num = |k: &str| {
-        python
-            .as_ref()
-            .and_then(|p| p.get(k))
-            .and_then(|v| v.as_f64())
-    };
-    let py_str = |k: &str| {
-        python
-            .as_ref()
-            .and_then(|p| p.get(k))
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string()
-    };
-    let row = |name: &str, ours: f64, theirs: Option<f64>, note: String| {
-        match theirs {
-            Some(t) => println!(
-                "| {name} | {ours:.1} | {t:.1}{note} | {:.2}x |",
-                ours / t.max(1e-12)
-            ),
-            None => println!("| {name} | {ours:.1} | - | - |"),
-        };
-    };
-    row(
-        &format!("prefill tok/s ({} tokens)", a.prompt_len),
-        prefill_tok_s,
-        py_num("prefill_tok_s"),
-        format!(" ({})", py_str("prefill_attn")),
-    );
-    let peak_note = |tok_s: Option<f64>| match (&peak, tok_s) {
-        (Some(p), Some(ts)) => {
-            let g = prefill_flops / (a.prompt_len as f64 / ts) / 1e9;
-            format!("{:.1} ({:.1}%)", g, 100.0 * g / p.gflops)
-        }
-        _ => "-".into(),
-    };
-    println!(
-        "| prefill GFLOP/s (% of {} peak) | {} | {} | |",
-        peak.as_ref()
-            .map(|p| format!("{:.0} GFLOP/s", p.gflops))
-            .unwrap_or_else(|| "unmeasured".into()),
-        peak_note(Some(prefill_tok_s)),
-        peak_note(py_num("prefill_tok_s"))
-    );
-    if a.decode_tokens > 0 {
-        row(
-            &format!("decode tok/s ({} tokens after the prompt)", a.decode_tokens),
-            decode_tok_s,
-            py_num("decode_tok_s"),
-            format!(" ({}, manual loop)", py_str("decode_attn")),
-        );
-        if let Some(g) = py_num("generate_decode_tok_s") {
-            println!(
-                "| decode tok/s, transformers model.generate | | {g:.1} | {:.2}x |",
-                decode_tok_s / g
-            );
-        }
-    }
+    print_table(a, &roof, &f, python.as_ref(), &[]);
     Ok(GenerateReport {
-        prefill_tok_s,
-        prefill_gflops,
-        decode_tok_s,
-        decode_gbs,
+        device: "cpu",
+        prefill_tok_s: f.prefill_tok_s,
+        prefill_gflops: f.prefill_rate,
+        decode_tok_s: f.decode_tok_s,
+        decode_gbs: f.decode_gbs,
         peak,
         bandwidth_gbs: bw,
+        launches: None,
+        python,
+    })
+}
+
+/// `bench generate --device cuda`: the same protocol on the GPU, bf16 weights and KV cache,
+/// the prefill's TFLOP/s against the data-sheet bf16 peak, decode's bytes against the measured
+/// copy bandwidth, and the kernel launches per prefill and per decode token.
+#[cfg(feature = "cuda")]
+fn bench_generate_cuda(a: &GenerateArgs, cfg: &ModelConfig) -> Result<GenerateReport> {
+    use crate::backend::cuda::CudaBackend;
+    ensure!(
+        !a.profile,
+        "--profile times the CPU backend's ops; on the GPU, `bench kernels --device cuda` times each op"
+    );
+    let be = CudaBackend::new(0)?;
+    let name = be.name();
+    println!(
+        "# repshield bench generate: shape {} ({:.1} M params), prompt {} tokens, decode {} tokens, {} repeats, bf16 on the GPU",
+        a.shape,
+        cfg.param_count() as f64 / 1e6,
+        a.prompt_len,
+        a.decode_tokens,
+        a.repeats
+    );
+    println!("device: {name}");
+    let peak = a
+        .peak_tflops
+        .or_else(|| crate::bench_kernels::known_peak_tflops(&name));
+    match (a.peak_tflops, peak) {
+        (Some(p), _) => println!("bf16 peak: {p:.1} TFLOP/s (--peak-tflops)"),
+        (None, Some(p)) => println!("bf16 peak: {p:.1} TFLOP/s (dense, data sheet)"),
+        (None, None) => println!("bf16 peak: unknown for this device (pass --peak-tflops)"),
+    }
+    let bw = if a.no_peak {
+        None
+    } else {
+        let bw = be.copy_bandwidth_gbs()?;
+        println!("copy bandwidth: {bw:.1} GB/s (device-to-device copy, bytes read + written, median of 10)");
+        Some(bw)
+    };
+
+    let t = Instant::now();
+    let weights = ModelWeights::random(cfg, a.seed);
+    let model = Llama::new(be.clone(), cfg, &weights)?;
+    drop(weights);
+    println!(
+        "random weights (seed {}) built and uploaded in {:.1}s",
+        a.seed,
+        t.elapsed().as_secs_f64()
+    );
+    let prompt = random_prompt(cfg, a.seed, a.prompt_len);
+    let logit_rows = a.logits.rows(a.prompt_len);
+    let times = time_generate(
+        &model,
+        &prompt,
+        a.logits.mode(),
+        a.decode_tokens,
+        a.repeats,
+        &|| be.launches(),
+    )?;
+    let roof = Roofline {
+        device: "cuda",
+        flop_unit: (1e12, "TFLOP", 3),
+        peak,
+        bandwidth_gbs: bw,
+        bandwidth_name: "copy bandwidth",
+        decode_bytes: decode_bytes_bf16,
+    };
+    let f = print_ours(a, cfg, &roof, &times, logit_rows);
+    let launches = Launches {
+        prefill: times.prefill_launches,
+        decode_per_token: times.decode_launches as f64 / a.decode_tokens.max(1) as f64,
+    };
+    let mut extra = Vec::new();
+    if a.decode_tokens > 0 {
+        let per_token = f.decode_bytes_total / a.decode_tokens as f64;
+        print!(
+            "decode floor: {:.1} MB per token (bf16 weights and KV cache, f32 norms and logits)",
+            per_token / 1e6
+        );
+        if let Some(b) = bw {
+            let floor_s = f.decode_bytes_total / (b * 1e9);
+            println!(
+                " / copy bandwidth = {:.3} ms per token; measured {:.3} ms = {:.0}% of the floor's rate",
+                1e3 * floor_s / a.decode_tokens as f64,
+                1e3 * f.decode_s / a.decode_tokens as f64,
+                100.0 * floor_s / f.decode_s
+            );
+            extra.push(format!(
+                "| decode GB/s (% of {b:.0} GB/s copy bandwidth) | {:.1} ({:.0}%) | | |",
+                f.decode_gbs,
+                100.0 * f.decode_gbs / b
+            ));
+        } else {
+            println!();
+        }
+        extra.push(format!(
+            "| kernel launches per decode token | {:.1} | | |",
+            launches.decode_per_token
+        ));
+    }
+    println!(
+        "kernel launches: {} per prefill of {} tokens, {:.1} per decode token (forward + argmax); decode is synchronous per token (each step needs the previous step's id on the host), so each token pays its launches' host overhead",
+        launches.prefill, a.prompt_len, launches.decode_per_token
+    );
+    extra.push(format!(
+        "| kernel launches per prefill | {} | | |",
+        launches.prefill
+    ));
+
+    let python = match &a.compare_python {
+        None => None,
+        Some(py) => Some(run_python(
+            py,
+            a,
+            cfg,
+            rayon::current_num_threads(),
+            logit_rows,
+            true,
+        )?),
+    };
+    print_table(a, &roof, &f, python.as_ref(), &extra);
+    Ok(GenerateReport {
+        device: "cuda",
+        prefill_tok_s: f.prefill_tok_s,
+        prefill_gflops: f.prefill_rate * 1e3,
+        decode_tok_s: f.decode_tok_s,
+        decode_gbs: f.decode_gbs,
+        peak: None,
+        bandwidth_gbs: bw,
+        launches: Some(launches),
         python,
     })
 }
@@ -715,6 +1047,7 @@ fn run_python(
     cfg: &ModelConfig,
     threads: usize,
     logit_rows: usize,
+    cuda: bool,
 ) -> Result<serde_json::Value> {
     let v = run_python_json(
         py,
@@ -732,15 +1065,17 @@ fn run_python(
                 if logit_rows == 1 { "last" } else { "all" }.into(),
             ),
             ("--attn", a.python_attn.clone()),
+            ("--device", if cuda { "cuda" } else { "cpu" }.into()),
         ],
     )?;
     let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+    let on = if cuda { "device" } else { "cpu_capability" };
     println!(
         "transformers {} (torch {}, {} threads, {}): prefill {:.1} tok/s ({} attention), decode {:.1} tok/s ({} attention, manual loop), model.generate decode {:.1} tok/s",
         v["transformers"].as_str().unwrap_or("?"),
         v["torch"].as_str().unwrap_or("?"),
         v["threads"],
-        v["cpu_capability"].as_str().unwrap_or("?"),
+        v[on].as_str().unwrap_or("?"),
         f("prefill_tok_s"),
         v["prefill_attn"].as_str().unwrap_or("?"),
         f("decode_tok_s"),

@@ -710,3 +710,53 @@ fn bench_kernels_times_every_op_against_its_floor() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_generate_runs_on_the_cpu_and_on_cuda_when_there_is_one() {
+    let args = |device: &'static str| {
+        [
+            "bench",
+            "generate",
+            "--shape",
+            "tiny",
+            "--prompt-len",
+            "8",
+            "--decode-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--no-peak",
+            "--device",
+            device,
+        ]
+    };
+    let (ok, out, err) = repshield(&args("cpu"));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| metric | repshield (cpu) | transformers | ratio |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| decode tok/s (4 tokens after the prompt) |"),
+        "{out}"
+    );
+    assert!(!out.contains("kernel launches"), "{out}");
+    let (ok, out, err) = repshield(&args("cuda"));
+    if let Some(why) = repshield::backend::cuda::unavailable_reason() {
+        // Without a GPU (or without compiled kernels) --device cuda says why and runs nothing.
+        assert!(!ok && err.contains("--device cuda:"), "{why}: {err}");
+        assert!(!out.contains("repshield prefill"), "{out}");
+        return;
+    }
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| metric | repshield (cuda) | transformers | ratio |"),
+        "{out}"
+    );
+    // The tiny shape's 2 blocks: 2 + 2 x 12 + 2 kernels per decode forward (gate, up and SwiGLU
+    // fused into one GEMV), and its argmax.
+    assert!(
+        out.contains("| kernel launches per decode token | 29.0 | | |"),
+        "{out}"
+    );
+}

@@ -1918,29 +1918,40 @@ fn whole_model_logits_and_hidden_states_match_cpu() {
     }
 }
 
+/// A LoRA adapter on all seven modules of every layer, alpha = 2 rank, with a nonzero B
+/// (N(0, 0.2^2) from `seed + 1`) so that it changes the output.
+fn adapter_on_every_module(
+    cfg: &ModelConfig,
+    rank: usize,
+    seed: u64,
+) -> repshield::llama::LoraAdapter {
+    use repshield::llama::{LoraAdapter, LoraConfig, LoraModule};
+    let mut adapter = LoraAdapter::init(
+        cfg,
+        LoraConfig {
+            rank,
+            alpha: 2.0 * rank as f32,
+            layers: (0..cfg.num_layers).collect(),
+            modules: LoraModule::ALL.to_vec(),
+        },
+        seed,
+    );
+    let mut r = Rng::new(seed + 1);
+    for p in &mut adapter.pairs {
+        p.b.iter_mut().for_each(|x| *x = r.normal() * 0.2);
+    }
+    adapter
+}
+
 /// Decode with an attached adapter (every module of every layer, B nonzero): each one-token
 /// step runs the fused LoRA GEMV on the GPU; its last-position logits match the CPU engine's
 /// step by step (the prefill runs the unfused tensor-core path).
 #[test]
 fn decode_with_lora_matches_cpu() {
-    use repshield::llama::{LoraAdapter, LoraConfig, LoraModule};
     let Some(g) = gpu() else { return };
     let cfg = tiny_cfg(true, true);
     let w = bf16_weights(&cfg, 41);
-    let mut adapter = LoraAdapter::init(
-        &cfg,
-        LoraConfig {
-            rank: 8,
-            alpha: 16.0,
-            layers: (0..cfg.num_layers).collect(),
-            modules: LoraModule::ALL.to_vec(),
-        },
-        42,
-    );
-    let mut r = Rng::new(43);
-    for p in &mut adapter.pairs {
-        p.b.iter_mut().for_each(|x| *x = r.normal() * 0.2);
-    }
+    let adapter = adapter_on_every_module(&cfg, 8, 42);
     let mut cpu_model = Llama::new(CpuBackend, &cfg, &w).unwrap();
     cpu_model.attach_lora(&adapter).unwrap();
     for (dtype, bound) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-4)] {
@@ -1964,6 +1975,126 @@ fn decode_with_lora_matches_cpu() {
             assert!(e < bound, "{dtype:?} step {step}: logits rel L2 {e}");
             // Feed both the CPU's choice so the two caches see the same tokens.
             input = vec![generate::argmax(&want)];
+        }
+    }
+}
+
+/// Kernel launches of one greedy decode token (`CudaBackend::launches` around the forward and
+/// its `argmax_rows`), against the count from the forward's op sequence (src/llama/forward.rs)
+/// and each op's launcher:
+/// - the embedding gather and the first block's input norm: 2;
+/// - per block: q, k, v projections (3), their biases where the model has them (3), RoPE of q
+///   and of k (2), the KV store (1), attention (1, plus a combine launch when its plan splits
+///   the keys), the o projection (1), the fused residual add + norm (1), gate and up (2),
+///   SwiGLU (1), down (1), the next residual add + norm (1);
+/// - the last-row gather and the LM head: 2; the argmax: 1.
+///
+/// An adapted projection in decode is the LoRA down projection (`x A^T`, A in f32:
+/// `matmul_generic`) then `matmul_lora`, which on the GEMV path fuses the up projection into
+/// the projection's own launch (`matvec_lora_bf16`): one launch more than without the adapter,
+/// so 7 more per block with all seven modules adapted. In f32 storage there is no GEMV path
+/// and `matmul_lora` runs the projection and the up projection apart: two launches more.
+#[test]
+fn decode_launches_per_token_follow_the_model_structure() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_cfg(true, true);
+    let w = bf16_weights(&cfg, 51);
+    let steps = 5;
+    let layers = cfg.num_layers as u64;
+    // A short prompt, and one past 256 keys, where the decode attention splits the keys.
+    let short = prompts(cfg.vocab_size)[1].clone();
+    let long: Vec<u32> = (0..300).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
+    // Launches of each decode step after a prefill of `ids`.
+    let per_token = |be: &CudaBackend, model: &Llama<CudaBackend>, ids: &[u32]| -> Vec<u64> {
+        let mut cache = model.new_cache(1, ids.len() + steps).unwrap();
+        let out = model
+            .forward(ids, 1, &mut cache, None, &[], LogitsMode::Last)
+            .unwrap();
+        let mut next = be
+            .argmax_rows(out.logits.as_ref().unwrap(), cfg.vocab_size)
+            .unwrap()[0];
+        (0..steps)
+            .map(|_| {
+                let n0 = be.launches();
+                let out = model
+                    .forward(&[next], 1, &mut cache, None, &[], LogitsMode::Last)
+                    .unwrap();
+                next = be
+                    .argmax_rows(out.logits.as_ref().unwrap(), cfg.vocab_size)
+                    .unwrap()[0];
+                be.launches() - n0
+            })
+            .collect()
+    };
+    let splits = |be: &CudaBackend, dtype: DType, kv_before: usize| {
+        let shape = AttnShape {
+            batch: 1,
+            q_len: 1,
+            start_pos: kv_before,
+            capacity: kv_before + 1,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        be.attention_plan(shape, dtype).splits > 1
+    };
+    // The count of each decode step after `prompt` tokens, with `extra` launches per block
+    // from adapters.
+    let expected = |be: &CudaBackend, dtype: DType, prompt: usize, extra: u64| -> Vec<u64> {
+        let bias = if cfg.qkv_bias { 3 } else { 0 };
+        (0..steps)
+            .map(|i| {
+                let attention = 1 + splits(be, dtype, prompt + i) as u64;
+                // gate, up and SwiGLU: one fused GEMV in bf16, three launches in f32 storage
+                // (the decode GEMV needs bf16 operands).
+                let mlp_in = if dtype == DType::BF16 { 1 } else { 3 };
+                let block = 3 + bias + 2 + 1 + attention + 1 + 1 + mlp_in + 1 + 1 + extra;
+                2 + layers * block + 2 + 1
+            })
+            .collect()
+    };
+    let adapter = adapter_on_every_module(&cfg, 4, 52);
+    // (storage, launches an adapted module adds in decode)
+    for (dtype, per_module) in [(DType::BF16, 1u64), (DType::F32, 2)] {
+        let be = g.clone().with_working_dtype(dtype);
+        assert!(
+            !splits(&be, dtype, short.len()) && splits(&be, dtype, long.len()),
+            "the two prompts should cover both attention plans"
+        );
+        let mut model = gpu_model(&be, &cfg, &w);
+        let plain = per_token(&be, &model, &short);
+        assert_eq!(
+            plain,
+            expected(&be, dtype, short.len(), 0),
+            "{dtype:?}: launches per decode token"
+        );
+        // 3 blocks: 2 + 3 x 15 + 3 = 50 launches per token in bf16, 2 + 3 x 17 + 3 = 56 in f32.
+        assert_eq!(
+            plain[0],
+            if dtype == DType::BF16 { 50 } else { 56 },
+            "{dtype:?}"
+        );
+        if dtype == DType::BF16 {
+            // One more per block where the attention splits the keys (bf16 only: the long
+            // prefill is slow on the emulator, and the plan does not depend on the dtype).
+            let split = per_token(&be, &model, &long);
+            assert_eq!(split, expected(&be, dtype, long.len(), 0), "{dtype:?}");
+            assert_eq!(split[0], 53, "{dtype:?}");
+        }
+        model.attach_lora(&adapter).unwrap();
+        let extra = 7 * per_module;
+        let adapted = per_token(&be, &model, &short);
+        assert_eq!(
+            adapted,
+            expected(&be, dtype, short.len(), extra),
+            "{dtype:?}: launches per decode token with LoRA"
+        );
+        for (a, p) in adapted.iter().zip(&plain) {
+            assert_eq!(
+                a - p,
+                extra * layers,
+                "{dtype:?}: launches the adapter adds"
+            );
         }
     }
 }

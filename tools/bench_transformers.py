@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The transformers side of `repshield bench generate`: the same prefill and decode work in
-PyTorch + transformers on the CPU, float32, random weights at a given model shape.
+PyTorch + transformers on the CPU in float32 or, with `--device cuda`, on the GPU in bfloat16,
+random weights at a given model shape.
 
 Called by `repshield bench generate --compare-python PYTHON` with the shape as a Hugging Face
 config dict (so both engines run exactly the same architecture); usable by hand too:
@@ -16,10 +17,15 @@ Measures, for each attention implementation (eager and sdpa):
            then argmax, `decode-tokens` steps; median over `repeats` fresh prefills;
   generate: model.generate(max_new_tokens=decode-tokens, greedy) for reference; its decode rate
            is (tokens - 1) / (total time - median prefill time).
+On the GPU every timing is bracketed by torch.cuda.synchronize(); the manual decode loop keeps
+the next id on the device (it never waits for it on the host, so the CPU may queue a step
+while the previous one runs, which repshield's loop cannot), and model.generate syncs as it
+does by itself.
 Prints one JSON object on stdout (everything else goes to stderr).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,7 +38,7 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def build_model(cfg_dict, attn, seed):
+def build_model(cfg_dict, attn, seed, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -40,19 +46,31 @@ def build_model(cfg_dict, attn, seed):
     model_type = d.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **d)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        cfg, attn_implementation=attn, dtype=torch.float32
-    )
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # On the GPU the weights are initialised in place (an 8B model never sits on the CPU).
+    place = torch.device("cuda") if device == "cuda" else contextlib.nullcontext()
+    with place:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
     model.eval()
     # transformers initialises with N(0, 0.02): small but never all zeros. The norms start at 1.
     return model
 
 
-def median_time(fn, repeats):
+def sync(device):
+    """Waits for the queued GPU work (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats, device="cpu"):
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -60,10 +78,11 @@ def median_time(fn, repeats):
 def bench_one(cfg_dict, attn, args):
     import torch
 
-    model = build_model(cfg_dict, attn, args.seed)
+    dev = args.device
+    model = build_model(cfg_dict, attn, args.seed, dev)
     vocab = cfg_dict["vocab_size"]
     g = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(0, vocab, (1, args.prompt_len), generator=g)
+    ids = torch.randint(0, vocab, (1, args.prompt_len), generator=g).to(dev)
     keep = 0 if args.logits == "all" else 1
     res = {"attn_implementation": attn}
 
@@ -71,7 +90,7 @@ def bench_one(cfg_dict, attn, args):
         # Prefill.
         model(ids, logits_to_keep=keep, use_cache=False)  # warm-up
         med, times = median_time(
-            lambda: model(ids, logits_to_keep=keep, use_cache=False), args.repeats
+            lambda: model(ids, logits_to_keep=keep, use_cache=False), args.repeats, dev
         )
         res["prefill_s"] = med
         res["prefill_s_all"] = times
@@ -82,11 +101,13 @@ def bench_one(cfg_dict, attn, args):
             out = model(ids, use_cache=True, logits_to_keep=1)
             pkv = out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
+            sync(dev)
             t0 = time.perf_counter()
             for _ in range(args.decode_tokens):
                 out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
                 pkv = out.past_key_values
                 nxt = out.logits[:, -1:].argmax(-1)
+            sync(dev)
             return time.perf_counter() - t0
 
         decode_once()  # warm-up
@@ -110,8 +131,8 @@ def bench_one(cfg_dict, attn, args):
                 )
 
             gen()  # warm-up
-            med_g, gts = median_time(gen, max(1, args.repeats // 2))
-            pre_last = _prefill_last(model, ids, args.repeats)
+            med_g, gts = median_time(gen, max(1, args.repeats // 2), dev)
+            pre_last = _prefill_last(model, ids, args.repeats, dev)
             res["generate_s"] = med_g
             res["generate_s_all"] = gts
             res["generate_decode_tok_s"] = (n - 1) / max(med_g - pre_last, 1e-9)
@@ -119,8 +140,10 @@ def bench_one(cfg_dict, attn, args):
     return res
 
 
-def _prefill_last(model, ids, repeats):
-    med, _ = median_time(lambda: model(ids, logits_to_keep=1, use_cache=True), repeats)
+def _prefill_last(model, ids, repeats, device):
+    med, _ = median_time(
+        lambda: model(ids, logits_to_keep=1, use_cache=True), repeats, device
+    )
     return med
 
 
@@ -135,6 +158,8 @@ def main():
     ap.add_argument("--logits", choices=["last", "all"], default="last")
     ap.add_argument("--attn", default="eager,sdpa", help="comma-separated implementations")
     ap.add_argument("--no-generate", action="store_true", help="skip the model.generate run")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: float32; cuda: bfloat16 on the first GPU")
     args = ap.parse_args()
 
     text = args.config_json
@@ -149,11 +174,15 @@ def main():
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no GPU")
 
     runs = []
     for attn in [a.strip() for a in args.attn.split(",") if a.strip()]:
         log(f"transformers: {attn} attention ...")
         runs.append(bench_one(cfg_dict, attn, args))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     best_prefill = max(runs, key=lambda r: r["prefill_tok_s"])
     best_decode = max(runs, key=lambda r: r["decode_tok_s"])
     out = {
@@ -164,6 +193,8 @@ def main():
         "threads": torch.get_num_threads(),
         "blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,

@@ -8,7 +8,8 @@
 #                              # nvidia-smi, the CUDA parity suite, compute-sanitizer memcheck
 #                              # and racecheck on one pass of it; logs and a summary.md land in OUT
 #   tools/gpu-suite.sh bench OUT # there too, a separate call: `bench kernels` at the llama3-8b
-#                              # and smollm2 shapes and `bench train-step` at the Llama-3-8B
+#                              # and smollm2 shapes, `bench generate` (prefill + greedy decode)
+#                              # at the smollm2 shape and `bench train-step` at the Llama-3-8B
 #                              # shape, with PyTorch alongside when the machine's python has
 #                              # torch; OUT/bench.md
 #
@@ -130,9 +131,13 @@ run() {
 }
 
 # Benchmarks, a separate call (each fits a 10-minute limit): kernels against their floors at
-# the llama3-8b and smollm2 shapes, then one triplet training step at the Llama-3-8B shape
-# (batch 4 x (512 + 512)), each side by side with PyTorch on the same GPU when the machine's
-# python has torch. Results land in OUT/bench.md.
+# the llama3-8b and smollm2 shapes, prefill + greedy decode (`bench generate`: tok/s, launches
+# per decode token) at the smollm2 shape, then one triplet training step at the Llama-3-8B
+# shape (batch 4 x (512 + 512)), each side by side with PyTorch + transformers on the same GPU
+# when the machine's python has torch. `bench generate` at llama3-8b builds 8B random weights on
+# both sides (host RNG here, device init in transformers) on top of train-step's: opt in with
+# GPU_SUITE_GENERATE_SHAPES="smollm2 llama3-8b" when the call has the time. Results land in
+# OUT/bench.md.
 bench() {
   local out="${1:?usage: tools/gpu-suite.sh bench OUT}"
   local bin=.device/bin
@@ -141,9 +146,10 @@ bench() {
   find_cublaslt "$s"
   local py
   py="$(command -v python3 || command -v python || true)"
-  local kcmp=() tcmp=()
+  local kcmp=() gcmp=() tcmp=()
   if [ -n "$py" ] && "$py" -c 'import torch' 2>/dev/null; then
     kcmp=(--compare-python "$py" --script tools/bench_kernels_torch.py)
+    gcmp=(--compare-python "$py" --script tools/bench_transformers.py)
     tcmp=(--compare-python "$py" --script tools/bench_train_step.py)
   fi
   for shape in ${GPU_SUITE_SHAPES:-llama3-8b smollm2}; do
@@ -155,6 +161,17 @@ bench() {
     {
       printf '\n## bench kernels --shape %s (exit %s)\n\n' "$shape" "$krc"
       grep -E '^\||^tokens|^#|^cuBLASLt' "$out/kernels-$shape.md"
+    } >> "$s"
+  done
+  for shape in ${GPU_SUITE_GENERATE_SHAPES:-smollm2}; do
+    set +e
+    "$bin/repshield" bench generate --device cuda --shape "$shape" ${GPU_SUITE_GENERATE_ARGS:-} "${gcmp[@]}" \
+      > "$out/generate-$shape.md" 2>&1
+    local grc=$?
+    set -e
+    {
+      printf '\n## bench generate --shape %s (exit %s)\n\n' "$shape" "$grc"
+      grep -E '^\||^# |^device|^bf16 peak|^copy bandwidth|^repshield|^decode floor|^kernel launches|^transformers|^error' "$out/generate-$shape.md"
     } >> "$s"
   done
   if [ -z "${GPU_SUITE_SKIP_TRAIN:-}" ]; then

@@ -12,7 +12,7 @@ use cudarc::driver::{
 };
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Storage type of a device buffer.
@@ -284,6 +284,10 @@ pub struct CudaBackend {
     /// Storage of `upload` and `alloc`: bf16 normally; f32 to check kernels against the CPU
     /// without bf16 rounding.
     working: DType,
+    /// Kernels launched through [`CudaBackend::launch`] by this handle and its clones (not
+    /// other handles on the same device, so tests running side by side do not see each
+    /// other's launches; cuBLASLt's own launches are not counted).
+    launches: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -309,7 +313,15 @@ impl CudaBackend {
         Ok(Self {
             dev,
             working: DType::BF16,
+            launches: Arc::default(),
         })
+    }
+
+    /// Kernel launches so far through this handle and its clones: the difference around a
+    /// forward is its launch count (a decode step's launch overhead is about this many times
+    /// the launch latency, which CUDA graphs would remove).
+    pub fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
     }
 
     /// The same device with `upload`/`alloc` storing `dtype` (f32: every kernel in full
@@ -588,6 +600,7 @@ impl CudaBackend {
         if let Err(e) = unsafe { b.launch(cfg) } {
             panic!("launching {name}: {e}");
         }
+        self.launches.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn stream(&self) -> &Arc<CudaStream> {
