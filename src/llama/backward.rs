@@ -353,10 +353,20 @@ impl<B: BackwardOps> Llama<B> {
             .map(|l| l.rank)
             .max()
             .unwrap_or(1);
-        let mut tmp = be.alloc(rows * rank)?;
+        let mut scratch = super::forward::BlockScratch::new(be, rows, cfg, rank)?;
         self.block(
-            li, &mut x, &mut xn, &mut a, &mut kc, &mut vc, key_mask, shape, use_lora, dropout,
-            true, &mut tmp,
+            li,
+            &mut x,
+            &mut xn,
+            &mut a,
+            &mut kc,
+            &mut vc,
+            key_mask,
+            shape,
+            use_lora,
+            dropout,
+            true,
+            &mut scratch,
         )?;
         Ok(a)
     }

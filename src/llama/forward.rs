@@ -50,9 +50,32 @@ pub struct LayerActs<B: Backend> {
     /// Post-RoPE keys and values of the whole sequence, `[batch * seq, kv_dim]` (recorded only).
     pub k_all: Option<B::Buf>,
     pub v_all: Option<B::Buf>,
-    /// `x_d A^T` of the up projection's LoRA pair when the gate/up half runs as one op
-    /// (`Backend::gate_up_swiglu`; the gate's goes to the forward's shared LoRA scratch).
-    pub lora_tmp_up: Option<B::Buf>,
+}
+
+/// Buffers a block uses only while it runs, allocated once per forward (or recompute) and
+/// reused by every block: the LoRA pairs' `x_d A^T` and the attention/MLP output before the
+/// residual add.
+pub(crate) struct BlockScratch<B: Backend> {
+    pub lora: B::Buf,
+    /// The up projection's `x A^T` when gate and up run as one op (`Backend::gate_up_swiglu`;
+    /// the gate's goes to `lora`), allocated on first use.
+    pub lora_up: Option<B::Buf>,
+    pub proj: B::Buf,
+}
+
+impl<B: Backend> BlockScratch<B> {
+    pub(crate) fn new(
+        be: &B,
+        rows: usize,
+        cfg: &crate::model::ModelConfig,
+        rank: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            lora: be.alloc(rows * rank)?,
+            lora_up: None,
+            proj: be.alloc(rows * cfg.hidden_size)?,
+        })
+    }
 }
 
 /// Everything the backward pass reads.
@@ -100,7 +123,6 @@ impl<B: Backend> LayerActs<B> {
             act: next(),
             k_all: None,
             v_all: None,
-            lora_tmp_up: None,
         })
     }
 }
@@ -363,7 +385,7 @@ impl<B: Backend> Llama<B> {
             .map(|l| l.rank)
             .max()
             .unwrap_or(1);
-        let mut lora_tmp = be.alloc(rows * max_rank)?;
+        let mut scratch = BlockScratch::new(be, rows, cfg, max_rank)?;
         let mut recorded = Vec::new();
         let recompute = self.recompute;
         let mut checkpoints = Vec::new();
@@ -401,7 +423,7 @@ impl<B: Backend> Llama<B> {
                 use_lora,
                 dropout,
                 keep_acts,
-                &mut lora_tmp,
+                &mut scratch,
             )?;
             if let Some(h) = hook.filter(|h| h.index == li + 1) {
                 // x <- x + D x + b, and the next block's input norm again.
@@ -496,8 +518,13 @@ impl<B: Backend> Llama<B> {
         use_lora: bool,
         dropout: Option<LoraDropout>,
         record: bool,
-        lora_tmp: &mut B::Buf,
+        scratch: &mut BlockScratch<B>,
     ) -> Result<()> {
+        let BlockScratch {
+            lora: lora_tmp,
+            lora_up,
+            proj,
+        } = scratch;
         let cfg = &self.cfg;
         let be = &self.backend;
         let layer = &self.layers[li];
@@ -572,17 +599,16 @@ impl<B: Backend> Llama<B> {
         );
         be.kv_store(&a.k, &a.v, k_cache, v_cache, shape);
         be.attention(&a.q, k_cache, v_cache, key_mask, &mut a.att, shape);
-        let mut proj = be.alloc(rows * d)?;
         self.project(
             layer,
             LoraModule::O,
             lora(LoraModule::O),
             &a.att,
-            &mut proj,
+            proj,
             rows,
             lora_tmp,
         )?;
-        be.add_rmsnorm(x, &proj, &layer.mlp_norm, d, cfg.rms_eps, &mut a.xn2);
+        be.add_rmsnorm(x, proj, &layer.mlp_norm, d, cfg.rms_eps, &mut a.xn2);
         if record {
             a.h_mid = Some(clone_buf(be, x, rows, d)?);
         }
@@ -615,6 +641,7 @@ impl<B: Backend> Llama<B> {
                 a,
                 rows,
                 lora_tmp,
+                lora_up,
             )?;
         }
         self.project(
@@ -622,7 +649,7 @@ impl<B: Backend> Llama<B> {
             LoraModule::Down,
             lora(LoraModule::Down),
             &a.act,
-            &mut proj,
+            proj,
             rows,
             lora_tmp,
         )?;
@@ -630,7 +657,7 @@ impl<B: Backend> Llama<B> {
             .layers
             .get(li + 1)
             .map_or(&self.final_norm, |n| &n.attn_norm);
-        be.add_rmsnorm(x, &proj, next_norm, d, cfg.rms_eps, xn);
+        be.add_rmsnorm(x, proj, next_norm, d, cfg.rms_eps, xn);
         if record {
             a.k_all = Some(clone_buf(be, k_cache, rows, cfg.kv_dim())?);
             a.v_all = Some(clone_buf(be, v_cache, rows, cfg.kv_dim())?);
@@ -639,8 +666,9 @@ impl<B: Backend> Llama<B> {
     }
 
     /// `a.act = silu(gate) * up` from `a.xn2` through `Backend::gate_up_swiglu` (one launch at
-    /// decode on CUDA): the LoRA pairs' `x A^T` go to `tmp_gate` and `a.lora_tmp_up` first. No
+    /// decode on CUDA): the LoRA pairs' `x A^T` go to `tmp_gate` and `tmp_up` first. No
     /// dropout (inference only); `a.gate` and `a.up` are left unspecified.
+    #[allow(clippy::too_many_arguments)]
     fn gate_up_swiglu(
         &self,
         layer: &DeviceLayer<B>,
@@ -649,6 +677,7 @@ impl<B: Backend> Llama<B> {
         a: &mut LayerActs<B>,
         rows: usize,
         tmp_gate: &mut B::Buf,
+        tmp_up: &mut Option<B::Buf>,
     ) -> Result<()> {
         let be = &self.backend;
         let (d, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
@@ -658,10 +687,9 @@ impl<B: Backend> Llama<B> {
             }
             be.matmul(&a.xn2, &l.a, tmp_gate, rows, l.rank, d, 1.0, false);
         }
-        let mut tmp_up = a.lora_tmp_up.take();
         if let Some((l, _)) = lora_u {
             if tmp_up.as_ref().is_none_or(|t| be.len(t) != rows * l.rank) {
-                tmp_up = Some(be.alloc(rows * l.rank)?);
+                *tmp_up = Some(be.alloc(rows * l.rank)?);
             }
             let t = tmp_up.as_mut().expect("allocated above");
             be.matmul(&a.xn2, &l.a, t, rows, l.rank, d, 1.0, false);
@@ -682,7 +710,6 @@ impl<B: Backend> Llama<B> {
             ff,
             d,
         );
-        a.lora_tmp_up = tmp_up;
         Ok(())
     }
 
