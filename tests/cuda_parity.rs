@@ -1882,6 +1882,39 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// One prefill of `ids` on both engines, capturing `capture`: the relative L2 error of the
+/// GPU's logits (every position) and of each captured hidden state, by index.
+fn prefill_errors(
+    g: &CudaBackend,
+    cpu_model: &Llama<CpuBackend>,
+    gpu_model: &Llama<CudaBackend>,
+    ids: &[u32],
+    capture: &[usize],
+) -> (f32, Vec<(usize, f32)>) {
+    let mut cc = cpu_model.new_cache(1, ids.len()).unwrap();
+    let want = cpu_model
+        .forward(ids, 1, &mut cc, None, capture, LogitsMode::All)
+        .unwrap();
+    let mut gc = gpu_model.new_cache(1, ids.len()).unwrap();
+    let got = gpu_model
+        .forward(ids, 1, &mut gc, None, capture, LogitsMode::All)
+        .unwrap();
+    let logits = rel_l2(
+        &g.download(got.logits.as_ref().unwrap()).unwrap(),
+        want.logits.as_ref().unwrap(),
+    );
+    let hidden = got
+        .hidden
+        .iter()
+        .zip(&want.hidden)
+        .map(|((gi, gh), (wi, wh))| {
+            assert_eq!(gi, wi, "captured hidden states in the same order");
+            (*gi, rel_l2(&g.download(gh).unwrap(), wh))
+        })
+        .collect();
+    (logits, hidden)
+}
+
 /// bf16 activations against the f32 CPU engine: relative L2 error of logits and of every
 /// hidden state below 2e-2 (the bound); the f32 GPU mode must agree to 1e-4.
 #[test]
@@ -1895,27 +1928,14 @@ fn whole_model_logits_and_hidden_states_match_cpu() {
             let gb = g.clone().with_working_dtype(dtype);
             let gpu_model = gpu_model(&gb, &cfg, &w);
             for ids in prompts(cfg.vocab_size) {
-                let mut cc = cpu_model.new_cache(1, ids.len()).unwrap();
-                let want = cpu_model
-                    .forward(&ids, 1, &mut cc, None, &capture, LogitsMode::All)
-                    .unwrap();
-                let mut gc = gpu_model.new_cache(1, ids.len()).unwrap();
-                let got = gpu_model
-                    .forward(&ids, 1, &mut gc, None, &capture, LogitsMode::All)
-                    .unwrap();
-                let e = rel_l2(
-                    &gb.download(got.logits.as_ref().unwrap()).unwrap(),
-                    want.logits.as_ref().unwrap(),
-                );
+                let (e, hidden) = prefill_errors(&gb, &cpu_model, &gpu_model, &ids, &capture);
                 assert!(
                     e < bound,
                     "{} layers d{} {dtype:?} logits rel L2 {e}",
                     cfg.num_layers,
                     cfg.hidden_size
                 );
-                for ((gi, gh), (wi, wh)) in got.hidden.iter().zip(&want.hidden) {
-                    assert_eq!(gi, wi);
-                    let e = rel_l2(&gb.download(gh).unwrap(), wh);
+                for (gi, e) in hidden {
                     assert!(e < bound, "{dtype:?} hidden state {gi} rel L2 {e}");
                 }
             }
@@ -2274,23 +2294,10 @@ fn smollm2_matches_cpu() {
         for &text in prompts {
             let ids = m.tokenizer.encode(text, true).unwrap();
             let what = format!("SmolLM2 {dtype:?}, {} tokens of {text:?}", ids.len());
-            let mut cc = cpu_model.new_cache(1, ids.len()).unwrap();
-            let want = cpu_model
-                .forward(&ids, 1, &mut cc, None, &capture, LogitsMode::All)
-                .unwrap();
-            let mut gc = gpu_model.new_cache(1, ids.len()).unwrap();
-            let got = gpu_model
-                .forward(&ids, 1, &mut gc, None, &capture, LogitsMode::All)
-                .unwrap();
-            let e = rel_l2(
-                &gb.download(got.logits.as_ref().unwrap()).unwrap(),
-                want.logits.as_ref().unwrap(),
-            );
+            let (e, hidden) = prefill_errors(&gb, &cpu_model, &gpu_model, &ids, &capture);
             eprintln!("{what}: prefill logits rel L2 {e:.2e}");
             assert!(e < logit_bound, "{what}: prefill logits rel L2 {e}");
-            for ((gi, gh), (wi, wh)) in got.hidden.iter().zip(&want.hidden) {
-                assert_eq!(gi, wi);
-                let e = rel_l2(&gb.download(gh).unwrap(), wh);
+            for (gi, e) in hidden {
                 assert!(e < hidden_bound, "{what}: hidden state {gi} rel L2 {e}");
             }
         }
