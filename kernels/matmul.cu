@@ -26,6 +26,12 @@
 //       xa [M, rank] (= x_d A^T, computed first) and lb [N, rank] (= B) are side tensors (f32 or
 //       bf16 per flag). Saves decode the up-projection launch and a read-modify-write of out per
 //       adapted projection. Same grid as matvec_bf16.
+//   matvec_qkv_bf16
+//       the attention's three input projections at decode, M <= 8, in one launch: the warps of
+//       features [0, Nq) compute q = x wq^T, the next Nk k = x wk^T, the last Nv v = x wv^T,
+//       each with its own optional LoRA term (xa null: none) and out pointer, exactly as
+//       matvec_lora_bf16 would (scale 1, no accumulate). The three outputs share out_f32.
+//       grid = ceil((Nq + Nk + Nv) / 8), block = 256.
 //   matvec_swiglu_bf16
 //       the MLP's gate/up half at decode, M <= 8: act [M, N] = silu(x wg^T + LoRA_g) * (x wu^T +
 //       LoRA_u), each LoRA term optional (xa null) as in matvec_lora_bf16; one warp per feature
@@ -269,14 +275,14 @@ __device__ __forceinline__ float lora_dot(const void* __restrict__ xa, int xa_f3
 // With `xa` given, the LoRA up projection is fused in: out[i, n] gets
 // scale * x_i . w_n + lora_scale * xa_i . lb_n, rounded once, where xa [M, rank] = x_d A^T was
 // computed before and lb [N, rank] is B. The lanes of the warp split the rank.
-__device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                            void* __restrict__ out, int out_f32, int M, int N, int K, float scale,
-                                            int accumulate, const void* __restrict__ xa, int xa_f32,
-                                            const void* __restrict__ lb, int lb_f32, int rank, float lora_scale) {
+// `n` is warp-uniform: the whole warp computes feature n.
+__device__ __forceinline__ void matvec_row(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                           void* __restrict__ out, int out_f32, int M, int N, int K, float scale,
+                                           int accumulate, const void* __restrict__ xa, int xa_f32,
+                                           const void* __restrict__ lb, int lb_f32, int rank, float lora_scale,
+                                           int n) {
   constexpr int MAXM = 8;
   const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (n >= N) return;
   const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)n * K);
   const int packs = K >> 3;
   float acc[MAXM];
@@ -307,6 +313,15 @@ __device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf
       }
     }
   }
+}
+
+__device__ __forceinline__ void matvec_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                            void* __restrict__ out, int out_f32, int M, int N, int K, float scale,
+                                            int accumulate, const void* __restrict__ xa, int xa_f32,
+                                            const void* __restrict__ lb, int lb_f32, int rank, float lora_scale) {
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  matvec_row(x, w, out, out_f32, M, N, K, scale, accumulate, xa, xa_f32, lb, lb_f32, rank, lora_scale, n);
 }
 
 // The MLP's first half at decode: the warp of feature n streams row n of both wg and wu once
@@ -504,6 +519,28 @@ extern "C" __global__ void __launch_bounds__(256)
                      int M, int N, int K, float scale, int accumulate, const void* __restrict__ xa, int xa_f32,
                      const void* __restrict__ lb, int lb_f32, int rank, float lora_scale) {
   matvec_impl(x, w, out, out_f32, M, N, K, scale, accumulate, xa, xa_f32, lb, lb_f32, rank, lora_scale);
+}
+
+// One projection of matvec_qkv_bf16: its weight, output, feature count and LoRA term.
+#define QKV_PARAMS(P)                                                                                    \
+  const bf16 *__restrict__ w##P, void *__restrict__ out##P, int N##P, const void *__restrict__ xa##P, \
+      int xa##P##_f32, const void *__restrict__ lb##P, int lb##P##_f32, int rank##P, float scale##P
+#define QKV_ROW(P, n)                                                                                          \
+  matvec_row(x, w##P, out##P, out_f32, M, N##P, K, 1.0f, 0, xa##P, xa##P##_f32, lb##P, lb##P##_f32, rank##P, \
+             scale##P, n)
+
+extern "C" __global__ void __launch_bounds__(256)
+    matvec_qkv_bf16(const bf16* __restrict__ x, int out_f32, int M, int K, QKV_PARAMS(q), QKV_PARAMS(k),
+                    QKV_PARAMS(v)) {
+  // Warp-uniform: each warp owns one feature of one of the three projections.
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n < Nq) {
+    QKV_ROW(q, n);
+  } else if (n < Nq + Nk) {
+    QKV_ROW(k, n - Nq);
+  } else if (n < Nq + Nk + Nv) {
+    QKV_ROW(v, n - Nq - Nk);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(256)

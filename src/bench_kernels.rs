@@ -231,15 +231,18 @@ fn cases<'a, B: OpTimer>(
             run: Box::new(move || be.rmsnorm(&x, &w, d, 1e-5, &mut o)),
             vendor: None,
         });
-        let mut res = up(t * d, &mut rng)?;
-        let delta = up(t * d, &mut rng)?;
+        // The model's residual stream is f32 (llama::forward::clone_f32): the residual read
+        // and written and the projection output added to it in f32, the normed row written in
+        // the working precision.
+        let mut res = be.upload_f32(&random(t * d, &mut rng, 1.0))?;
+        let delta = be.upload_f32(&random(t * d, &mut rng, 1.0))?;
         let w = be.upload_f32(&random(d, &mut rng, 1.0))?;
         let mut o = be.alloc(t * d)?;
         out.push(Case {
             op: "add_rmsnorm",
-            shape: format!("[{t}, {d}]"),
+            shape: format!("[{t}, {d}] f32 residual"),
             flops: 5.0 * (t * d) as f64,
-            bytes: 4.0 * (t * d) as f64 * wb,
+            bytes: (12.0 + wb) * (t * d) as f64,
             run: Box::new(move || be.add_rmsnorm(&mut res, &delta, &w, d, 1e-5, &mut o)),
             vendor: None,
         });
@@ -272,6 +275,34 @@ fn cases<'a, B: OpTimer>(
             bytes: ((m * k + n * k + m * n) as f64) * wb,
             run: Box::new(move || be.matmul(&x, &w, &mut o.borrow_mut(), m, n, k, 1.0, false)),
             vendor,
+        });
+    }
+    // The decode step's q, k and v projections as one op (`Backend::qkv_proj`: one launch on
+    // the CUDA decode path, three elsewhere).
+    {
+        let x = up(d, &mut rng)?;
+        let ns = [qd, kvd, kvd];
+        let ws = ns
+            .iter()
+            .map(|&n| be.upload(&random(n * d, &mut rng, 0.02)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut outs = ns
+            .iter()
+            .map(|&n| be.alloc(n))
+            .collect::<Result<Vec<_>>>()?;
+        let n = qd + 2 * kvd;
+        out.push(Case {
+            op: "matvec qkv (decode)",
+            shape: format!("[1, {d}] x [{qd} + {kvd} + {kvd}, {d}]^T"),
+            flops: 2.0 * (n * d) as f64,
+            bytes: ((d + n * d + n) as f64) * wb,
+            run: Box::new(move || {
+                let [q, k, v] = &mut outs[..] else {
+                    unreachable!("three outputs")
+                };
+                be.qkv_proj(&x, [&ws[0], &ws[1], &ws[2]], [None; 3], [q, k, v], 1, ns, d)
+            }),
+            vendor: None,
         });
     }
     // The backward's dX = dY W through the down projection (W [d, ff]).

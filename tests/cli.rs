@@ -665,6 +665,7 @@ fn bench_kernels_times_every_op_against_its_floor() {
         "embedding",
         "rmsnorm",
         "matmul square",
+        "matvec qkv (decode)",
         "gemm dX = dY W (down)",
         "attention prefill",
         "attention_bwd",

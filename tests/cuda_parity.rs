@@ -186,6 +186,10 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         ("pgd_step".into(), "ppipppiifffif"),
         ("kl_retain".into(), "pipipiffppi"),
         ("target_ce".into(), "piipppppi"),
+        // x, out_f32, M, K, then (w, out, N, xa, xa_f32, lb, lb_f32, rank, scale) for q, k, v.
+        ("matvec_qkv_bf16".into(), "piiippipipiifppipipiifppipipiif"),
+        ("rmsnorm_f32_bf16".into(), "ppipif"),
+        ("add_rmsnorm_f32_bf16".into(), "pppipif"),
     ];
     for d in ["bf16", "f32"] {
         expected.extend([
@@ -313,21 +317,34 @@ fn gather_rows_matches_cpu_and_leaves_other_rows_alone() {
     }
 }
 
+/// The residual stream's (and the delta added to it) and the normed activations' storage: both
+/// bf16, both f32, or the model's forward on the GPU, an f32 stream normed into bf16
+/// activations (`_f32_bf16` entry points).
+fn residual_and_activation_dtypes() -> [(DType, DType); 3] {
+    [
+        (DType::BF16, DType::BF16),
+        (DType::F32, DType::F32),
+        (DType::F32, DType::BF16),
+    ]
+}
+
 #[test]
 fn rmsnorm_and_fused_add_match_cpu() {
     let Some(g) = gpu() else { return };
     // (rows, dim): smollm2 width, llama width, odd width (scalar path), tiny.
     for (rows, dim) in [(3, 576), (2, 4096), (5, 37), (9, 8)] {
-        for dtype in dtypes() {
+        for (res_dtype, dtype) in residual_and_activation_dtypes() {
             for w_dtype in [DType::F32, DType::BF16] {
-                let tol = tol_for(dtype);
-                let x = random(rows * dim, 4, 2.0, dtype);
+                // The residual is compared in its own precision: an f32 stream that were
+                // rounded to bf16 anywhere would miss F32_OUT by ~2^-9 relative.
+                let (res_tol, tol) = (tol_for(res_dtype), tol_for(dtype));
+                let x = random(rows * dim, 4, 2.0, res_dtype);
                 let w: Vec<f32> = random(dim, 5, 0.5, w_dtype)
                     .iter()
                     .map(|v| round_to(1.0 + v, w_dtype))
                     .collect();
-                let (xg, wg) = (up(&g, &x, dtype), up(&g, &w, w_dtype));
-                let what = format!("rmsnorm {rows}x{dim} {dtype:?} w {w_dtype:?}");
+                let (xg, wg) = (up(&g, &x, res_dtype), up(&g, &w, w_dtype));
+                let what = format!("rmsnorm {rows}x{dim} {res_dtype:?} -> {dtype:?} w {w_dtype:?}");
 
                 let mut out = poisoned(&g, rows * dim, dtype);
                 g.rmsnorm(&xg, &wg, dim, 1e-5, &mut out);
@@ -335,10 +352,17 @@ fn rmsnorm_and_fused_add_match_cpu() {
                 cpu::rmsnorm::rmsnorm_fwd(&x, &w, dim, 1e-5, &mut want);
                 assert_close(&what, &g.download(&out).unwrap(), &want, tol);
 
-                let delta = random(rows * dim, 6, 1.0, dtype);
-                let mut res = up(&g, &x, dtype);
+                let delta = random(rows * dim, 6, 1.0, res_dtype);
+                let mut res = up(&g, &x, res_dtype);
                 let mut out = poisoned(&g, rows * dim, dtype);
-                g.add_rmsnorm(&mut res, &up(&g, &delta, dtype), &wg, dim, 1e-5, &mut out);
+                g.add_rmsnorm(
+                    &mut res,
+                    &up(&g, &delta, res_dtype),
+                    &wg,
+                    dim,
+                    1e-5,
+                    &mut out,
+                );
                 let mut want_res = x.clone();
                 let mut want = vec![0.0; rows * dim];
                 cpu::rmsnorm::add_rmsnorm_fwd(&mut want_res, &delta, &w, dim, 1e-5, &mut want);
@@ -346,7 +370,7 @@ fn rmsnorm_and_fused_add_match_cpu() {
                     &format!("add_{what}: residual"),
                     &g.download(&res).unwrap(),
                     &want_res,
-                    tol,
+                    res_tol,
                 );
                 assert_close(
                     &format!("add_{what}: out"),
@@ -564,6 +588,112 @@ fn gate_up_swiglu_matches_cpu_fused_and_not() {
                     &act,
                     tol,
                 );
+            }
+        }
+    }
+    assert_eq!(fused, 3 * 4 * 2, "three shapes take the fused GEMV");
+}
+
+/// The attention's q/k/v projections as one op: one decode GEMV launch (`matvec_qkv_bf16`)
+/// for m <= 8, each projection with or without its own LoRA term (ranks differing, xa in f32
+/// or bf16); the default steps otherwise. Every output poisoned first, so a feature range the
+/// fused grid misses fails; the launch counter shows one launch when fused, three without LoRA
+/// otherwise.
+#[test]
+fn qkv_proj_matches_cpu_fused_and_not() {
+    let Some(g) = gpu() else { return };
+    let shapes: &[(usize, [usize; 3], usize)] = &[
+        (1, [576, 192, 192], 576), // SmolLM2's decode
+        (3, [37, 5, 21], 72),      // odd widths, uneven split of the grid
+        (8, [8, 8, 16], 8),        // GEMV m limit, one warp of features per projection
+        (9, [100, 20, 20], 64),    // tensor cores: not fused
+    ];
+    let mut fused = 0;
+    for &(m, n, k) in shapes {
+        // (which projections carry LoRA, their ranks)
+        for (with, ranks) in [
+            ([false; 3], [0; 3]),
+            ([true; 3], [16, 8, 40]),
+            ([false, true, false], [0, 5, 0]),
+            ([true, false, true], [3, 0, 33]),
+        ] {
+            for od in [DType::BF16, DType::F32] {
+                let x = random(m * k, 41, 1.0, DType::BF16);
+                let w: Vec<Vec<f32>> = (0..3)
+                    .map(|j| random(n[j] * k, 42 + j as u64, 1.0, DType::BF16))
+                    .collect();
+                // xa alternates f32 / bf16 storage across the projections.
+                let xa_dtype = |j: usize| if j == 1 { DType::BF16 } else { DType::F32 };
+                let xa: Vec<Vec<f32>> = (0..3)
+                    .map(|j| random(m * ranks[j], 45 + j as u64, 1.0, xa_dtype(j)))
+                    .collect();
+                let b: Vec<Vec<f32>> = (0..3)
+                    .map(|j| random(n[j] * ranks[j], 48 + j as u64, 0.5, DType::F32))
+                    .collect();
+                let term = |j: usize| with[j].then_some((&xa[j], &b[j], ranks[j], 0.75f32));
+                let mut want: Vec<Vec<f32>> = (0..3).map(|j| vec![0.0; m * n[j]]).collect();
+                {
+                    let [wq, wk, wv] = &mut want[..] else {
+                        unreachable!()
+                    };
+                    CpuBackend.qkv_proj(
+                        &x,
+                        [&w[0], &w[1], &w[2]],
+                        [term(0), term(1), term(2)],
+                        [wq, wk, wv],
+                        m,
+                        n,
+                        k,
+                    );
+                }
+                let gw: Vec<CudaBuf> = w.iter().map(|w| up(&g, w, DType::BF16)).collect();
+                let gxa: Vec<CudaBuf> = (0..3).map(|j| up(&g, &xa[j], xa_dtype(j))).collect();
+                let gb: Vec<CudaBuf> = b.iter().map(|b| up(&g, b, DType::F32)).collect();
+                let gterm = |j: usize| with[j].then_some((&gxa[j], &gb[j], ranks[j], 0.75f32));
+                let mut outs: Vec<CudaBuf> = (0..3).map(|j| poisoned(&g, m * n[j], od)).collect();
+                let is_fused =
+                    g.matmul_kernel(m, n[0], k, DType::BF16, DType::BF16) == MatmulKernel::Matvec;
+                fused += is_fused as usize;
+                let gx = up(&g, &x, DType::BF16);
+                let n0 = g.launches();
+                {
+                    let [oq, ok, ov] = &mut outs[..] else {
+                        unreachable!()
+                    };
+                    g.qkv_proj(
+                        &gx,
+                        [&gw[0], &gw[1], &gw[2]],
+                        [gterm(0), gterm(1), gterm(2)],
+                        [oq, ok, ov],
+                        m,
+                        n,
+                        k,
+                    );
+                }
+                let launches = g.launches() - n0;
+                if is_fused {
+                    assert_eq!(launches, 1, "m{m}: q, k and v in one launch");
+                } else if with == [false; 3] {
+                    assert_eq!(launches, 3, "m{m}: three GEMMs");
+                }
+                for j in 0..3 {
+                    let r = ranks[j];
+                    let base = tol_for(od);
+                    let tol = Tol {
+                        atol: base.atol.max(2e-6) * ((k + r) as f32).sqrt(),
+                        rtol: base.rtol,
+                    };
+                    assert_close(
+                        &format!(
+                            "qkv_proj {} m{m} n{:?} k{k} lora {with:?} r{ranks:?} -> {od:?}",
+                            ["q", "k", "v"][j],
+                            n
+                        ),
+                        &g.download(&outs[j]).unwrap(),
+                        &want[j],
+                        tol,
+                    );
+                }
             }
         }
     }
@@ -2073,7 +2203,9 @@ fn decode_launches_per_token_follow_the_model_structure() {
                 // gate, up and SwiGLU: one fused GEMV in bf16, three launches in f32 storage
                 // (the decode GEMV needs bf16 operands).
                 let mlp_in = if dtype == DType::BF16 { 1 } else { 3 };
-                let block = 3 + bias + 2 + 1 + attention + 1 + 1 + mlp_in + 1 + 1 + extra;
+                // q, k and v: one fused GEMV in bf16, three launches in f32 storage.
+                let qkv = if dtype == DType::BF16 { 1 } else { 3 };
+                let block = qkv + bias + 2 + 1 + attention + 1 + 1 + mlp_in + 1 + 1 + extra;
                 2 + layers * block + 2 + 1
             })
             .collect()
@@ -2093,10 +2225,10 @@ fn decode_launches_per_token_follow_the_model_structure() {
             expected(&be, dtype, short.len(), 0),
             "{dtype:?}: launches per decode token"
         );
-        // 3 blocks: 2 + 3 x 15 + 3 = 50 launches per token in bf16, 2 + 3 x 17 + 3 = 56 in f32.
+        // 3 blocks: 2 + 3 x 13 + 3 = 44 launches per token in bf16, 2 + 3 x 17 + 3 = 56 in f32.
         assert_eq!(
             plain[0],
-            if dtype == DType::BF16 { 50 } else { 56 },
+            if dtype == DType::BF16 { 44 } else { 56 },
             "{dtype:?}"
         );
         if dtype == DType::BF16 {
@@ -2104,7 +2236,7 @@ fn decode_launches_per_token_follow_the_model_structure() {
             // prefill is slow on the emulator, and the plan does not depend on the dtype).
             let split = per_token(&be, &model, &long);
             assert_eq!(split, expected(&be, dtype, long.len(), 0), "{dtype:?}");
-            assert_eq!(split[0], 53, "{dtype:?}");
+            assert_eq!(split[0], 47, "{dtype:?}");
         }
         model.attach_lora(&adapter).unwrap();
         let extra = 7 * per_module;
@@ -2178,19 +2310,32 @@ fn top2_gap(logits: &[f32]) -> f32 {
 /// have such near-ties every few dozen steps, real ones rarely.
 const NEAR_TIE: f32 = 0.03;
 
+/// What [`greedy_against_cpu`] saw along the CPU's tokens.
+struct GreedyRun {
+    /// Steps whose GPU pick (teacher-forced) was the CPU's token.
+    same_picks: usize,
+    /// Steps whose CPU top two were a bf16 near-tie, with the gap.
+    ties: Vec<(usize, f32)>,
+    /// Largest relative L2 error of a step's logits.
+    worst_step: f32,
+}
+
 /// `n` greedy tokens after `ids` on both engines. Along the CPU's tokens (teacher-forced into
-/// both), every step's logits agree to 2e-2 relative L2 and the GPU picks the same token unless
-/// the CPU's top two are a bf16 near-tie; `generate` on the GPU reproduces the CPU's tokens up
-/// to the first such tie, and all of them when `strict` (which then also requires no tie).
+/// both), every step's logits agree to `step_bound` relative L2 and the GPU picks the same token
+/// unless the CPU's top two are a bf16 near-tie; `generate` on the GPU reproduces the CPU's
+/// tokens up to the first such tie, and all of them when `strict` (which then also requires no
+/// tie).
+#[allow(clippy::too_many_arguments)]
 fn greedy_against_cpu(
     g: &CudaBackend,
     cpu_model: &Llama<CpuBackend>,
     gpu_model: &Llama<CudaBackend>,
     ids: &[u32],
     n: usize,
+    step_bound: f32,
     strict: bool,
     what: &str,
-) {
+) -> GreedyRun {
     let vocab = cpu_model.cfg.vocab_size;
     let opts = GenerateOptions {
         max_new_tokens: n,
@@ -2202,7 +2347,11 @@ fn greedy_against_cpu(
     let mut cc = cpu_model.new_cache(1, ids.len() + n).unwrap();
     let mut gc = gpu_model.new_cache(1, ids.len() + n).unwrap();
     let mut input = ids.to_vec();
-    let mut first_tie = None;
+    let mut run = GreedyRun {
+        same_picks: 0,
+        ties: vec![],
+        worst_step: 0.0,
+    };
     for (step, &tok) in want.iter().enumerate() {
         let c = cpu_model
             .forward(&input, 1, &mut cc, None, &[], LogitsMode::Last)
@@ -2216,53 +2365,44 @@ fn greedy_against_cpu(
             .unwrap();
         let gl = g.download(&gl_buf).unwrap();
         let e = rel_l2(&gl, &c);
-        assert!(e < 2e-2, "{what}: step {step} logits rel L2 {e}");
+        assert!(e < step_bound, "{what}: step {step} logits rel L2 {e}");
+        run.worst_step = run.worst_step.max(e);
         let gap = top2_gap(&c);
         let pick = g.argmax_rows(&gl_buf, vocab).unwrap()[0];
-        if pick != tok {
+        if pick == tok {
+            run.same_picks += 1;
+        } else {
             assert!(
                 gap < NEAR_TIE,
                 "{what}: step {step}: GPU picks {pick}, CPU {tok} with a clear gap of {gap} RMS"
             );
         }
-        if gap < NEAR_TIE && first_tie.is_none() {
-            first_tie = Some(step);
+        if gap < NEAR_TIE {
+            run.ties.push((step, gap));
         }
         input = vec![tok];
     }
-    let agree = first_tie.unwrap_or(want.len());
+    let agree = run.ties.first().map_or(want.len(), |t| t.0);
     assert_eq!(
         got[..agree],
         want[..agree],
         "{what}: generate diverged before any near-tie"
     );
     if strict {
-        assert_eq!(
-            first_tie, None,
-            "{what}: the strict model has a near-tie; pick another seed"
+        assert!(
+            run.ties.is_empty(),
+            "{what}: the strict model has near-ties {:?}; pick another seed",
+            run.ties
         );
         assert_eq!(got, want, "{what}: greedy tokens");
     }
+    run
 }
 
-/// SmolLM2-135M-Instruct itself, from `$REPSHIELD_SMOLLM2` or the model cache (skipped with the
-/// reason when neither has it: the GGUF is not carried to GPU machines, which cannot fetch),
-/// its weights rounded to bf16 on both sides: the prefill's logits at every position and all 31
-/// captured hidden states against the CPU engine.
-///
-/// - f32 storage, the first prompt: within 1e-4 relative L2 (measured 4.6e-6): the kernels
-///   compute the model.
-/// - bf16 storage, three prompts: logits within 4e-2 and hidden states within 7e-2 (measured
-///   on the emulator: logits 1.6-3.1e-2 over all positions, hidden states up to 5.4e-2 at
-///   layer 10). That misses the 2e-2 that the tiny and 4-layer models meet: every activation,
-///   the residual stream included, is stored in bf16 (2^-9 relative per store), and over 30
-///   blocks the roundings add up; the f32 figures show they are rounding, not a kernel error.
-///   The last position alone is worse (7.2e-2 on the first prompt), so greedy tokens are not
-///   checked here: docs/CUDA.md records the measured agreement, and an f32 residual stream is
-///   the fix it names.
-#[test]
-fn smollm2_matches_cpu() {
-    let Some(g) = gpu() else { return };
+/// SmolLM2-135M-Instruct from `$REPSHIELD_SMOLLM2` or the model cache, its weights rounded to
+/// bf16 on both sides; `None` (with the reason printed) when neither has it: the GGUF is not
+/// carried to GPU machines, which cannot fetch.
+fn smollm2_bf16() -> Option<repshield::model::LoadedModel> {
     let path = std::env::var_os("REPSHIELD_SMOLLM2")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(repshield::model::fetch::smollm2_cache_path);
@@ -2271,10 +2411,27 @@ fn smollm2_matches_cpu() {
             "skipping: SmolLM2 is not at {} (`repshield fetch smollm2` puts it there)",
             path.display()
         );
-        return;
+        return None;
     }
     let mut m = repshield::model::load_model_path(&path).unwrap();
     round_weights_to_bf16(&mut m.weights);
+    Some(m)
+}
+
+/// SmolLM2-135M-Instruct itself: the prefill's logits at every position and all 31 captured
+/// hidden states against the CPU engine.
+///
+/// - f32 storage, the first prompt: within 1e-4 relative L2 (measured 4.6e-6): the kernels
+///   compute the model.
+/// - bf16 storage, three prompts: logits and hidden states within 2e-2 (measured on the
+///   emulator: logits 1.13e-2, 6.5e-3 and 1.63e-2, hidden states at worst 1.70e-2). That needs
+///   the residual stream in f32 (`llama::forward::clone_f32`): stored in bf16 like the other
+///   activations, its roundings added up over the 30 blocks to logits 1.6-3.1e-2 and hidden
+///   states up to 5.4e-2.
+#[test]
+fn smollm2_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let Some(m) = smollm2_bf16() else { return };
     let cfg = m.config.clone();
     let cpu_model = Llama::new(CpuBackend, &cfg, &m.weights).unwrap();
     let capture: Vec<usize> = (0..=cfg.num_layers).collect();
@@ -2287,7 +2444,7 @@ fn smollm2_matches_cpu() {
     // bf16, what runs by default: all three prompts.
     for (dtype, prompts, logit_bound, hidden_bound) in [
         (DType::F32, &texts[..1], 1e-4f32, 1e-4f32),
-        (DType::BF16, &texts[..], 4e-2, 7e-2),
+        (DType::BF16, &texts[..], 2e-2, 2e-2),
     ] {
         let gb = g.clone().with_working_dtype(dtype);
         let gpu_model = gpu_model(&gb, &cfg, &m.weights);
@@ -2295,12 +2452,64 @@ fn smollm2_matches_cpu() {
             let ids = m.tokenizer.encode(text, true).unwrap();
             let what = format!("SmolLM2 {dtype:?}, {} tokens of {text:?}", ids.len());
             let (e, hidden) = prefill_errors(&gb, &cpu_model, &gpu_model, &ids, &capture);
-            eprintln!("{what}: prefill logits rel L2 {e:.2e}");
+            let worst = hidden
+                .iter()
+                .copied()
+                .fold((0, 0.0f32), |a, b| if b.1 > a.1 { b } else { a });
+            eprintln!(
+                "{what}: prefill logits rel L2 {e:.2e}, worst hidden state {} at {:.2e}",
+                worst.0, worst.1
+            );
             assert!(e < logit_bound, "{what}: prefill logits rel L2 {e}");
             for (gi, e) in hidden {
                 assert!(e < hidden_bound, "{what}: hidden state {gi} rel L2 {e}");
             }
         }
+    }
+}
+
+/// SmolLM2 in bf16 storage decodes the CPU engine's greedy tokens: the three chat-templated
+/// prompts of tests/fixtures/smollm2_parity.json (transformers' ids), 16 new tokens each.
+/// Teacher-forced along the CPU's tokens, the GPU picks the CPU's token at every step whose
+/// top two are not a bf16 near-tie, and `generate` on the GPU gives the CPU's tokens up to the
+/// first near-tie. A single position's logits are noisier than the prefill's average (measured
+/// on the emulator: 0.2-4.1e-2 per step, the worst a confident step with a 3.2 RMS gap), hence
+/// 5e-2 per step against the prefill's 2e-2.
+///
+/// Measured on the emulator: all 48 teacher-forced picks identical except the first prompt's
+/// first token, a near-tie (its top two are 0.013 logit RMS apart) that the GPU resolves to the
+/// other candidate, after which `generate` follows that token; the second and third prompts
+/// generate the CPU's 16 tokens exactly.
+#[test]
+fn smollm2_greedy_tokens_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let Some(m) = smollm2_bf16() else { return };
+    let cpu_model = Llama::new(CpuBackend, &m.config, &m.weights).unwrap();
+    let gpu_model = gpu_model(&g, &m.config, &m.weights);
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/smollm2_parity.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let cases = fx["cases"].as_array().expect("parity cases");
+    assert_eq!(cases.len(), 3, "three parity prompts");
+    for case in cases {
+        let ids: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let what = format!("SmolLM2 bf16, {:?}", case["prompt"].as_str().unwrap());
+        let run = greedy_against_cpu(&g, &cpu_model, &gpu_model, &ids, 16, 5e-2, false, &what);
+        eprintln!(
+            "{what}: {} of 16 teacher-forced picks identical, near-ties {:?}, worst step \
+             logits rel L2 {:.2e}",
+            run.same_picks, run.ties, run.worst_step
+        );
     }
 }
 
@@ -2331,7 +2540,7 @@ fn greedy_decode_matches_cpu_and_gpu_is_deterministic() {
                 cfg.tie_embeddings,
                 ids.len()
             );
-            greedy_against_cpu(&g, &cpu_model, &gpu_model, &ids, 16, strict, &what);
+            greedy_against_cpu(&g, &cpu_model, &gpu_model, &ids, 16, 2e-2, strict, &what);
         }
         let ids = &prompts(cfg.vocab_size)[2];
         let run = || {

@@ -146,11 +146,14 @@ def main():
         return opt.step
 
     def add_rmsnorm_case():
-        res, delta, w = rnd(t, d), rnd(t, d), rnd(d)
+        # repshield keeps the residual stream (and the projection outputs added to it) in f32
+        # and writes the normed row in the working dtype: the same work here.
+        f32 = torch.float32
+        res, delta, w = rnd(t, d, dtype=f32), rnd(t, d, dtype=f32), rnd(d, dtype=f32)
 
         def run():
             res.add_(delta)
-            return F.rms_norm(res, (d,), w, 1e-5)
+            return F.rms_norm(res, (d,), w, 1e-5).to(dt)
 
         return run
 
@@ -165,6 +168,8 @@ def main():
         "matmul gate+up": lambda: gemm_case(t, 2 * ff, d),
         "matmul down": lambda: gemm_case(t, d, ff),
         "matvec down (decode)": lambda: gemm_case(1, d, ff),
+        # One GEMV over the concatenated q/k/v weights: what repshield's one launch does.
+        "matvec qkv (decode)": lambda: gemm_case(1, qd + 2 * kvd, d),
         "matmul square": lambda: gemm_case(sq, sq, sq),
         "gemm dX = dY W (down)": lambda: (lambda dy, w: lambda: dy @ w)(rnd(t, d), rnd(d, ff, scale=0.02)),
         "rope (q)": rope_case,

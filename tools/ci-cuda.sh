@@ -49,9 +49,13 @@ emu="$(bash tools/cuda-emu/build.sh)"
 # The first pass carves tensors from group allocations as a GPU run does; the second gives
 # every buffer its own allocation (REPSHIELD_CUDA_SEPARATE=1), so the emulator's canaries
 # guard each tensor and a write past one is named instead of landing in its neighbour.
-for pass in "forward 0" "reverse 1"; do
+# SmolLM2's greedy decode (48 decode steps of a 30-block model on each engine, about 5 minutes
+# here) runs in the first pass only: it adds no kernel the rest of the suite does not run.
+for pass in "forward 0" "reverse 1 --skip smollm2_greedy_tokens_match_cpu"; do
   set -- $pass
-  echo "-- cuda_parity on the emulator, thread order: $1, separate allocations: $2"
-  LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" REPSHIELD_EMU_ORDER="$1" \
-    REPSHIELD_CUDA_SEPARATE="$2" cargo test --release --features cuda --test cuda_parity
+  order="$1" separate="$2"
+  shift 2
+  echo "-- cuda_parity on the emulator, thread order: $order, separate allocations: $separate $*"
+  LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" REPSHIELD_EMU_ORDER="$order" \
+    REPSHIELD_CUDA_SEPARATE="$separate" cargo test --release --features cuda --test cuda_parity -- "$@"
 done

@@ -125,6 +125,31 @@ pub fn gate_up_swiglu_steps<B: Backend + ?Sized>(
     be.swiglu(gate, up, act);
 }
 
+/// A LoRA term of a projection as the fused projection ops take it: `(xa, b, rank, scale)`
+/// with `xa = x_d A^T` computed first, added as `scale * xa b^T` (`Backend::matmul_lora`).
+pub type LoraTerm<'a, Buf> = Option<(&'a Buf, &'a Buf, usize, f32)>;
+
+/// `Backend::qkv_proj`'s default: three `matmul` / `matmul_lora` calls. Backends that fuse only
+/// some shapes run this for the rest.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_proj_steps<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    w: [&B::Buf; 3],
+    lora: [LoraTerm<B::Buf>; 3],
+    out: [&mut B::Buf; 3],
+    m: usize,
+    n: [usize; 3],
+    k: usize,
+) {
+    for (((w, lora), out), n) in w.into_iter().zip(lora).zip(out).zip(n) {
+        match lora {
+            Some((xa, b, rank, scale)) => be.matmul_lora(x, w, xa, b, out, m, n, k, rank, scale),
+            None => be.matmul(x, w, out, m, n, k, 1.0, false),
+        }
+    }
+}
+
 /// `Backend::sample_top_p_rows`' preconditions, shared by every implementation.
 pub fn check_top_p_args(
     len: usize,
@@ -323,6 +348,24 @@ pub trait Backend {
         k: usize,
     ) {
         gate_up_swiglu_steps(self, x, wg, wu, lora_g, lora_u, gate, up, act, m, n, k)
+    }
+    /// The attention's input projections: `out[j] = x w[j]^T` for j = q, k, v (`x [m, k]`,
+    /// `w[j] [n[j], k]`), each plus an optional LoRA term as in `matmul_lora`. The default runs
+    /// the three projections one after the other; a backend may run them as one launch (the
+    /// CUDA decode GEMV does at decode, where the three are otherwise three launches that each
+    /// stream little more than a few KiB of weights per SM).
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_proj(
+        &self,
+        x: &Self::Buf,
+        w: [&Self::Buf; 3],
+        lora: [LoraTerm<Self::Buf>; 3],
+        out: [&mut Self::Buf; 3],
+        m: usize,
+        n: [usize; 3],
+        k: usize,
+    ) {
+        qkv_proj_steps(self, x, w, lora, out, m, n, k)
     }
     /// `x[r] += bias` per row of width `bias.len()` (`bias` a side tensor).
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf);

@@ -1,7 +1,7 @@
 //! Backward pass, written by hand in reverse order of `forward.rs`. Gradients flow to the LoRA
 //! factors and to the input embeddings; frozen weights get no gradient buffers.
 
-use super::forward::{clone_buf, dropout_input, Activations, LayerActs};
+use super::forward::{clone_f32, dropout_input, Activations, LayerActs};
 use super::lora::{LoraDropout, LoraModule};
 use super::model::{DeviceLayer, Llama};
 use crate::backend::{AttnShape, BackwardOps};
@@ -338,7 +338,7 @@ impl<B: BackwardOps> Llama<B> {
         let cfg = &self.cfg;
         let rows = shape.batch * shape.q_len;
         let d = cfg.hidden_size;
-        let mut x = clone_buf(be, h_in, rows, d)?;
+        let mut x = clone_f32(be, h_in, rows, d)?;
         let mut xn = be.alloc(rows * d)?;
         be.rmsnorm(&x, &self.layers[li].attn_norm, d, cfg.rms_eps, &mut xn);
         let mut a = LayerActs::new(be, rows, cfg)?;

@@ -57,9 +57,9 @@ pub struct LayerActs<B: Backend> {
 /// residual add.
 pub(crate) struct BlockScratch<B: Backend> {
     pub lora: B::Buf,
-    /// The up projection's `x A^T` when gate and up run as one op (`Backend::gate_up_swiglu`;
-    /// the gate's goes to `lora`), allocated on first use.
-    pub lora_up: Option<B::Buf>,
+    /// The other projections' `x A^T` when several run as one op (`Backend::qkv_proj`: k and
+    /// v; `Backend::gate_up_swiglu`: up; the first one's goes to `lora`), allocated on first use.
+    pub lora_more: [Option<B::Buf>; 2],
     pub proj: B::Buf,
 }
 
@@ -72,8 +72,9 @@ impl<B: Backend> BlockScratch<B> {
     ) -> Result<Self> {
         Ok(Self {
             lora: be.alloc(rows * rank)?,
-            lora_up: None,
-            proj: be.alloc(rows * cfg.hidden_size)?,
+            lora_more: [None, None],
+            // f32 like the residual stream it is added to (clone_f32).
+            proj: be.alloc_f32(rows * cfg.hidden_size)?,
         })
     }
 }
@@ -83,7 +84,7 @@ pub struct Activations<B: Backend> {
     pub batch: usize,
     pub seq: usize,
     pub layers: Vec<LayerActs<B>>,
-    /// Residual after the last block (input of the final norm).
+    /// Residual after the last block (input of the final norm), in the working precision.
     pub h_last: B::Buf,
     /// Final-normed stream (hidden-state index L).
     pub xn_final: B::Buf,
@@ -127,6 +128,15 @@ impl<B: Backend> LayerActs<B> {
     }
 }
 
+/// A LoRA pair's term for a fused projection op: its `x A^T` (`xa`, computed when the pair is
+/// there) and B, rank and scale.
+fn lora_term<'a, B: Backend>(
+    lora: Option<(&'a super::model::DeviceLora<B>, Option<LoraDropout>)>,
+    xa: Option<&'a B::Buf>,
+) -> crate::backend::LoraTerm<'a, B::Buf> {
+    lora.map(|(l, _)| (xa.expect("down projection ran"), &l.b, l.rank, l.scale))
+}
+
 /// `x * keep / (1 - p)` under `d`'s mask, in a new buffer of `x`'s precision.
 pub(crate) fn dropout_input<B: Backend>(be: &B, x: &B::Buf, d: LoraDropout) -> Result<B::Buf> {
     let mut out = be.alloc(be.len(x))?;
@@ -134,14 +144,40 @@ pub(crate) fn dropout_input<B: Backend>(be: &B, x: &B::Buf, d: LoraDropout) -> R
     Ok(out)
 }
 
-/// A copy of `src` (`rows` rows of width `dim`).
+/// A copy of `src` (`rows` rows of width `dim`) in the working precision.
 pub(crate) fn clone_buf<B: Backend>(
     be: &B,
     src: &B::Buf,
     rows: usize,
     dim: usize,
 ) -> Result<B::Buf> {
-    let mut out = be.alloc(rows * dim)?;
+    copy_rows(be, src, rows, dim, be.alloc(rows * dim)?)
+}
+
+/// A copy of `src` in f32 storage: the residual stream's precision.
+///
+/// The residual stream (`x` of [`Llama::block`]) is summed over every block, so it is kept in
+/// f32 on every device: in bf16 storage its rounding accumulates over the depth of the model
+/// (on SmolLM2's 30 blocks, logits 3e-2 away from the f32 engine instead of 1e-2). The
+/// activations normed from it (and the copies the backward reads, `h_in`/`h_mid`) stay in the
+/// working precision.
+pub(crate) fn clone_f32<B: Backend>(
+    be: &B,
+    src: &B::Buf,
+    rows: usize,
+    dim: usize,
+) -> Result<B::Buf> {
+    copy_rows(be, src, rows, dim, be.alloc_f32(rows * dim)?)
+}
+
+/// `out` (returned) with the first `rows` rows of `src` copied in, converted to its dtype.
+fn copy_rows<B: Backend>(
+    be: &B,
+    src: &B::Buf,
+    rows: usize,
+    dim: usize,
+    mut out: B::Buf,
+) -> Result<B::Buf> {
     let all: Vec<u32> = (0..rows as u32).collect();
     be.gather_rows(src, &all, dim, &mut out, 0);
     Ok(out)
@@ -363,7 +399,8 @@ impl<B: Backend> Llama<B> {
                         cfg.vocab_size
                     );
                 }
-                let mut x = be.alloc(rows * d)?;
+                // The residual stream is f32 (clone_f32).
+                let mut x = be.alloc_f32(rows * d)?;
                 be.embedding(&self.embed, ids, d, &mut x);
                 x
             }
@@ -373,7 +410,7 @@ impl<B: Backend> Llama<B> {
                     "forward: embeddings hold {} values, expected {rows} x {d}",
                     be.len(e)
                 );
-                clone_buf(be, e, rows, d)?
+                clone_f32(be, e, rows, d)?
             }
         };
         keep(0, &x, &mut hidden)?;
@@ -403,7 +440,8 @@ impl<B: Backend> Llama<B> {
                 None
             };
             if record && recompute {
-                checkpoints.push(clone_buf(be, &x, rows, d)?);
+                // f32 like the stream itself, so the recomputed block is the one that ran.
+                checkpoints.push(clone_f32(be, &x, rows, d)?);
             }
             let a = fresh
                 .as_mut()
@@ -484,18 +522,23 @@ impl<B: Backend> Llama<B> {
                 Some(out)
             }
         };
-        let acts = record.then(|| Activations {
-            batch,
-            seq,
-            layers: recorded,
-            checkpoints,
-            recompute,
-            h_last: x,
-            xn_final: xn,
-            used_lora: use_lora,
-            latent,
-            dropout,
-        });
+        let acts = if record {
+            Some(Activations {
+                batch,
+                seq,
+                layers: recorded,
+                checkpoints,
+                recompute,
+                // The final norm's backward takes its input in the working precision.
+                h_last: clone_buf(be, &x, rows, d)?,
+                xn_final: xn,
+                used_lora: use_lora,
+                latent,
+                dropout,
+            })
+        } else {
+            None
+        };
         Ok((ForwardOutput { logits, hidden }, acts))
     }
 
@@ -522,7 +565,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let BlockScratch {
             lora: lora_tmp,
-            lora_up,
+            lora_more,
             proj,
         } = scratch;
         let cfg = &self.cfg;
@@ -543,33 +586,48 @@ impl<B: Backend> Llama<B> {
                 None
             }
         };
-        self.project(
-            layer,
-            LoraModule::Q,
-            lora(LoraModule::Q),
-            &a.xn1,
-            &mut a.q,
-            rows,
-            lora_tmp,
-        )?;
-        self.project(
-            layer,
-            LoraModule::K,
-            lora(LoraModule::K),
-            &a.xn1,
-            &mut a.k,
-            rows,
-            lora_tmp,
-        )?;
-        self.project(
-            layer,
-            LoraModule::V,
-            lora(LoraModule::V),
-            &a.xn1,
-            &mut a.v,
-            rows,
-            lora_tmp,
-        )?;
+        if record || dropout.is_some() {
+            self.project(
+                layer,
+                LoraModule::Q,
+                lora(LoraModule::Q),
+                &a.xn1,
+                &mut a.q,
+                rows,
+                lora_tmp,
+            )?;
+            self.project(
+                layer,
+                LoraModule::K,
+                lora(LoraModule::K),
+                &a.xn1,
+                &mut a.k,
+                rows,
+                lora_tmp,
+            )?;
+            self.project(
+                layer,
+                LoraModule::V,
+                lora(LoraModule::V),
+                &a.xn1,
+                &mut a.v,
+                rows,
+                lora_tmp,
+            )?;
+        } else {
+            self.qkv_proj(
+                layer,
+                [
+                    lora(LoraModule::Q),
+                    lora(LoraModule::K),
+                    lora(LoraModule::V),
+                ],
+                a,
+                rows,
+                lora_tmp,
+                lora_more,
+            )?;
+        }
         if let Some(b) = &layer.q_bias {
             be.add_bias(&mut a.q, b);
         }
@@ -641,7 +699,7 @@ impl<B: Backend> Llama<B> {
                 a,
                 rows,
                 lora_tmp,
-                lora_up,
+                &mut lora_more[0],
             )?;
         }
         self.project(
@@ -665,6 +723,78 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
+    /// `tmp = x A^T` for a LoRA pair without dropout, `tmp` reallocated to `[rows, rank]` when
+    /// its size differs: the first half of a LoRA term that a fused projection op adds.
+    fn lora_down(
+        &self,
+        l: &super::model::DeviceLora<B>,
+        x: &B::Buf,
+        rows: usize,
+        fan_in: usize,
+        tmp: &mut B::Buf,
+    ) -> Result<()> {
+        let be = &self.backend;
+        if be.len(tmp) != rows * l.rank {
+            *tmp = be.alloc(rows * l.rank)?;
+        }
+        be.matmul(x, &l.a, tmp, rows, l.rank, fan_in, 1.0, false);
+        Ok(())
+    }
+
+    /// [`Llama::lora_down`] into an optional scratch slot, allocated on first use.
+    fn lora_down_slot(
+        &self,
+        l: &super::model::DeviceLora<B>,
+        x: &B::Buf,
+        rows: usize,
+        fan_in: usize,
+        slot: &mut Option<B::Buf>,
+    ) -> Result<()> {
+        if slot.is_none() {
+            *slot = Some(self.backend.alloc(rows * l.rank)?);
+        }
+        self.lora_down(l, x, rows, fan_in, slot.as_mut().expect("allocated above"))
+    }
+
+    /// `a.q`, `a.k`, `a.v` from `a.xn1` through `Backend::qkv_proj` (one launch at decode on
+    /// CUDA): the LoRA pairs' `x A^T` go to `tmp_q` and `tmp_kv` first. No dropout (inference
+    /// only).
+    fn qkv_proj(
+        &self,
+        layer: &DeviceLayer<B>,
+        lora: [Option<(&super::model::DeviceLora<B>, Option<LoraDropout>)>; 3],
+        a: &mut LayerActs<B>,
+        rows: usize,
+        tmp_q: &mut B::Buf,
+        tmp_kv: &mut [Option<B::Buf>; 2],
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        if let Some((l, _)) = lora[0] {
+            self.lora_down(l, &a.xn1, rows, d, tmp_q)?;
+        }
+        for (lora, slot) in lora[1..].iter().zip(tmp_kv.iter_mut()) {
+            if let Some((l, _)) = lora {
+                self.lora_down_slot(l, &a.xn1, rows, d, slot)?;
+            }
+        }
+        let [tk, tv] = &*tmp_kv;
+        self.backend.qkv_proj(
+            &a.xn1,
+            [&layer.q, &layer.k, &layer.v],
+            [
+                lora_term(lora[0], Some(&*tmp_q)),
+                lora_term(lora[1], tk.as_ref()),
+                lora_term(lora[2], tv.as_ref()),
+            ],
+            [&mut a.q, &mut a.k, &mut a.v],
+            rows,
+            [cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim()],
+            d,
+        );
+        Ok(())
+    }
+
     /// `a.act = silu(gate) * up` from `a.xn2` through `Backend::gate_up_swiglu` (one launch at
     /// decode on CUDA): the LoRA pairs' `x A^T` go to `tmp_gate` and `tmp_up` first. No
     /// dropout (inference only); `a.gate` and `a.up` are left unspecified.
@@ -682,27 +812,17 @@ impl<B: Backend> Llama<B> {
         let be = &self.backend;
         let (d, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         if let Some((l, _)) = lora_g {
-            if be.len(tmp_gate) != rows * l.rank {
-                *tmp_gate = be.alloc(rows * l.rank)?;
-            }
-            be.matmul(&a.xn2, &l.a, tmp_gate, rows, l.rank, d, 1.0, false);
+            self.lora_down(l, &a.xn2, rows, d, tmp_gate)?;
         }
         if let Some((l, _)) = lora_u {
-            if tmp_up.as_ref().is_none_or(|t| be.len(t) != rows * l.rank) {
-                *tmp_up = Some(be.alloc(rows * l.rank)?);
-            }
-            let t = tmp_up.as_mut().expect("allocated above");
-            be.matmul(&a.xn2, &l.a, t, rows, l.rank, d, 1.0, false);
+            self.lora_down_slot(l, &a.xn2, rows, d, tmp_up)?;
         }
         be.gate_up_swiglu(
             &a.xn2,
             &layer.gate,
             &layer.up,
-            lora_g.map(|(l, _)| (&*tmp_gate, &l.b, l.rank, l.scale)),
-            lora_u.map(|(l, _)| {
-                let t = tmp_up.as_ref().expect("down projection ran");
-                (t, &l.b, l.rank, l.scale)
-            }),
+            lora_term(lora_g, Some(&*tmp_gate)),
+            lora_term(lora_u, tmp_up.as_ref()),
             &mut a.gate,
             &mut a.up,
             &mut a.act,

@@ -786,6 +786,18 @@ impl Backend for CudaBackend {
     ) {
         self.matmul_lora_impl(x, w, xa, b, out, m, n, k, rank, lora_scale)
     }
+    fn qkv_proj(
+        &self,
+        x: &CudaBuf,
+        w: [&CudaBuf; 3],
+        lora: [crate::backend::LoraTerm<CudaBuf>; 3],
+        out: [&mut CudaBuf; 3],
+        m: usize,
+        n: [usize; 3],
+        k: usize,
+    ) {
+        self.qkv_proj_impl(x, w, lora, out, m, n, k)
+    }
     fn gate_up_swiglu(
         &self,
         x: &CudaBuf,

@@ -215,16 +215,6 @@ impl CudaBackend {
         }
         assert_eq!(x.len, m * k, "matmul_lora: x is not [m={m}, k={k}]");
         assert_eq!(w.len, n * k, "matmul_lora: w is not [n={n}, k={k}]");
-        assert_eq!(
-            xa.len,
-            m * rank,
-            "matmul_lora: xa is not [m={m}, rank={rank}]"
-        );
-        assert_eq!(
-            b.len,
-            n * rank,
-            "matmul_lora: b is not [n={n}, rank={rank}]"
-        );
         assert_eq!(out.len, m * n, "matmul_lora: out is not [m={m}, n={n}]");
         assert!(
             self.addr(x).is_multiple_of(16) && self.addr(w).is_multiple_of(16),
@@ -236,7 +226,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let out_f32 = out.dtype.flag();
-        let mut args = [
+        let mut args = vec![
             Arg::In(x),
             Arg::In(w),
             Arg::Out(out),
@@ -246,17 +236,117 @@ impl CudaBackend {
             Arg::I32(int(k, "matmul k")),
             Arg::F32(1.0),
             Arg::I32(0),
-            Arg::In(xa),
-            Arg::I32(xa.dtype.flag()),
-            Arg::In(b),
-            Arg::I32(b.dtype.flag()),
-            Arg::I32(int(rank, "lora rank")),
-            Arg::F32(lora_scale),
         ];
+        args.extend(self.lora_args("matmul_lora", Some((xa, b, rank, lora_scale)), m, n));
         // SAFETY: matvec_lora_bf16(const bf16* x, const bf16* w, void* out, int, int M, int N,
         // int K, float scale, int accumulate, const void* xa, int, const void* lb, int, int rank,
         // float lora_scale); shapes, dtypes (matvec plan) and alignment checked above.
         unsafe { self.launch("matvec_lora_bf16", cfg, &mut args) };
+    }
+
+    /// A LoRA term as the fused GEMVs' kernel arguments `(xa, xa_f32, b, b_f32, rank, scale)`
+    /// (null pointers when absent), its shapes checked against `m` rows and `n` features.
+    fn lora_args(
+        &self,
+        op: &str,
+        lora: crate::backend::LoraTerm<CudaBuf>,
+        m: usize,
+        n: usize,
+    ) -> [Arg<'static>; 6] {
+        let Some((xa, b, rank, scale)) = lora else {
+            return [
+                Arg::Ptr(0),
+                Arg::I32(0),
+                Arg::Ptr(0),
+                Arg::I32(0),
+                Arg::I32(0),
+                Arg::F32(0.0),
+            ];
+        };
+        assert_eq!(xa.len, m * rank, "{op}: xa is not [m={m}, rank={rank}]");
+        assert_eq!(b.len, n * rank, "{op}: b is not [n={n}, rank={rank}]");
+        [
+            Arg::Ptr(self.addr(xa)),
+            Arg::I32(xa.dtype.flag()),
+            Arg::Ptr(self.addr(b)),
+            Arg::I32(b.dtype.flag()),
+            Arg::I32(int(rank, "lora rank")),
+            Arg::F32(scale),
+        ]
+    }
+
+    /// `Backend::qkv_proj`: on the decode GEMV path one launch of `matvec_qkv_bf16` for all
+    /// three projections (each with its LoRA term in the epilogue, as `matvec_lora_bf16`);
+    /// every other shape runs the trait's default steps.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn qkv_proj_impl(
+        &self,
+        x: &CudaBuf,
+        w: [&CudaBuf; 3],
+        lora: [crate::backend::LoraTerm<CudaBuf>; 3],
+        out: [&mut CudaBuf; 3],
+        m: usize,
+        n: [usize; 3],
+        k: usize,
+    ) {
+        let fused = m > 0
+            && k > 0
+            && n.iter().all(|&n| n > 0)
+            && w.iter().all(|wj| wj.dtype == w[0].dtype)
+            && out.iter().all(|o| o.dtype == out[0].dtype)
+            && self.matmul_kernel(m, n[0], k, x.dtype, w[0].dtype) == MatmulKernel::Matvec;
+        if !fused {
+            crate::backend::qkv_proj_steps(self, x, w, lora, out, m, n, k);
+            return;
+        }
+        assert_eq!(x.len, m * k, "qkv_proj: x is not [m={m}, k={k}]");
+        for j in 0..3 {
+            let what = ["q", "k", "v"][j];
+            assert_eq!(
+                w[j].len,
+                n[j] * k,
+                "qkv_proj: w{what} is not [{}, {k}]",
+                n[j]
+            );
+            assert_eq!(
+                out[j].len,
+                m * n[j],
+                "qkv_proj: {what} is not [{m}, {}]",
+                n[j]
+            );
+            assert!(
+                self.addr(w[j]).is_multiple_of(16),
+                "qkv_proj: w{what} must be 16-byte aligned"
+            );
+        }
+        assert!(
+            self.addr(x).is_multiple_of(16),
+            "qkv_proj: x must be 16-byte aligned"
+        );
+        let total = n[0] + n[1] + n[2];
+        let cfg = LaunchConfig {
+            grid_dim: (int(total.div_ceil(8), "qkv_proj features") as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let out_f32 = out[0].dtype.flag();
+        let [oq, ok, ov] = out;
+        let mut args = vec![
+            Arg::In(x),
+            Arg::I32(out_f32),
+            Arg::I32(int(m, "matmul m")),
+            Arg::I32(int(k, "matmul k")),
+        ];
+        for (j, o) in [oq, ok, ov].into_iter().enumerate() {
+            args.push(Arg::In(w[j]));
+            args.push(Arg::Out(o));
+            args.push(Arg::I32(int(n[j], "matmul n")));
+            args.extend(self.lora_args("qkv_proj", lora[j], m, n[j]));
+        }
+        // SAFETY: matvec_qkv_bf16(const bf16* x, int out_f32, int M, int K, then per projection
+        // (const bf16* w, void* out, int N, const void* xa, int, const void* lb, int, int rank,
+        // float scale)); shapes, dtypes (matvec plan) and alignment checked above.
+        unsafe { self.launch("matvec_qkv_bf16", cfg, &mut args) };
     }
 
     /// `Backend::gate_up_swiglu`: on the decode GEMV path one launch of `matvec_swiglu_bf16`
@@ -295,39 +385,6 @@ impl CudaBackend {
             [x, wg, wu].iter().all(|b| self.addr(b).is_multiple_of(16)),
             "gate_up_swiglu: x, wg and wu must be 16-byte aligned"
         );
-        // A LoRA term as kernel arguments: (xa, xa_f32, b, b_f32, rank, scale), null when absent.
-        let lora_args = |l: Option<(&CudaBuf, &CudaBuf, usize, f32)>| -> [Arg<'static>; 6] {
-            match l {
-                Some((xa, b, rank, scale)) => {
-                    assert_eq!(
-                        xa.len,
-                        m * rank,
-                        "gate_up_swiglu: xa is not [m={m}, rank={rank}]"
-                    );
-                    assert_eq!(
-                        b.len,
-                        n * rank,
-                        "gate_up_swiglu: b is not [n={n}, rank={rank}]"
-                    );
-                    [
-                        Arg::Ptr(self.addr(xa)),
-                        Arg::I32(xa.dtype.flag()),
-                        Arg::Ptr(self.addr(b)),
-                        Arg::I32(b.dtype.flag()),
-                        Arg::I32(int(rank, "lora rank")),
-                        Arg::F32(scale),
-                    ]
-                }
-                None => [
-                    Arg::Ptr(0),
-                    Arg::I32(0),
-                    Arg::Ptr(0),
-                    Arg::I32(0),
-                    Arg::I32(0),
-                    Arg::F32(0.0),
-                ],
-            }
-        };
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -344,8 +401,8 @@ impl CudaBackend {
             Arg::I32(int(n, "matmul n")),
             Arg::I32(int(k, "matmul k")),
         ];
-        args.extend(lora_args(lora_g));
-        args.extend(lora_args(lora_u));
+        args.extend(self.lora_args("gate_up_swiglu", lora_g, m, n));
+        args.extend(self.lora_args("gate_up_swiglu", lora_u, m, n));
         // SAFETY: matvec_swiglu_bf16(const bf16* x, const bf16* wg, const bf16* wu, void* act,
         // int, int M, int N, int K, then (const void* xa, int, const void* b, int, int rank,
         // float scale) for gate and for up); shapes, the matvec plan (bf16, k % 8 == 0, m <= 8)

@@ -70,9 +70,10 @@ impl MemoryPlan {
 
         let rows = batch * ctx;
         let activations = vec![
+            item(format!("residual stream [{rows}, {d}] f32"), rows * d * F32),
             item(
-                format!("residual, normed, projection out: 3 x [{rows}, {d}] bf16"),
-                3 * rows * d * BF16,
+                format!("normed, projection out: 2 x [{rows}, {d}] bf16"),
+                2 * rows * d * BF16,
             ),
             item(
                 format!("q, attention out: 2 x [{rows}, {qd}] bf16"),

@@ -1,6 +1,6 @@
 //! Launcher of kernels/rmsnorm.cu (CPU twin: backend/cpu/rmsnorm.rs).
 
-use super::device::{int, Arg, CudaBackend, CudaBuf};
+use super::device::{int, Arg, CudaBackend, CudaBuf, DType};
 use cudarc::driver::LaunchConfig;
 
 /// One block per row: enough threads for one 16-byte pack each, in whole warps, at most 256.
@@ -10,6 +10,19 @@ fn row_config(rows: usize, dim: usize) -> LaunchConfig {
         grid_dim: (int(rows, "rmsnorm rows") as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// The entry point for a residual stream of `x` and a normed output of `out`: both bf16, both
+/// f32, or an f32 stream normed into bf16 (`_f32_bf16`, the forward's residual stream).
+fn entry_suffix(op: &str, x: DType, out: DType) -> &'static str {
+    match (x, out) {
+        (DType::BF16, DType::BF16) => "bf16",
+        (DType::F32, DType::F32) => "f32",
+        (DType::F32, DType::BF16) => "f32_bf16",
+        (DType::BF16, DType::F32) => {
+            panic!("{op}: a bf16 residual normed into f32 has no kernel (widen the residual)")
+        }
     }
 }
 
@@ -26,12 +39,11 @@ impl CudaBackend {
         assert_eq!(w.len, dim, "rmsnorm: weight length");
         assert_eq!(x.len, out.len, "rmsnorm: in/out sizes");
         assert_eq!(x.len % dim, 0, "rmsnorm: x is not rows of {dim}");
-        assert_eq!(x.dtype, out.dtype, "rmsnorm: x and out dtypes differ");
         let rows = x.len / dim;
         if rows == 0 {
             return;
         }
-        let name = format!("rmsnorm_{}", x.dtype.suffix());
+        let name = format!("rmsnorm_{}", entry_suffix("rmsnorm", x.dtype, out.dtype));
         let (w_f32, dim_i) = (w.dtype.flag(), int(dim, "rmsnorm dim"));
         let mut args = [
             Arg::In(x),
@@ -64,15 +76,16 @@ impl CudaBackend {
             0,
             "add_rmsnorm: residual is not rows of {dim}"
         );
-        assert!(
-            residual.dtype == delta.dtype && residual.dtype == out.dtype,
-            "add_rmsnorm: residual, delta and out must share a dtype"
+        assert_eq!(
+            delta.dtype, residual.dtype,
+            "add_rmsnorm: the delta is added in the residual's dtype"
         );
         let rows = residual.len / dim;
         if rows == 0 {
             return;
         }
-        let name = format!("add_rmsnorm_{}", residual.dtype.suffix());
+        let suffix = entry_suffix("add_rmsnorm", residual.dtype, out.dtype);
+        let name = format!("add_rmsnorm_{suffix}");
         let (w_f32, dim_i) = (w.dtype.flag(), int(dim, "add_rmsnorm dim"));
         let mut args = [
             Arg::Out(residual),
