@@ -392,6 +392,25 @@ pub trait Backend {
         v_cache: &mut Self::Buf,
         shape: AttnShape,
     );
+    /// The attention's rope and cache write as one op: `rope` on `q` (`n_heads`) and on `k`
+    /// (`n_kv_heads`) at `shape.start_pos`, then `kv_store` of the rotated `k` and of `v`. The
+    /// default runs the three; a backend may fuse them (the CUDA backend does: one launch).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_store(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        shape: AttnShape,
+        inv_freq: &Self::Buf,
+    ) {
+        let (b, t, hd) = (shape.batch, shape.q_len, shape.head_dim);
+        self.rope(q, b, t, shape.n_heads, hd, shape.start_pos, inv_freq);
+        self.rope(k, b, t, shape.n_kv_heads, hd, shape.start_pos, inv_freq);
+        self.kv_store(k, v, k_cache, v_cache, shape);
+    }
     /// Causal grouped-query attention of `q [batch * q_len, q_dim]` against the caches.
     /// `key_mask` (`[batch, capacity]`, 1 = attend, 0 = padding; a side tensor) hides padded keys.
     fn attention(

@@ -572,7 +572,6 @@ impl<B: Backend> Llama<B> {
         let be = &self.backend;
         let layer = &self.layers[li];
         let (d, rows) = (cfg.hidden_size, shape.batch * shape.q_len);
-        let (batch, seq) = (shape.batch, shape.q_len);
         std::mem::swap(&mut a.xn1, xn);
         if record {
             a.h_in = Some(clone_buf(be, x, rows, d)?);
@@ -637,25 +636,15 @@ impl<B: Backend> Llama<B> {
         if let Some(b) = &layer.v_bias {
             be.add_bias(&mut a.v, b);
         }
-        be.rope(
+        be.rope_kv_store(
             &mut a.q,
-            batch,
-            seq,
-            cfg.num_heads,
-            cfg.head_dim,
-            shape.start_pos,
-            &self.inv_freq,
-        );
-        be.rope(
             &mut a.k,
-            batch,
-            seq,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            shape.start_pos,
+            &a.v,
+            k_cache,
+            v_cache,
+            shape,
             &self.inv_freq,
         );
-        be.kv_store(&a.k, &a.v, k_cache, v_cache, shape);
         be.attention(&a.q, k_cache, v_cache, key_mask, &mut a.att, shape);
         self.project(
             layer,

@@ -786,6 +786,18 @@ impl Backend for CudaBackend {
     ) {
         self.matmul_lora_impl(x, w, xa, b, out, m, n, k, rank, lora_scale)
     }
+    fn rope_kv_store(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+        shape: AttnShape,
+        inv_freq: &CudaBuf,
+    ) {
+        self.rope_kv_store_impl(q, k, v, k_cache, v_cache, shape, inv_freq)
+    }
     fn qkv_proj(
         &self,
         x: &CudaBuf,

@@ -95,6 +95,8 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "add_bias_f32",
     "rope_bf16",
     "rope_f32",
+    "rope_kv_store_bf16",
+    "rope_kv_store_f32",
     "kv_store_bf16",
     "kv_store_f32",
     "attention_bf16_hd32",

@@ -1,6 +1,7 @@
 //! Launcher of kernels/rope.cu (CPU twin: backend/cpu/rope.rs).
 
 use super::device::{int, Arg, CudaBackend, CudaBuf};
+use crate::backend::AttnShape;
 use cudarc::driver::LaunchConfig;
 
 impl CudaBackend {
@@ -36,6 +37,73 @@ impl CudaBackend {
         self.rope_launch(
             "rope_bwd", dx, batch, seq_len, n_heads, head_dim, start_pos, inv_freq,
         )
+    }
+
+    /// `Backend::rope_kv_store` in one launch of `rope_kv_store_T`: q and k rotated in place,
+    /// the rotated k and v written into the caches at `shape.start_pos`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_kv_store_impl(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+        s: AttnShape,
+        inv_freq: &CudaBuf,
+    ) {
+        s.check();
+        let (rows, hd, kvd) = (s.batch * s.q_len, s.head_dim, s.kv_dim());
+        assert_eq!(hd % 2, 0, "rope_kv_store: head_dim {hd} is odd");
+        assert_eq!(q.len, rows * s.q_dim(), "rope_kv_store: q size");
+        assert_eq!(k.len, rows * kvd, "rope_kv_store: k size");
+        assert_eq!(v.len, k.len, "rope_kv_store: v size");
+        assert_eq!(
+            k_cache.len,
+            s.batch * s.capacity * kvd,
+            "rope_kv_store: k_cache size"
+        );
+        assert_eq!(v_cache.len, k_cache.len, "rope_kv_store: v_cache size");
+        assert_eq!(inv_freq.len, hd / 2, "rope_kv_store: inv_freq size");
+        let dtype = q.dtype;
+        assert!(
+            [k.dtype, v.dtype, k_cache.dtype, v_cache.dtype]
+                .iter()
+                .all(|&d| d == dtype),
+            "rope_kv_store: q, k, v and the caches must share a dtype"
+        );
+        let work = rows * hd / 2;
+        if work == 0 {
+            return;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (int(work.div_ceil(256), "rope blocks") as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let inv_f32 = inv_freq.dtype.flag();
+        let mut args = [
+            Arg::Out(q),
+            Arg::Out(k),
+            Arg::In(v),
+            Arg::Out(k_cache),
+            Arg::Out(v_cache),
+            Arg::I64(rows as i64),
+            Arg::I32(int(s.q_len, "rope seq_len")),
+            Arg::I32(int(s.n_heads, "rope n_heads")),
+            Arg::I32(int(s.n_kv_heads, "rope n_kv_heads")),
+            Arg::I32(int(hd, "rope head_dim")),
+            Arg::I32(int(s.start_pos + s.q_len, "rope position") - s.q_len as i32),
+            Arg::I32(int(s.capacity, "capacity")),
+            Arg::In(inv_freq),
+            Arg::I32(inv_f32),
+        ];
+        let name = format!("rope_kv_store_{}", dtype.suffix());
+        // SAFETY: rope_kv_store_T(T* q, T* k, const T* v, T* k_cache, T* v_cache, long long rows,
+        // int seq_len, int n_heads, int n_kv_heads, int head_dim, int start_pos, int capacity,
+        // const void* inv_freq, int); sizes and dtypes checked above, s.check() bounds the
+        // positions by the capacity.
+        unsafe { self.launch(&name, cfg, &mut args) };
     }
 
     #[allow(clippy::too_many_arguments)]
