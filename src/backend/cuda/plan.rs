@@ -70,11 +70,11 @@ impl MemoryPlan {
 
         let rows = batch * ctx;
         let activations = vec![
-            item(format!("residual stream [{rows}, {d}] f32"), rows * d * F32),
             item(
-                format!("normed, projection out: 2 x [{rows}, {d}] bf16"),
-                2 * rows * d * BF16,
+                format!("residual stream, o/down projection out: 2 x [{rows}, {d}] f32"),
+                2 * rows * d * F32,
             ),
+            item(format!("normed [{rows}, {d}] bf16"), rows * d * BF16),
             item(
                 format!("q, attention out: 2 x [{rows}, {qd}] bf16"),
                 2 * rows * qd * BF16,
