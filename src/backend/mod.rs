@@ -101,14 +101,14 @@ pub mod dropout_mask {
 
 /// `Backend::gate_up_swiglu`'s default: the two projections (with their LoRA terms) into
 /// `gate` and `up`, then `swiglu`. Backends that fuse only some shapes run this for the rest.
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[allow(clippy::too_many_arguments)]
 pub fn gate_up_swiglu_steps<B: Backend + ?Sized>(
     be: &B,
     x: &B::Buf,
     wg: &B::Buf,
     wu: &B::Buf,
-    lora_g: Option<(&B::Buf, &B::Buf, usize, f32)>,
-    lora_u: Option<(&B::Buf, &B::Buf, usize, f32)>,
+    lora_g: LoraTerm<B::Buf>,
+    lora_u: LoraTerm<B::Buf>,
     gate: &mut B::Buf,
     up: &mut B::Buf,
     act: &mut B::Buf,
@@ -116,13 +116,27 @@ pub fn gate_up_swiglu_steps<B: Backend + ?Sized>(
     n: usize,
     k: usize,
 ) {
-    for (w, lora, out) in [(wg, lora_g, &mut *gate), (wu, lora_u, &mut *up)] {
-        match lora {
-            Some((xa, b, rank, scale)) => be.matmul_lora(x, w, xa, b, out, m, n, k, rank, scale),
-            None => be.matmul(x, w, out, m, n, k, 1.0, false),
-        }
-    }
+    project_steps(be, x, wg, lora_g, gate, m, n, k);
+    project_steps(be, x, wu, lora_u, up, m, n, k);
     be.swiglu(gate, up, act);
+}
+
+/// One projection `out = x w^T` with its optional LoRA term: `matmul_lora` or `matmul`.
+#[allow(clippy::too_many_arguments)]
+fn project_steps<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    w: &B::Buf,
+    lora: LoraTerm<B::Buf>,
+    out: &mut B::Buf,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    match lora {
+        Some((xa, b, rank, scale)) => be.matmul_lora(x, w, xa, b, out, m, n, k, rank, scale),
+        None => be.matmul(x, w, out, m, n, k, 1.0, false),
+    }
 }
 
 /// A LoRA term of a projection as the fused projection ops take it: `(xa, b, rank, scale)`
@@ -143,10 +157,7 @@ pub fn qkv_proj_steps<B: Backend + ?Sized>(
     k: usize,
 ) {
     for (((w, lora), out), n) in w.into_iter().zip(lora).zip(out).zip(n) {
-        match lora {
-            Some((xa, b, rank, scale)) => be.matmul_lora(x, w, xa, b, out, m, n, k, rank, scale),
-            None => be.matmul(x, w, out, m, n, k, 1.0, false),
-        }
+        project_steps(be, x, w, lora, out, m, n, k);
     }
 }
 
@@ -332,14 +343,14 @@ pub trait Backend {
     /// in `matmul_lora`. The default runs the two projections into `gate` and `up` and then
     /// `swiglu`; a backend may fuse it all (the CUDA decode GEMV does, and then leaves `gate`
     /// and `up` unwritten), so callers that need `gate` and `up` afterwards must not use it.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     fn gate_up_swiglu(
         &self,
         x: &Self::Buf,
         wg: &Self::Buf,
         wu: &Self::Buf,
-        lora_g: Option<(&Self::Buf, &Self::Buf, usize, f32)>,
-        lora_u: Option<(&Self::Buf, &Self::Buf, usize, f32)>,
+        lora_g: LoraTerm<Self::Buf>,
+        lora_u: LoraTerm<Self::Buf>,
         gate: &mut Self::Buf,
         up: &mut Self::Buf,
         act: &mut Self::Buf,

@@ -586,33 +586,14 @@ impl<B: Backend> Llama<B> {
             }
         };
         if record || dropout.is_some() {
-            self.project(
-                layer,
-                LoraModule::Q,
-                lora(LoraModule::Q),
-                &a.xn1,
-                &mut a.q,
-                rows,
-                lora_tmp,
-            )?;
-            self.project(
-                layer,
-                LoraModule::K,
-                lora(LoraModule::K),
-                &a.xn1,
-                &mut a.k,
-                rows,
-                lora_tmp,
-            )?;
-            self.project(
-                layer,
-                LoraModule::V,
-                lora(LoraModule::V),
-                &a.xn1,
-                &mut a.v,
-                rows,
-                lora_tmp,
-            )?;
+            // Training keeps the three projections apart: each has its own dropout mask.
+            for (m, out) in [
+                (LoraModule::Q, &mut a.q),
+                (LoraModule::K, &mut a.k),
+                (LoraModule::V, &mut a.v),
+            ] {
+                self.project(layer, m, lora(m), &a.xn1, out, rows, lora_tmp)?;
+            }
         } else {
             self.qkv_proj(
                 layer,
@@ -712,8 +693,8 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    /// `tmp = x A^T` for a LoRA pair without dropout, `tmp` reallocated to `[rows, rank]` when
-    /// its size differs: the first half of a LoRA term that a fused projection op adds.
+    /// `tmp = x A^T` for a LoRA pair (`x` already dropped out where the pass drops), `tmp`
+    /// reallocated to `[rows, rank]` when its size differs: the first half of a LoRA term.
     fn lora_down(
         &self,
         l: &super::model::DeviceLora<B>,
@@ -841,20 +822,8 @@ impl<B: Backend> Llama<B> {
             be.matmul(x, layer.weight(m), out, rows, fan_out, fan_in, 1.0, false);
             return Ok(());
         };
-        if be.len(tmp) != rows * l.rank {
-            *tmp = be.alloc(rows * l.rank)?;
-        }
         let dropped = dropout.map(|d| dropout_input(be, x, d)).transpose()?;
-        be.matmul(
-            dropped.as_ref().unwrap_or(x),
-            &l.a,
-            tmp,
-            rows,
-            l.rank,
-            fan_in,
-            1.0,
-            false,
-        );
+        self.lora_down(l, dropped.as_ref().unwrap_or(x), rows, fan_in, tmp)?;
         let w = layer.weight(m);
         be.matmul_lora(x, w, tmp, &l.b, out, rows, fan_out, fan_in, l.rank, l.scale);
         Ok(())

@@ -66,6 +66,34 @@ impl CudaBackend {
         }
     }
 
+    /// The preconditions of writing `k` and `v` into the caches at `s.start_pos` (`kv_store`,
+    /// `rope_kv_store`): the shape's own, sizes, and one dtype for all four.
+    pub(super) fn check_kv_store(
+        op: &str,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        s: AttnShape,
+    ) {
+        s.check();
+        let kvd = s.kv_dim();
+        assert_eq!(k.len, s.batch * s.q_len * kvd, "{op}: k size");
+        assert_eq!(v.len, k.len, "{op}: v size");
+        assert_eq!(
+            k_cache.len,
+            s.batch * s.capacity * kvd,
+            "{op}: k_cache size"
+        );
+        assert_eq!(v_cache.len, k_cache.len, "{op}: v_cache size");
+        assert!(
+            [v.dtype, k_cache.dtype, v_cache.dtype]
+                .iter()
+                .all(|&d| d == k.dtype),
+            "{op}: k, v and the caches must share a dtype"
+        );
+    }
+
     pub(super) fn kv_store_impl(
         &self,
         k: &CudaBuf,
@@ -74,21 +102,8 @@ impl CudaBackend {
         v_cache: &mut CudaBuf,
         s: AttnShape,
     ) {
-        s.check();
-        let kvd = s.kv_dim();
-        assert_eq!(k.len, s.batch * s.q_len * kvd, "kv_store: k size");
-        assert_eq!(v.len, k.len, "kv_store: v size");
-        assert_eq!(
-            k_cache.len,
-            s.batch * s.capacity * kvd,
-            "kv_store: k_cache size"
-        );
-        assert_eq!(v_cache.len, k_cache.len, "kv_store: v_cache size");
-        let dtype = k.dtype;
-        assert!(
-            v.dtype == dtype && k_cache.dtype == dtype && v_cache.dtype == dtype,
-            "kv_store: k, v and the caches must share a dtype"
-        );
+        Self::check_kv_store("kv_store", k, v, k_cache, v_cache, s);
+        let (kvd, dtype) = (s.kv_dim(), k.dtype);
         let n = int(k.len, "kv_store elements") as usize;
         let name = format!("kv_store_{}", dtype.suffix());
         let (batch, q_len, start, cap, kvd_i) = (

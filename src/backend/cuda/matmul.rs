@@ -351,14 +351,14 @@ impl CudaBackend {
 
     /// `Backend::gate_up_swiglu`: on the decode GEMV path one launch of `matvec_swiglu_bf16`
     /// (gate and up are not written); every other shape runs the trait's default steps.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn gate_up_swiglu_impl(
         &self,
         x: &CudaBuf,
         wg: &CudaBuf,
         wu: &CudaBuf,
-        lora_g: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
-        lora_u: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        lora_g: crate::backend::LoraTerm<CudaBuf>,
+        lora_u: crate::backend::LoraTerm<CudaBuf>,
         gate: &mut CudaBuf,
         up: &mut CudaBuf,
         act: &mut CudaBuf,

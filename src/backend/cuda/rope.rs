@@ -52,26 +52,13 @@ impl CudaBackend {
         s: AttnShape,
         inv_freq: &CudaBuf,
     ) {
-        s.check();
-        let (rows, hd, kvd) = (s.batch * s.q_len, s.head_dim, s.kv_dim());
+        Self::check_kv_store("rope_kv_store", k, v, k_cache, v_cache, s);
+        let (rows, hd) = (s.batch * s.q_len, s.head_dim);
         assert_eq!(hd % 2, 0, "rope_kv_store: head_dim {hd} is odd");
         assert_eq!(q.len, rows * s.q_dim(), "rope_kv_store: q size");
-        assert_eq!(k.len, rows * kvd, "rope_kv_store: k size");
-        assert_eq!(v.len, k.len, "rope_kv_store: v size");
-        assert_eq!(
-            k_cache.len,
-            s.batch * s.capacity * kvd,
-            "rope_kv_store: k_cache size"
-        );
-        assert_eq!(v_cache.len, k_cache.len, "rope_kv_store: v_cache size");
+        assert_eq!(q.dtype, k.dtype, "rope_kv_store: q and k dtypes differ");
         assert_eq!(inv_freq.len, hd / 2, "rope_kv_store: inv_freq size");
         let dtype = q.dtype;
-        assert!(
-            [k.dtype, v.dtype, k_cache.dtype, v_cache.dtype]
-                .iter()
-                .all(|&d| d == dtype),
-            "rope_kv_store: q, k, v and the caches must share a dtype"
-        );
         let work = rows * hd / 2;
         if work == 0 {
             return;
