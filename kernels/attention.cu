@@ -25,6 +25,10 @@
 //     (4 warps), ROWS = 4 * RPW with RPW = 2 for D = 256 and 4 otherwise; the launcher passes
 //     ROWS as `rows_per_block` and the kernel traps on a mismatch.
 //   attention_combine_T: grid = rows_total, block = 128.
+//   pos_dev [1] u32 or null: when given, start_pos is read there instead of the argument (a
+//     replayed decode step's arguments are fixed; its position lives on the device). The grid
+//     then covers the cache's capacity: splits past the keys find none and leave m = -inf,
+//     l = 0, which the combine weighs 0.
 //
 // Work split: a block owns one (sequence, KV head) and ROWS query rows of that KV head's group
 // (row = t * group + g), so each K/V tile loaded to shared memory serves all ROWS rows. Per
@@ -47,8 +51,9 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
                                                const T* __restrict__ v_cache, const void* __restrict__ mask,
                                                int mask_f32, T* __restrict__ out, float* __restrict__ part_o,
                                                float* __restrict__ part_ml, float* __restrict__ lse, int batch,
-                                               int q_len, int start_pos, int capacity, int n_heads, int n_kv_heads,
-                                               int head_dim, int kv_per_split, float scale_log2, int rows_per_block) {
+                                               int q_len, int start_pos, const uint32_t* __restrict__ pos_dev,
+                                               int capacity, int n_heads, int n_kv_heads, int head_dim,
+                                               int kv_per_split, float scale_log2, int rows_per_block) {
   constexpr int HDP = 32 * DCH;                 // head_dim padded to whole lanes
   constexpr int ROWS = kWarps * RPW;
   constexpr int KSTR = HDP + SmemPad<T>::v;     // K row stride (elements)
@@ -58,6 +63,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
   __shared__ float key_ok[kKeys];
 
   if (rows_per_block != ROWS) __trap();
+  if (pos_dev != nullptr) start_pos = (int)*pos_dev;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = n_heads / n_kv_heads;
   const int rows_total = q_len * group;         // query rows of this (sequence, KV head)
@@ -256,10 +262,10 @@ __device__ __forceinline__ void kv_store_impl(const T* __restrict__ k, const T* 
       const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,         \
       const void* __restrict__ mask, int mask_f32, T* __restrict__ out, float* __restrict__ part_o,  \
       float* __restrict__ part_ml, float* __restrict__ lse, int batch, int q_len, int start_pos,     \
-      int capacity, int n_heads, int n_kv_heads, int head_dim, int kv_per_split, float scale_log2,   \
-      int rows_per_block) {                                                                          \
+      const uint32_t* __restrict__ pos_dev, int capacity, int n_heads, int n_kv_heads, int head_dim, \
+      int kv_per_split, float scale_log2, int rows_per_block) {                                      \
     attention_impl<T, DCH, RPW>(q, k_cache, v_cache, mask, mask_f32, out, part_o, part_ml, lse, batch, q_len, \
-                                start_pos, capacity, n_heads, n_kv_heads, head_dim, kv_per_split,    \
+                                start_pos, pos_dev, capacity, n_heads, n_kv_heads, head_dim, kv_per_split,    \
                                 scale_log2, rows_per_block);                                         \
   }
 

@@ -15,7 +15,9 @@
 //                 does, then the rotated k and v [rows, kv_dim] written into k_cache, v_cache
 //                 [batch, capacity, kv_dim] at rows start_pos .. start_pos + seq_len of each
 //                 sequence (as kv_store_T; q, k, (k_cache, v_cache) =). Exactly rope_T on q, on k,
-//                 then kv_store_T, whose three launches it replaces.
+//                 then kv_store_T, whose three launches it replaces. pos_dev, when not null,
+//                 holds start_pos on the device and replaces the argument (a replayed decode
+//                 step, whose arguments are fixed, reads its position there).
 // Launch: one thread per (row, i), 1-D grid of ceil(rows * half / 256) blocks of 256. Each thread
 // computes its sin/cos once and applies it to every head of the row. Accurate sincosf, not the
 // intrinsic: angles reach thousands of radians at long positions.
@@ -59,8 +61,10 @@ template <typename T>
 __device__ __forceinline__ void rope_kv_store_impl(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
                                                    T* __restrict__ k_cache, T* __restrict__ v_cache, long long rows,
                                                    int seq_len, int n_heads, int n_kv_heads, int head_dim,
-                                                   int start_pos, int capacity, const void* __restrict__ inv_freq,
+                                                   int start_pos, const uint32_t* __restrict__ pos_dev,
+                                                   int capacity, const void* __restrict__ inv_freq,
                                                    int inv_freq_f32) {
+  if (pos_dev != nullptr) start_pos = (int)*pos_dev;
   const int half = head_dim >> 1;
   const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= rows * half) return;
@@ -99,10 +103,10 @@ __device__ __forceinline__ void rope_kv_store_impl(T* __restrict__ q, T* __restr
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
       rope_kv_store_##SUFFIX(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache, \
                              T* __restrict__ v_cache, long long rows, int seq_len, int n_heads, int n_kv_heads, \
-                             int head_dim, int start_pos, int capacity, const void* __restrict__ inv_freq, \
-                             int inv_freq_f32) {                                                     \
+                             int head_dim, int start_pos, const uint32_t* __restrict__ pos_dev, int capacity, \
+                             const void* __restrict__ inv_freq, int inv_freq_f32) {                  \
     rope_kv_store_impl<T>(q, k, v, k_cache, v_cache, rows, seq_len, n_heads, n_kv_heads, head_dim, start_pos, \
-                          capacity, inv_freq, inv_freq_f32);                                         \
+                          pos_dev, capacity, inv_freq, inv_freq_f32);                                \
   }
 
 ROPE_KV_STORE_ENTRY(bf16, bf16)

@@ -17,6 +17,8 @@
 //     cumulative mass exceeds u * kept mass. temperature <= 0, or no finite maximum: argmax.
 //     Sums in f64, so the twin and the kernel part only where a draw falls within rounding of
 //     a cumulative boundary.
+//   advance (both) [1] u32 or null: when given, incremented once after the rows are chosen (a
+//     replayed decode step moves its device-side position on; see attention.cu pos_dev).
 // Launch: grid.x = rows, block = 256 threads (a multiple of 32, at most 1024).
 #include "common.cuh"
 
@@ -58,11 +60,13 @@ __device__ __forceinline__ void row_argmax(const T* __restrict__ row, int width,
 }
 
 template <typename T>
-__device__ __forceinline__ void argmax_impl(const T* __restrict__ logits, int width, uint32_t* __restrict__ out) {
+__device__ __forceinline__ void argmax_impl(const T* __restrict__ logits, int width, uint32_t* __restrict__ out,
+                                            uint32_t* __restrict__ advance) {
   float bv;
   uint32_t bi;
   row_argmax(logits + (long long)blockIdx.x * width, width, bv, bi);
   if (threadIdx.x == 0) out[blockIdx.x] = bi == 0xffffffffu ? 0u : bi;
+  if (advance != nullptr && threadIdx.x == 0 && blockIdx.x == 0) *advance += 1;
 }
 
 // e^x for x <= 0 from single-rounded f32 operations only (the `_rn` intrinsics keep nvcc from
@@ -106,9 +110,12 @@ __device__ __forceinline__ double kept_mass(const T* __restrict__ row, int width
 template <typename T>
 __device__ __forceinline__ void sample_top_p_impl(const T* __restrict__ logits, int width,
                                                   const float* __restrict__ uniforms, float temperature,
-                                                  float top_p, uint32_t* __restrict__ out) {
+                                                  float top_p, uint32_t* __restrict__ out,
+                                                  uint32_t* __restrict__ advance) {
   __shared__ double scratch[32];
   __shared__ double incl[1024];
+  // Read by later launches only, so before the choice is as good as after it.
+  if (advance != nullptr && threadIdx.x == 0 && blockIdx.x == 0) *advance += 1;
   const T* row = logits + (long long)blockIdx.x * width;
   float max;
   uint32_t am;
@@ -171,8 +178,9 @@ __device__ __forceinline__ void sample_top_p_impl(const T* __restrict__ logits, 
 
 #define ARGMAX_ENTRY(SUFFIX, T)                                                                      \
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
-      argmax_##SUFFIX(const T* __restrict__ logits, int width, uint32_t* __restrict__ out) {         \
-    argmax_impl<T>(logits, width, out);                                                              \
+      argmax_##SUFFIX(const T* __restrict__ logits, int width, uint32_t* __restrict__ out,           \
+                      uint32_t* __restrict__ advance) {                                              \
+    argmax_impl<T>(logits, width, out, advance);                                                     \
   }
 
 ARGMAX_ENTRY(bf16, bf16)
@@ -181,8 +189,9 @@ ARGMAX_ENTRY(f32, float)
 #define SAMPLE_TOP_P_ENTRY(SUFFIX, T)                                                                \
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
       sample_top_p_##SUFFIX(const T* __restrict__ logits, int width, const float* __restrict__ uniforms, \
-                            float temperature, float top_p, uint32_t* __restrict__ out) {         \
-    sample_top_p_impl<T>(logits, width, uniforms, temperature, top_p, out);                          \
+                            float temperature, float top_p, uint32_t* __restrict__ out,           \
+                            uint32_t* __restrict__ advance) {                                       \
+    sample_top_p_impl<T>(logits, width, uniforms, temperature, top_p, out, advance);                 \
   }
 
 SAMPLE_TOP_P_ENTRY(bf16, bf16)

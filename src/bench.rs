@@ -596,6 +596,42 @@ fn time_generate<B: Backend>(
     Ok(t)
 }
 
+/// Seconds of `decode_tokens` replayed decode steps after a prefill of `prompt`, `repeats`
+/// times (after one untimed run): `generate` with its default CUDA graph replay, timed from
+/// the third token's arrival (the first comes from the prefill, the second from the op-by-op
+/// step, and the step is recorded after it) to the last, each interval one replay and the
+/// 8-byte read of its token.
+#[cfg(feature = "cuda")]
+fn time_replayed_decode(
+    model: &Llama<crate::backend::cuda::CudaBackend>,
+    prompt: &[u32],
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<Vec<f64>> {
+    let opts = crate::llama::GenerateOptions {
+        max_new_tokens: decode_tokens + 3,
+        sampling: crate::llama::Sampling::Greedy,
+        stop_tokens: vec![],
+        replay: true,
+    };
+    let mut out = Vec::with_capacity(repeats);
+    for rep in 0..=repeats {
+        let mut arrivals = Vec::with_capacity(opts.max_new_tokens);
+        let toks = crate::llama::generate(model, prompt, &opts, |_| {
+            arrivals.push(Instant::now());
+            Ok(())
+        })?;
+        ensure!(
+            toks.len() == opts.max_new_tokens,
+            "replayed decode stopped early"
+        );
+        if rep > 0 {
+            out.push((arrivals[arrivals.len() - 1] - arrivals[2]).as_secs_f64());
+        }
+    }
+    Ok(out)
+}
+
 /// How one device's figures are stated: the table's column, the FLOP unit, the peak and the
 /// bandwidth the decode is set against, and what a decode token must read.
 struct Roofline {
@@ -904,7 +940,7 @@ fn bench_generate_cuda(a: &GenerateArgs, cfg: &ModelConfig) -> Result<GenerateRe
     );
     let prompt = random_prompt(cfg, a.seed, a.prompt_len);
     let logit_rows = a.logits.rows(a.prompt_len);
-    let times = time_generate(
+    let mut times = time_generate(
         &model,
         &prompt,
         a.logits.mode(),
@@ -912,6 +948,11 @@ fn bench_generate_cuda(a: &GenerateArgs, cfg: &ModelConfig) -> Result<GenerateRe
         a.repeats,
         &|| be.launches(),
     )?;
+    // The headline decode is `generate`'s default, the CUDA graph replay; op by op beside it.
+    let op_by_op_s = median(&times.decode_s);
+    if a.decode_tokens > 0 {
+        times.decode_s = time_replayed_decode(&model, &prompt, a.decode_tokens, a.repeats)?;
+    }
     let roof = Roofline {
         device: "cuda",
         flop_unit: (1e12, "TFLOP", 3),
@@ -949,14 +990,25 @@ fn bench_generate_cuda(a: &GenerateArgs, cfg: &ModelConfig) -> Result<GenerateRe
             println!();
         }
         extra.push(format!(
-            "| kernel launches per decode token | {:.1} | | |",
+            "| decode tok/s, op by op (`--no-cuda-graph`) | {:.1} | | |",
+            a.decode_tokens as f64 / op_by_op_s
+        ));
+        extra.push(format!(
+            "| kernel launches per decode token (one CUDA graph) | {:.1} | | |",
             launches.decode_per_token
         ));
     }
     println!(
-        "kernel launches: {} per prefill of {} tokens, {:.1} per decode token (forward + argmax); decode is synchronous per token (each step needs the previous step's id on the host), so each token pays its launches' host overhead",
+        "kernel launches: {} per prefill of {} tokens, {:.1} per decode token (forward + argmax), queued op by op or as one CUDA graph replay; decode reads 8 bytes back per token (each step's token and position stay on the device, the host checks them for stop tokens)",
         launches.prefill, a.prompt_len, launches.decode_per_token
     );
+    if a.decode_tokens > 0 {
+        println!(
+            "decode op by op: {:.1} tok/s (median {op_by_op_s:.3}s); replayed: {:.1} tok/s",
+            a.decode_tokens as f64 / op_by_op_s,
+            f.decode_tok_s
+        );
+    }
     extra.push(format!(
         "| kernel launches per prefill | {} | | |",
         launches.prefill

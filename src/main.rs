@@ -80,6 +80,9 @@ enum Cmd {
         raw: bool,
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// On CUDA, run every decode step op by op instead of replaying a CUDA graph of it.
+        #[arg(long)]
+        no_cuda_graph: bool,
     },
     /// Train a safety LoRA (triplet, RepBend or Circuit Breakers); writes a PEFT adapter.
     Train(Box<repshield::train::commands::TrainArgs>),
@@ -214,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             raw,
             device,
+            no_cuda_graph,
         } => {
             let sampling = if temperature > 0.0 {
                 Sampling::TopP {
@@ -232,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
                 raw,
                 device,
                 adapter,
+                replay: !no_cuda_graph,
             };
             let cuda = use_cuda(g.device)?;
             macro_rules! on {
@@ -265,6 +270,8 @@ struct GenJob {
     raw: bool,
     device: Device,
     adapter: Option<std::path::PathBuf>,
+    /// `GenerateOptions::replay`.
+    replay: bool,
 }
 
 fn load_for_generation<B: Backend>(
@@ -331,6 +338,7 @@ fn run_generate_file<B: Backend>(
         max_new_tokens: g.max_new_tokens,
         sampling: g.sampling.clone(),
         stop_tokens: stop.clone(),
+        replay: g.replay,
     };
     for ex in prompts.iter().skip(done) {
         let ids = prompt_ids(&m, g, &ex.prompt)?;
@@ -454,6 +462,7 @@ fn run_generate<B: Backend>(g: &GenJob, prompt: &str, backend: B) -> Result<()> 
         max_new_tokens,
         sampling,
         stop_tokens: stop.clone(),
+        replay: g.replay,
     };
     let mut produced: Vec<u32> = Vec::new();
     let mut printed = 0usize;

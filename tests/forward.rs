@@ -85,6 +85,56 @@ fn decode_with_cache_matches_full_prefill() {
     }
 }
 
+/// `Llama::decode_step` in one reused workspace is `forward(.., LogitsMode::Last)` of the same
+/// token, bit for bit (the same ops in the same order), with and without an adapter, for a
+/// batch of two; it refuses a full cache and a token outside the vocabulary.
+#[test]
+fn decode_step_in_a_workspace_equals_forward_of_one_token() {
+    let cfg = tiny_cfg(true, false);
+    let w = ModelWeights::random(&cfg, 17);
+    let mut m = Llama::new(CpuBackend, &cfg, &w).unwrap();
+    let prompt = ids(2 * 6, 4, cfg.vocab_size);
+    let next = ids(2 * 5, 5, cfg.vocab_size);
+    for adapted in [false, true] {
+        if adapted {
+            let lcfg = LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                layers: vec![0, 2],
+                modules: LoraModule::ALL.to_vec(),
+            };
+            let mut adapter = LoraAdapter::init(&cfg, lcfg, 3);
+            let mut r = Rng::new(5);
+            for p in &mut adapter.pairs {
+                p.b.iter_mut().for_each(|x| *x = r.normal() * 0.05);
+            }
+            m.attach_lora(&adapter).unwrap();
+            assert!(m.uniform_lora_rank());
+        }
+        let (mut a, mut b) = (m.new_cache(2, 11).unwrap(), m.new_cache(2, 11).unwrap());
+        for c in [&mut a, &mut b] {
+            m.forward(&prompt, 2, c, None, &[], LogitsMode::None)
+                .unwrap();
+        }
+        let mut ws = m.decode_workspace(2).unwrap();
+        for t in next.chunks(2) {
+            let want = m
+                .forward(t, 2, &mut a, None, &[], LogitsMode::Last)
+                .unwrap()
+                .logits
+                .unwrap();
+            m.decode_step(t, &mut b, &mut ws).unwrap();
+            assert_eq!(ws.logits, want, "adapter {adapted}, cache at {}", b.len);
+        }
+        assert_eq!((a.len, b.len), (11, 11));
+        let err = m.decode_step(&next[..2], &mut b, &mut ws).unwrap_err();
+        assert!(err.to_string().contains("KV cache is full"), "{err}");
+        let mut c = m.new_cache(2, 11).unwrap();
+        let err = m.decode_step(&[0, 97], &mut c, &mut ws).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
+
 #[test]
 fn batch_with_left_padding_matches_single_sequences() {
     let cfg = tiny_cfg(false, false);
@@ -348,6 +398,7 @@ fn top_p_generate_draws_one_seeded_uniform_per_token() {
         max_new_tokens: 12,
         sampling,
         stop_tokens: vec![],
+        replay: true,
     };
     let sampled = opts(Sampling::TopP {
         temperature,

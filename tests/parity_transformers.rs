@@ -134,6 +134,7 @@ fn smollm2_matches_transformers() {
             max_new_tokens: want.len(),
             sampling: Sampling::Greedy,
             stop_tokens: vec![],
+            replay: true,
         };
         let got = generate(&llama, &ids, &opts, |_| Ok(())).unwrap();
         assert_eq!(

@@ -248,6 +248,7 @@ fn greedy<B: Backend>(model: &Llama<B>, ids: &[u32], n: usize, stop: &[u32]) -> 
         max_new_tokens: n,
         sampling: Sampling::Greedy,
         stop_tokens: stop.to_vec(),
+        replay: true,
     };
     Ok(generate(model, ids, &opts, |_| Ok(()))?
         .into_iter()

@@ -288,6 +288,22 @@ pub trait Backend {
             .collect())
     }
 
+    /// `llama::generate` with the decode step recorded once and replayed per token, or `None`
+    /// where the backend has no replay (the CPU: no launches to save), and `generate` runs
+    /// step by step. The CUDA backend records a CUDA graph (`llama::generate::generate_graph`).
+    fn generate_replayed(
+        model: &crate::llama::Llama<Self>,
+        prompt: &[u32],
+        opts: &crate::llama::GenerateOptions,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Option<Result<Vec<u32>>>
+    where
+        Self: Sized,
+    {
+        let _ = (model, prompt, opts, on_token);
+        None
+    }
+
     /// `out[r] = table[ids[r]]`, rows of width `dim`.
     fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize, out: &mut Self::Buf);
     /// `out = x / rms(x) * w` per row of width `dim` (`w` a side tensor).

@@ -398,6 +398,7 @@ pub fn run_eval_on<B: BackwardOps>(a: &EvalArgs, be: B) -> Result<Report> {
         max_new_tokens: a.gen_tokens.min(48),
         sampling: Sampling::Greedy,
         stop_tokens: stop.clone(),
+        replay: true,
     };
     let mut refused = 0;
     let mut degenerate = 0;

@@ -79,6 +79,19 @@ impl<B: Backend> BlockScratch<B> {
     }
 }
 
+/// The buffers of one decode step (one token for each of `batch` sequences), allocated once
+/// so that [`Llama::decode_step`] allocates nothing: a step recorded into a CUDA graph and
+/// replayed must not.
+pub struct DecodeWorkspace<B: Backend> {
+    pub batch: usize,
+    x: B::Buf,
+    xn: B::Buf,
+    acts: LayerActs<B>,
+    scratch: BlockScratch<B>,
+    /// `[batch, vocab]` f32, written by each step.
+    pub logits: B::Buf,
+}
+
 /// Everything the backward pass reads.
 pub struct Activations<B: Backend> {
     pub batch: usize,
@@ -209,6 +222,111 @@ impl<B: Backend> Llama<B> {
             None,
         )?;
         Ok(out)
+    }
+
+    /// Buffers for [`Llama::decode_step`] on `batch` sequences. The LoRA scratch is sized for
+    /// the attached adapter: attach before, not after.
+    pub fn decode_workspace(&self, batch: usize) -> Result<DecodeWorkspace<B>> {
+        let (be, cfg) = (&self.backend, &self.cfg);
+        let rank = self.lora_ranks().max().unwrap_or(1);
+        let mut scratch = BlockScratch::new(be, batch, cfg, rank)?;
+        if self.lora_ranks().next().is_some() {
+            // qkv_proj and gate_up_swiglu put the other projections' x A^T here.
+            scratch.lora_more = [Some(be.alloc(batch * rank)?), Some(be.alloc(batch * rank)?)];
+        }
+        Ok(DecodeWorkspace {
+            batch,
+            x: be.alloc_f32(batch * cfg.hidden_size)?,
+            xn: be.alloc(batch * cfg.hidden_size)?,
+            acts: LayerActs::new(be, batch, cfg)?,
+            scratch,
+            logits: be.alloc_f32(batch * cfg.vocab_size)?,
+        })
+    }
+
+    /// Ranks of the attached LoRA pairs, one per module and layer.
+    fn lora_ranks(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers
+            .iter()
+            .flat_map(|l| l.lora.iter().flatten())
+            .map(|l| l.rank)
+    }
+
+    /// Whether every attached LoRA pair has one rank (or none is attached): then
+    /// [`Llama::decode_step`] allocates nothing, where mixed ranks resize its scratch.
+    pub fn uniform_lora_rank(&self) -> bool {
+        let mut r = self.lora_ranks();
+        r.next().is_none_or(|first| r.all(|x| x == first))
+    }
+
+    /// One decode step: `ids` (one token per sequence) at position `cache.len`, appended to
+    /// the cache, the logits `[batch, vocab]` into `ws.logits`. What
+    /// `forward(ids, batch, cache, None, &[], LogitsMode::Last)` computes, in `ws`'s buffers.
+    pub fn decode_step(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache<B>,
+        ws: &mut DecodeWorkspace<B>,
+    ) -> Result<()> {
+        let (be, cfg) = (&self.backend, &self.cfg);
+        let (batch, d) = (ws.batch, cfg.hidden_size);
+        ensure!(
+            ids.len() == batch && cache.batch == batch,
+            "decode_step: {} ids for a workspace of {batch} and a cache of {} sequences",
+            ids.len(),
+            cache.batch
+        );
+        ensure!(
+            cache.len < cache.capacity,
+            "decode_step: the KV cache is full ({} positions)",
+            cache.capacity
+        );
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            anyhow::bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            );
+        }
+        let shape = AttnShape {
+            batch,
+            q_len: 1,
+            start_pos: cache.len,
+            capacity: cache.capacity,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        be.embedding(&self.embed, ids, d, &mut ws.x);
+        be.rmsnorm(&ws.x, &self.layers[0].attn_norm, d, cfg.rms_eps, &mut ws.xn);
+        for li in 0..self.layers.len() {
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            self.block(
+                li,
+                &mut ws.x,
+                &mut ws.xn,
+                &mut ws.acts,
+                kc,
+                vc,
+                None,
+                shape,
+                true,
+                None,
+                false,
+                &mut ws.scratch,
+            )?;
+        }
+        cache.len += 1;
+        be.matmul(
+            &ws.xn,
+            self.lm_head(),
+            &mut ws.logits,
+            batch,
+            cfg.vocab_size,
+            d,
+            1.0,
+            false,
+        );
+        Ok(())
     }
 
     /// Like [`Llama::forward`], from embeddings (`[batch * seq, hidden]`) instead of token ids.
@@ -415,13 +533,7 @@ impl<B: Backend> Llama<B> {
         };
         keep(0, &x, &mut hidden)?;
 
-        let max_rank = self
-            .layers
-            .iter()
-            .flat_map(|l| l.lora.iter().flatten())
-            .map(|l| l.rank)
-            .max()
-            .unwrap_or(1);
+        let max_rank = self.lora_ranks().max().unwrap_or(1);
         let mut scratch = BlockScratch::new(be, rows, cfg, max_rank)?;
         let mut recorded = Vec::new();
         let recompute = self.recompute;
@@ -505,12 +617,18 @@ impl<B: Backend> Llama<B> {
                 Some(out)
             }
             LogitsMode::Last => {
-                let last: Vec<u32> = (0..batch).map(|b| (b * seq + seq - 1) as u32).collect();
-                let mut xl = be.alloc(batch * d)?;
-                be.gather_rows(&xn, &last, d, &mut xl, 0);
+                // One token per sequence (decode): the last rows are all of them.
+                let xl = if seq == 1 {
+                    None
+                } else {
+                    let last: Vec<u32> = (0..batch).map(|b| (b * seq + seq - 1) as u32).collect();
+                    let mut xl = be.alloc(batch * d)?;
+                    be.gather_rows(&xn, &last, d, &mut xl, 0);
+                    Some(xl)
+                };
                 let mut out = be.alloc_f32(batch * cfg.vocab_size)?;
                 be.matmul(
-                    &xl,
+                    xl.as_ref().unwrap_or(&xn),
                     self.lm_head(),
                     &mut out,
                     batch,

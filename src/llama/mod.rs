@@ -11,7 +11,7 @@ pub mod model;
 pub mod peft;
 
 pub use backward::LoraGrads;
-pub use forward::{Activations, ForwardOutput, Input, LogitsMode};
+pub use forward::{Activations, DecodeWorkspace, ForwardOutput, Input, LogitsMode};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use latent::LatentHook;
 pub use lora::{LoraAdapter, LoraConfig, LoraDropout, LoraModule};

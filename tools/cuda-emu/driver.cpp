@@ -33,6 +33,9 @@ enum : CUresult {
   CUDA_ERROR_NOT_FOUND = 500,
   CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
   CUDA_ERROR_ILLEGAL_INSTRUCTION = 715,
+  CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+  CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+  CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906,
 };
 
 namespace {
@@ -110,6 +113,30 @@ struct Launch {
   Function* f;
   void** args;
 };
+
+// One kernel launch of a graph: the function, its configuration and its argument values
+// (8 bytes each, a 4-byte value in the low half).
+struct Node {
+  Function* f;
+  unsigned grid[3], block[3], smem;
+  std::vector<uint64_t> values;
+};
+
+struct Graph {
+  std::vector<Node> nodes;
+};
+
+// A stream. Work runs when it is queued, except while the stream captures: launches are then
+// recorded into `graph`, and anything else queued on it invalidates the capture.
+struct Stream {
+  Graph* graph = nullptr;   // capturing when not null
+  bool invalidated = false;
+  std::string why;          // what invalidated it
+};
+
+// The stream this thread captures on (the thread-local capture mode: while it captures, the
+// thread may not allocate, free, copy synchronously or synchronise).
+thread_local Stream* t_capturing = nullptr;
 
 struct Emu {
   std::mutex lock;  // one launch (and one block) at a time: __shared__ statics are process-wide
@@ -333,6 +360,28 @@ void* self_handle() {
 
 char g_ctx, g_stream, g_pool;
 
+// ---- stream capture ----------------------------------------------------------------------------
+// The legacy default stream (null, or the one cuStreamCreate never returns) is not a Stream.
+Stream* as_stream(void* s) { return s && s != &g_stream ? static_cast<Stream*>(s) : nullptr; }
+
+// Whether `what`, queued on stream `s` (null: a synchronous call of this thread), must be
+// refused because of a capture. It is when `s` captures (only launches are recorded), or when
+// this thread captures and the call is not on a stream (the thread-local mode's rule). The
+// capture is invalidated, as the driver does, and says why when it ends. Stricter than the
+// driver, which records memsets, device copies and stream-ordered allocations as graph nodes:
+// a recorded decode step has none of those, so one showing up is a bug.
+bool capture_refuses(void* s, const char* what) {
+  Stream* st = as_stream(s);
+  Stream* victim = st && st->graph ? st : !st ? t_capturing : nullptr;
+  if (!victim) return false;
+  if (!victim->invalidated) {
+    victim->invalidated = true;
+    victim->why = what;
+  }
+  return true;
+}
+
+
 }  // namespace
 
 // ---- runtime used by emu.h ------------------------------------------------------------------
@@ -422,20 +471,69 @@ CUresult cuCtxGetCurrent(void** ctx) {
   *ctx = &g_ctx;
   return CUDA_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+  if (capture_refuses(nullptr, "a context synchronisation")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  return CUDA_SUCCESS;
+}
 CUresult cuStreamCreate(void** s, unsigned) {
-  *s = &g_stream;
+  *s = new Stream;
   return CUDA_SUCCESS;
 }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) {
-  *s = &g_stream;
+  *s = new Stream;
   return CUDA_SUCCESS;
 }
-CUresult cuStreamDestroy_v2(void*) { return CUDA_SUCCESS; }
-CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamDestroy_v2(void* s) {
+  if (s && s != &g_stream) delete static_cast<Stream*>(s);
+  return CUDA_SUCCESS;
+}
+CUresult cuStreamSynchronize(void* s) {
+  if (capture_refuses(s, "stream synchronisation")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  return CUDA_SUCCESS;
+}
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
-CUresult cuStreamIsCapturing(void*, int* status) {
-  *status = 0;
+CUresult cuStreamIsCapturing(void* s, int* status) {
+  Stream* st = as_stream(s);
+  *status = !st || !st->graph ? 0 : st->invalidated ? 2 : 1;  // none, active, invalidated
+  return CUDA_SUCCESS;
+}
+CUresult cuStreamBeginCapture_v2(void* s, int) {
+  Stream* st = as_stream(s);
+  if (!st) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // the legacy default stream
+  if (st->graph || t_capturing) return CUDA_ERROR_INVALID_VALUE;
+  st->graph = new Graph;
+  st->invalidated = false;
+  st->why.clear();
+  t_capturing = st;
+  return CUDA_SUCCESS;
+}
+CUresult cuStreamEndCapture(void* s, void** graph) {
+  Stream* st = as_stream(s);
+  if (!st || !st->graph) return CUDA_ERROR_INVALID_VALUE;
+  Graph* g = st->graph;
+  st->graph = nullptr;
+  t_capturing = nullptr;
+  if (st->invalidated) {
+    fprintf(stderr, "cuda-emu: the capture was invalidated by %s\n", st->why.c_str());
+    delete g;
+    *graph = nullptr;
+    return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+  }
+  *graph = g;
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+  if (!graph) return CUDA_ERROR_INVALID_VALUE;
+  *exec = new Graph(*static_cast<Graph*>(graph));
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphUpload(void* exec, void*) { return exec ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE; }
+CUresult cuGraphExecDestroy(void* exec) {
+  delete static_cast<Graph*>(exec);
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphDestroy(void* graph) {
+  delete static_cast<Graph*>(graph);
   return CUDA_SUCCESS;
 }
 CUresult cuEventCreate(void** ev, unsigned) {
@@ -446,7 +544,9 @@ CUresult cuEventDestroy_v2(void* ev) {
   delete static_cast<double*>(ev);
   return CUDA_SUCCESS;
 }
-CUresult cuEventRecord(void* ev, void*) {
+CUresult cuEventRecord(void* ev, void* s) {
+  // The driver records an event node; nothing the backend captures records events.
+  if (capture_refuses(s, "an event record")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   *static_cast<double*>(ev) = double(ts.tv_sec) * 1e3 + double(ts.tv_nsec) * 1e-6;
@@ -460,7 +560,7 @@ CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
 }
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+static CUresult mem_alloc(CUdeviceptr* p, size_t bytes) {
   Emu& e = emu();
   std::lock_guard<std::mutex> g(e.lock);
   const size_t n = std::max<size_t>(bytes, 1);
@@ -475,7 +575,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
   e.allocated += n;
   return CUDA_SUCCESS;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) {
+static CUresult mem_free(CUdeviceptr p) {
   Emu& e = emu();
   std::lock_guard<std::mutex> g(e.lock);
   auto it = e.allocs.find(p);
@@ -485,8 +585,6 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
   free(reinterpret_cast<unsigned char*>(p) - kRedzone);
   return CUDA_SUCCESS;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 // The allocation holding [p, p + n), or fatal: a copy out of bounds is a host-side bug.
 void check_range(CUdeviceptr p, size_t n, const char* what) {
   Emu& e = emu();
@@ -498,37 +596,92 @@ void check_range(CUdeviceptr p, size_t n, const char* what) {
     fatal("%s of %zu bytes at offset %llu overruns a %zu-byte buffer", what, n, p - it->first, it->second);
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+static CUresult copy_htod(CUdeviceptr dst, const void* src, size_t n) {
   check_range(dst, n, "host-to-device copy");
   memcpy(reinterpret_cast<void*>(dst), src, n);
   return CUDA_SUCCESS;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+static CUresult copy_dtoh(void* dst, CUdeviceptr src, size_t n) {
   check_range(src, n, "device-to-host copy");
   memcpy(dst, reinterpret_cast<const void*>(src), n);
   return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+static CUresult copy_dtod(CUdeviceptr dst, CUdeviceptr src, size_t n) {
   check_range(src, n, "device-to-device copy (source)");
   check_range(dst, n, "device-to-device copy (destination)");
   memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
   return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
-CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+static CUresult set_d8(CUdeviceptr dst, unsigned char v, size_t n) {
   check_range(dst, n, "memset");
   memset(reinterpret_cast<void*>(dst), v, n);
   return CUDA_SUCCESS;
 }
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(dst, v, n); }
-CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+static CUresult set_d32(CUdeviceptr dst, unsigned v, size_t n) {
   check_range(dst, 4 * n, "memset");
   for (size_t i = 0; i < n; i++) reinterpret_cast<unsigned*>(dst)[i] = v;
   return CUDA_SUCCESS;
 }
-CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void*) { return cuMemsetD32_v2(dst, v, n); }
+
+// The memory API: each call is refused while a capture forbids it (capture_refuses).
+#define REFUSE(stream, what) \
+  if (capture_refuses(stream, what)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+  REFUSE(nullptr, "an allocation");
+  return mem_alloc(p, bytes);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
+  REFUSE(s, "a stream-ordered allocation");
+  return mem_alloc(p, bytes);
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+  REFUSE(nullptr, "a free");
+  return mem_free(p);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
+  REFUSE(s, "a stream-ordered free");
+  return mem_free(p);
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+  REFUSE(nullptr, "a host-to-device copy");
+  return copy_htod(dst, src, n);
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* s) {
+  REFUSE(s, "a host-to-device copy");
+  return copy_htod(dst, src, n);
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+  REFUSE(nullptr, "a device-to-host copy");
+  return copy_dtoh(dst, src, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* s) {
+  REFUSE(s, "a device-to-host copy");
+  return copy_dtoh(dst, src, n);
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  REFUSE(nullptr, "a device-to-device copy");
+  return copy_dtod(dst, src, n);
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* s) {
+  REFUSE(s, "a device-to-device copy");
+  return copy_dtod(dst, src, n);
+}
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+  REFUSE(nullptr, "a memset");
+  return set_d8(dst, v, n);
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* s) {
+  REFUSE(s, "a memset");
+  return set_d8(dst, v, n);
+}
+CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+  REFUSE(nullptr, "a memset");
+  return set_d32(dst, v, n);
+}
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* s) {
+  REFUSE(s, "a memset");
+  return set_d32(dst, v, n);
+}
 CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice) {
   *pool = &g_pool;
   return CUDA_SUCCESS;
@@ -567,20 +720,15 @@ CUresult cuFuncGetAttribute(int* v, int attr, void* f) {
 }
 CUresult cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
 
-CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned smem, void*, void** params, void** extra) {
-  auto* f = static_cast<Function*>(func);
-  if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+// Runs one launch (validated by the caller) to completion.
+static void run_launch(Function* f, const unsigned grid[3], const unsigned block[3], unsigned smem, void** params) {
+  const unsigned bx = block[0], by = block[1], bz = block[2];
   const unsigned long long nthreads = (unsigned long long)bx * by * bz;
-  if (nthreads == 0 || nthreads > 1024 || bz > 64 || gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535)
-    return CUDA_ERROR_INVALID_VALUE;
-  if (int(smem) > f->max_dynamic_smem) return CUDA_ERROR_INVALID_VALUE;
-  if (!params && !f->params.empty()) return CUDA_ERROR_INVALID_VALUE;
   Emu& e = emu();
   std::lock_guard<std::mutex> g(e.lock);
   Launch l{f, params};
   e.launch = &l;
-  e.grid_dim = dim3{gx, gy, gz};
+  e.grid_dim = dim3{grid[0], grid[1], grid[2]};
   e.block_dim = dim3{bx, by, bz};
   if (e.fibers.size() < nthreads) e.fibers.resize(1024);
   e.warp_slots.assign(size_t((nthreads + 31) / 32) * 32 * 16, 0);
@@ -589,9 +737,9 @@ CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsig
     fb.t.tid = dim3{i % bx, (i / bx) % by, i / (bx * by)};
     fb.t.linear = int(i);
   }
-  for (unsigned z = 0; z < gz; z++)
-    for (unsigned y = 0; y < gy; y++)
-      for (unsigned x = 0; x < gx; x++) {
+  for (unsigned z = 0; z < grid[2]; z++)
+    for (unsigned y = 0; y < grid[1]; y++)
+      for (unsigned x = 0; x < grid[0]; x++) {
         e.block_idx = dim3{x, y, z};
         // Dynamic shared memory starts as garbage on the GPU (NaN here).
         e.dyn_smem.assign(std::max<size_t>(smem, 16), 0xff);
@@ -599,6 +747,42 @@ CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsig
       }
   check_redzones(f->name.c_str());
   e.launch = nullptr;
+}
+
+CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned smem, void* stream, void** params, void** extra) {
+  auto* f = static_cast<Function*>(func);
+  if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+  const unsigned long long nthreads = (unsigned long long)bx * by * bz;
+  if (nthreads == 0 || nthreads > 1024 || bz > 64 || gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535)
+    return CUDA_ERROR_INVALID_VALUE;
+  if (int(smem) > f->max_dynamic_smem) return CUDA_ERROR_INVALID_VALUE;
+  if (!params && !f->params.empty()) return CUDA_ERROR_INVALID_VALUE;
+  const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+  Stream* st = as_stream(stream);
+  if (st && st->graph) {
+    // Recorded with its argument values, as the driver does: a replay sees these values,
+    // whatever the host variables hold by then.
+    Node n{f, {gx, gy, gz}, {bx, by, bz}, smem, std::vector<uint64_t>(f->params.size(), 0)};
+    for (size_t i = 0; i < f->params.size(); i++) {
+      const auto k = f->params[i];
+      memcpy(&n.values[i], params[i], (k == P_INT4 || k == P_F32) ? 4 : 8);
+    }
+    st->graph->nodes.push_back(std::move(n));
+    return CUDA_SUCCESS;
+  }
+  run_launch(f, grid, block, smem, params);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphLaunch(void* exec, void* stream) {
+  if (!exec) return CUDA_ERROR_INVALID_VALUE;
+  if (capture_refuses(stream, "a graph launch")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  for (Node& n : static_cast<Graph*>(exec)->nodes) {
+    std::vector<void*> ptrs(n.values.size());
+    for (size_t i = 0; i < ptrs.size(); i++) ptrs[i] = &n.values[i];
+    run_launch(n.f, n.grid, n.block, n.smem, ptrs.data());
+  }
   return CUDA_SUCCESS;
 }
 
@@ -609,6 +793,8 @@ CUresult cuGetErrorString(CUresult r, const char** s) {
     case CUDA_ERROR_OUT_OF_MEMORY: *s = "out of memory"; break;
     case CUDA_ERROR_NOT_SUPPORTED: *s = "operation not supported by the CUDA emulator"; break;
     case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *s = "operation not permitted when stream is capturing"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: *s = "operation failed due to a previous error during capture"; break;
     default: *s = "unknown error"; break;
   }
   return CUDA_SUCCESS;
@@ -620,6 +806,8 @@ CUresult cuGetErrorName(CUresult r, const char** s) {
     case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
     case CUDA_ERROR_NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
     case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
     default: *s = "CUDA_ERROR_UNKNOWN"; break;
   }
   return CUDA_SUCCESS;

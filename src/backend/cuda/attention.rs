@@ -195,7 +195,20 @@ impl CudaBackend {
             k_cache.dtype == dtype && v_cache.dtype == dtype && out.dtype == dtype,
             "attention: q, caches and out must share a dtype"
         );
-        let plan = self.attention_plan(s, dtype);
+        // A replayed decode step reads its position on the device: the grid covers the whole
+        // cache, and splits past the keys find none (kernels/attention.cu pos_dev).
+        let pos_dev = self.step_pos(s);
+        let plan = if pos_dev != 0 {
+            self.attention_plan(
+                AttnShape {
+                    start_pos: s.capacity - s.q_len,
+                    ..s
+                },
+                dtype,
+            )
+        } else {
+            self.attention_plan(s, dtype)
+        };
         let rows_total = s.batch * s.q_len * s.n_heads;
         let lse_ptr: u64 = match lse {
             Some(l) => {
@@ -209,11 +222,7 @@ impl CudaBackend {
             None => 0,
         };
 
-        let mut scratch = self
-            .dev
-            .attn_scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut scratch = self.attn_scratch.lock().unwrap_or_else(|p| p.into_inner());
         let part_len = if plan.splits > 1 {
             plan.splits * rows_total * (hd + 2)
         } else {
@@ -264,10 +273,13 @@ impl CudaBackend {
             Arg::Ptr(part_ml),
             Arg::Ptr(lse_ptr),
         ];
-        args.extend(ints.map(Arg::I32));
+        args.extend(ints[..3].iter().map(|&v| Arg::I32(v)));
+        args.push(Arg::Ptr(pos_dev));
+        args.extend(ints[3..].iter().map(|&v| Arg::I32(v)));
         args.extend([Arg::F32(scale_log2), Arg::I32(rpb)]);
         // SAFETY: attention_T_hdD(const T* q, const T* k_cache, const T* v_cache, const void*
-        // mask, int, T* out, float* part_o, float* part_ml, float* lse, int x 8, float, int);
+        // mask, int, T* out, float* part_o, float* part_ml, float* lse, int x 3, const u32*
+        // pos_dev, int x 5, float, int);
         // sizes checked above; with splits > 1 the partials hold splits * rows_total * (hd + 2)
         // floats; lse is null (single pass and combine skip it) or rows_total floats.
         unsafe { self.launch(&plan.entry, cfg, &mut args) };

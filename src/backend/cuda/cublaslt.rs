@@ -198,7 +198,7 @@ impl CudaBackend {
     /// panics) when libcublasLt cannot be loaded or the handle cannot be created; a failure is
     /// not cached, so the next call tries again.
     fn with_cublaslt<T>(&self, f: impl FnOnce(&mut Lt) -> Result<T>) -> Result<T> {
-        let mut slot = self.dev.cublaslt.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.cublaslt.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(Lt::new(self)?);
         }

@@ -144,26 +144,18 @@ impl std::fmt::Debug for CudaBuf {
     }
 }
 
-/// One GPU, set up once per process: context, the stream every op is queued on, and every
-/// kernel of the embedded PTX loaded and looked up.
+/// One GPU, set up once per process: context, and every kernel of the embedded PTX loaded and
+/// looked up.
 pub(super) struct Device {
     pub(super) ctx: Arc<CudaContext>,
-    pub(super) stream: Arc<CudaStream>,
     /// Every kernel with its parameter signature from the PTX (see `ptx::PtxModule`).
     functions: HashMap<&'static str, (CudaFunction, &'static str)>,
     pub(super) sm_count: usize,
     pub(super) name: String,
     pub(super) compute_capability: (i32, i32),
     pub(super) driver_version: i32,
-    /// Flash-decoding partials of attention, grown on demand and reused: every op runs in
-    /// order on one stream, so a later launch cannot overtake an earlier reader.
-    pub(super) attn_scratch: Mutex<Option<CudaSlice<f32>>>,
     /// `REPSHIELD_CUDA_SEPARATE=1`: `alloc_group_dtype` allocates each buffer on its own.
     separate_groups: bool,
-    /// cuBLASLt's handle, workspace and GEMM plans (cublaslt.rs), created on first use so that
-    /// a machine without libcublasLt still opens the device.
-    #[cfg(feature = "cublaslt")]
-    pub(super) cublaslt: Mutex<Option<super::cublaslt::Lt>>,
 }
 
 /// Dynamic shared memory of the 128x128 GEMM tile (4 stages x (128 + 128) rows x 40 bf16).
@@ -215,10 +207,10 @@ impl Device {
         let mut driver_version = 0;
         // SAFETY: writes one int; the driver library is loaded (probe).
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
-        // One stream for everything: ops are ordered, so buffers need no event tracking.
-        // SAFETY: no buffer is ever used on a second stream.
+        // Each backend handle queues everything on its own stream (CudaBackend::new): ops are
+        // ordered, so buffers need no event tracking.
+        // SAFETY: no buffer is ever used on a stream other than its handle's.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
 
         let mut functions = HashMap::new();
         for m in PTX_MODULES {
@@ -254,16 +246,12 @@ impl Device {
         }
         Ok(Self {
             ctx,
-            stream,
             functions,
             sm_count,
             name,
             compute_capability,
             driver_version,
-            attn_scratch: Mutex::new(None),
             separate_groups: std::env::var("REPSHIELD_CUDA_SEPARATE").is_ok_and(|v| v == "1"),
-            #[cfg(feature = "cublaslt")]
-            cublaslt: Mutex::new(None),
         })
     }
 }
@@ -276,11 +264,26 @@ fn driver_string(v: i32) -> String {
     }
 }
 
-/// The CUDA backend on one GPU. Cheap to clone: clones share the device, its stream and its
-/// loaded kernels.
+/// The CUDA backend on one GPU. Cheap to clone: clones share the device, the stream and the
+/// loaded kernels. Each [`CudaBackend::new`] gets a stream of its own (a non-default one, so
+/// that a decode step can be captured into a CUDA graph): handles opened side by side (tests
+/// running in parallel) neither order against nor capture each other's work, and must not
+/// share buffers.
 #[derive(Clone)]
 pub struct CudaBackend {
     pub(super) dev: Arc<Device>,
+    stream: Arc<CudaStream>,
+    /// Flash-decoding partials of attention, grown on demand and reused: every op of the
+    /// handle runs in order on its stream, so a later launch cannot overtake an earlier reader.
+    pub(super) attn_scratch: Arc<Mutex<Option<CudaSlice<f32>>>>,
+    /// Device address of the decode-step state (`super::graph`), 0 when none is active: while
+    /// set, `embedding` reads its token, and `rope_kv_store` and `attention` their position,
+    /// from there instead of from host values.
+    pub(super) step: Arc<AtomicU64>,
+    /// cuBLASLt's handle, workspace and GEMM plans (cublaslt.rs), created on first use so that
+    /// a machine without libcublasLt still opens the device.
+    #[cfg(feature = "cublaslt")]
+    pub(super) cublaslt: Arc<Mutex<Option<super::cublaslt::Lt>>>,
     /// Storage of `upload` and `alloc`: bf16 normally; f32 to check kernels against the CPU
     /// without bf16 rounding.
     working: DType,
@@ -310,8 +313,17 @@ impl CudaBackend {
                 d
             }
         };
+        let stream = dev
+            .ctx
+            .new_stream()
+            .context("creating the backend's CUDA stream")?;
         Ok(Self {
             dev,
+            stream,
+            attn_scratch: Arc::default(),
+            step: Arc::default(),
+            #[cfg(feature = "cublaslt")]
+            cublaslt: Arc::default(),
             working: DType::BF16,
             launches: Arc::default(),
         })
@@ -367,7 +379,6 @@ impl CudaBackend {
         // Zero-length buffers still get a real allocation so that every buffer has an address.
         let bytes = (len * dtype.size()).max(16);
         let data = self
-            .dev
             .stream
             .alloc_zeros::<u8>(bytes)
             .with_context(|| format!("allocating {bytes} bytes on {}", self.dev.name))?;
@@ -398,7 +409,7 @@ impl CudaBackend {
         }
         let bytes: Vec<usize> = specs.iter().map(|&(len, dt)| len * dt.size()).collect();
         let (offsets, total) = group_layout(&bytes);
-        let slice = self.dev.stream.alloc_zeros::<u8>(total).with_context(|| {
+        let slice = self.stream.alloc_zeros::<u8>(total).with_context(|| {
             format!(
                 "allocating {total} bytes ({category}, {} tensors) on {}",
                 specs.len(),
@@ -407,7 +418,7 @@ impl CudaBackend {
         })?;
         count_alloc(total);
         let base = {
-            let (ptr, _sync) = slice.device_ptr(&self.dev.stream);
+            let (ptr, _sync) = slice.device_ptr(&self.stream);
             ptr
         };
         let arena = Arc::new(Arena {
@@ -429,8 +440,7 @@ impl CudaBackend {
                 // allocation (group_layout), which outlives the view (the buffer holds the
                 // arena); the view is leaked, never freed, on drop.
                 let view = unsafe {
-                    self.dev
-                        .stream
+                    self.stream
                         .upgrade_device_ptr::<u8>(base + off as u64, b.max(16))
                 };
                 CudaBuf {
@@ -496,13 +506,11 @@ impl CudaBackend {
         let dst = &mut *buf.data;
         let res = match buf.dtype {
             DType::F32 => self
-                .dev
                 .stream
                 .memcpy_htod(bytemuck::cast_slice::<f32, u8>(data), dst),
             DType::BF16 => {
                 let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                self.dev
-                    .stream
+                self.stream
                     .memcpy_htod(bytemuck::cast_slice::<half::bf16, u8>(&h), dst)
             }
         };
@@ -511,8 +519,7 @@ impl CudaBackend {
 
     /// Uploads a small index array (token ids, row lists) for one launch.
     pub(super) fn upload_u32(&self, data: &[u32]) -> CudaSlice<u32> {
-        self.dev
-            .stream
+        self.stream
             .clone_htod(data)
             .unwrap_or_else(|e| panic!("copying {} indices to the GPU: {e}", data.len()))
     }
@@ -523,17 +530,16 @@ impl CudaBackend {
     pub fn time_ms_flushed(&self, f: &mut dyn FnMut(), reps: usize) -> Result<Vec<f64>> {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         let mut flush = self
-            .dev
             .stream
             .alloc_zeros::<u8>(256 << 20)
             .context("allocating the L2 flush buffer")?;
         f();
         let mut out = Vec::with_capacity(reps);
         for _ in 0..reps {
-            self.dev.stream.memset_zeros(&mut flush)?;
-            let start = self.dev.stream.record_event(Some(CU_EVENT_DEFAULT))?;
+            self.stream.memset_zeros(&mut flush)?;
+            let start = self.stream.record_event(Some(CU_EVENT_DEFAULT))?;
             f();
-            let end = self.dev.stream.record_event(Some(CU_EVENT_DEFAULT))?;
+            let end = self.stream.record_event(Some(CU_EVENT_DEFAULT))?;
             out.push(start.elapsed_ms(&end)? as f64);
         }
         crate::backend::Backend::synchronize(self)?;
@@ -545,9 +551,9 @@ impl CudaBackend {
     pub fn copy_bandwidth_gbs(&self) -> Result<f64> {
         let (free, _) = self.mem_info()?;
         let bytes: usize = if free > 4 << 30 { 1 << 30 } else { 64 << 20 };
-        let src = self.dev.stream.alloc_zeros::<u8>(bytes)?;
-        let mut dst = self.dev.stream.alloc_zeros::<u8>(bytes)?;
-        let stream = self.dev.stream.clone();
+        let src = self.stream.alloc_zeros::<u8>(bytes)?;
+        let mut dst = self.stream.alloc_zeros::<u8>(bytes)?;
+        let stream = self.stream.clone();
         let mut err = None;
         let times = self.time_ms_flushed(
             &mut || {
@@ -581,7 +587,7 @@ impl CudaBackend {
             given, *signature,
             "launcher/kernel signature mismatch for {name} (p = 8-byte pointer or long long, i = int, f = float, d = double)"
         );
-        let mut b = self.dev.stream.launch_builder(f);
+        let mut b = self.stream.launch_builder(f);
         for a in args.iter_mut() {
             match a {
                 Arg::In(buf) => b.arg(&*buf.data),
@@ -604,17 +610,17 @@ impl CudaBackend {
     }
 
     pub(super) fn stream(&self) -> &Arc<CudaStream> {
-        &self.dev.stream
+        &self.stream
     }
 
     /// Device address of a buffer (alignment checks, optional kernel arguments).
     pub(super) fn addr(&self, buf: &CudaBuf) -> u64 {
-        let (ptr, _sync) = buf.data.device_ptr(&self.dev.stream);
+        let (ptr, _sync) = buf.data.device_ptr(&self.stream);
         ptr
     }
 
     pub(super) fn addr_f32(&self, buf: &CudaSlice<f32>) -> u64 {
-        let (ptr, _sync) = buf.device_ptr(&self.dev.stream);
+        let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr
     }
 }
@@ -699,7 +705,7 @@ impl Backend for CudaBackend {
         self.upload_group_dtype(category, &data)
     }
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
-        let stream = &self.dev.stream;
+        let stream = &self.stream;
         let bytes: Vec<u8> = stream
             .clone_dtoh(&*buf.data)
             .context("copying from the GPU")?;
@@ -722,13 +728,23 @@ impl Backend for CudaBackend {
         buf.len
     }
     fn synchronize(&self) -> Result<()> {
-        self.dev
-            .stream
+        self.stream
             .synchronize()
             .context("CUDA error in a queued kernel")
     }
     fn argmax_rows(&self, x: &CudaBuf, width: usize) -> Result<Vec<u32>> {
         self.argmax_impl(x, width)
+    }
+    fn generate_replayed(
+        model: &crate::llama::Llama<Self>,
+        prompt: &[u32],
+        opts: &crate::llama::GenerateOptions,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Option<Result<Vec<u32>>> {
+        // Mixed LoRA ranks resize the step's scratch, and a recorded step must not allocate.
+        model
+            .uniform_lora_rank()
+            .then(|| crate::llama::generate::generate_graph(model, prompt, opts, on_token))
     }
     fn sample_top_p_rows(
         &self,

@@ -30,7 +30,9 @@ impl CudaBackend {
             (a, b) if a == b => format!("embedding_{a}"),
             (a, b) => format!("embedding_{a}_{b}"),
         };
-        let ids_dev = self.upload_u32(ids);
+        // A replayed decode step's token is the one its previous step chose, on the device.
+        let step_token = self.step_token(ids.len());
+        let ids_dev = (step_token == 0).then(|| self.upload_u32(ids));
         let dim_i = int(dim, "embedding dim");
         let cfg = LaunchConfig {
             grid_dim: (int(ids.len(), "embedding rows") as u32, 1, 1),
@@ -39,12 +41,16 @@ impl CudaBackend {
         };
         let mut args = [
             Arg::In(table),
-            Arg::U32(&ids_dev),
+            match &ids_dev {
+                Some(d) => Arg::U32(d),
+                None => Arg::Ptr(step_token),
+            },
             Arg::I32(dim_i),
             Arg::Out(out),
         ];
         // SAFETY: embedding_*(const TIN* table, const u32* ids, int dim, TOUT* out): sizes checked
-        // above, ids checked against the vocabulary.
+        // above, ids checked against the vocabulary (a step's token: chosen by argmax or top-p
+        // over the vocabulary's logits).
         unsafe { self.launch(&name, cfg, &mut args) };
     }
 

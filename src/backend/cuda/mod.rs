@@ -42,6 +42,8 @@ mod dropout;
 #[cfg(feature = "cuda")]
 mod embedding;
 #[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
 mod kl;
 #[cfg(feature = "cuda")]
 mod matmul;
@@ -64,6 +66,8 @@ mod device;
 pub use attention::AttentionPlan;
 #[cfg(feature = "cuda")]
 pub use device::{ArenaUse, CudaBackend, CudaBuf, DType};
+#[cfg(feature = "cuda")]
+pub use graph::{StepChoice, StepGraph, StepState};
 #[cfg(feature = "cuda")]
 pub use matmul::{GemmKernel, MatmulKernel, MATVEC_MAX_M};
 

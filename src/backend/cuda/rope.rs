@@ -81,15 +81,17 @@ impl CudaBackend {
             Arg::I32(int(s.n_kv_heads, "rope n_kv_heads")),
             Arg::I32(int(hd, "rope head_dim")),
             Arg::I32(int(s.start_pos + s.q_len, "rope position") - s.q_len as i32),
+            Arg::Ptr(self.step_pos(s)),
             Arg::I32(int(s.capacity, "capacity")),
             Arg::In(inv_freq),
             Arg::I32(inv_f32),
         ];
         let name = format!("rope_kv_store_{}", dtype.suffix());
         // SAFETY: rope_kv_store_T(T* q, T* k, const T* v, T* k_cache, T* v_cache, long long rows,
-        // int seq_len, int n_heads, int n_kv_heads, int head_dim, int start_pos, int capacity,
-        // const void* inv_freq, int); sizes and dtypes checked above, s.check() bounds the
-        // positions by the capacity.
+        // int seq_len, int n_heads, int n_kv_heads, int head_dim, int start_pos, const u32*
+        // pos_dev, int capacity, const void* inv_freq, int); sizes and dtypes checked above,
+        // s.check() bounds the positions by the capacity (a replayed step's position: by its
+        // driver, `llama::generate`).
         unsafe { self.launch(&name, cfg, &mut args) };
     }
 

@@ -32,8 +32,10 @@ impl CudaBackend {
             Arg::In(x),
             Arg::I32(int(width, "argmax width")),
             Arg::U32Out(&mut out),
+            Arg::Ptr(0),
         ];
-        // SAFETY: argmax_T(const T* logits, int width, u32* out); out holds one u32 per row.
+        // SAFETY: argmax_T(const T* logits, int width, u32* out, u32* advance); out holds one
+        // u32 per row, advance is null.
         unsafe { self.launch(&name, row_config(rows, "argmax rows"), &mut args) };
         self.ids_back(&out, "argmax")
     }
@@ -61,9 +63,11 @@ impl CudaBackend {
             Arg::F32(temperature),
             Arg::F32(top_p),
             Arg::U32Out(&mut out),
+            Arg::Ptr(0),
         ];
         // SAFETY: sample_top_p_T(const T* logits, int width, const float* uniforms,
-        // float temperature, float top_p, u32* out); uniforms and out hold one value per row.
+        // float temperature, float top_p, u32* out, u32* advance); uniforms and out hold one
+        // value per row, advance is null.
         unsafe { self.launch(&name, row_config(rows, "top-p rows"), &mut args) };
         self.ids_back(&out, "top-p")
     }
