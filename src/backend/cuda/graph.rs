@@ -60,7 +60,8 @@ impl CudaBackend {
     }
 
     /// Runs `f` with `st` active on this handle and its clones (see the module doc), and
-    /// deactivates it afterwards, also when `f` fails or panics.
+    /// deactivates it afterwards, also when `f` fails or panics. Meanwhile no other thread
+    /// may queue work through the handle: its embeddings and attention would read the state.
     pub fn with_step_state<R>(&self, st: &StepState, f: impl FnOnce() -> R) -> R {
         struct Off<'a>(&'a CudaBackend);
         impl Drop for Off<'_> {
