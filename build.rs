@@ -5,13 +5,14 @@
 //! tools/install-cuda-toolchain.sh installs and /usr/local/cuda/bin, in that order. Without
 //! nvcc the crate still builds and the CUDA backend reports "kernels not compiled" at run time;
 //! `REPSHIELD_REQUIRE_NVCC=1` (CI) turns that into a build error instead.
-//! `REPSHIELD_PTXAS_REPORT=1` runs ptxas for sm_80 and sm_90 on every module and prints the
+//! `REPSHIELD_PTXAS_REPORT=1` runs ptxas for sm_80 and sm_90 on every module (sm_90a on the Hopper ones) and prints the
 //! registers, stack, spills and shared memory of each kernel as cargo warnings (also written to
 //! `$OUT_DIR/ptxas-report.txt`).
 //!
 //! PTX targets compute_80 so one image runs on A100, H100 and H200 (the driver JIT-compiles it
-//! for the GPU at hand). A kernel that needs Hopper-only instructions (wgmma, TMA) would get a
-//! separate sm_90a module; none does yet.
+//! for the GPU at hand). A file named `*_sm90.cu` holds kernels that need Hopper-only
+//! instructions (wgmma): it is compiled for compute_90a instead, checked by ptxas for sm_90a
+//! only, and the backend loads it on compute capability 9.0 only.
 
 use std::env;
 use std::fmt::Write as _;
@@ -21,6 +22,18 @@ use std::process::Command;
 
 const PTX_ARCH: &str = "compute_80";
 const REPORT_ARCHES: [&str; 2] = ["sm_80", "sm_90"];
+/// The PTX target and the ptxas architectures of the Hopper-only modules (`*_sm90.cu`).
+const HOPPER_PTX_ARCH: &str = "compute_90a";
+const HOPPER_REPORT_ARCHES: [&str; 1] = ["sm_90a"];
+
+/// The PTX target of module `name` (a kernels/*.cu file stem).
+fn ptx_arch(name: &str) -> &'static str {
+    if name.ends_with("_sm90") {
+        HOPPER_PTX_ARCH
+    } else {
+        PTX_ARCH
+    }
+}
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -95,7 +108,8 @@ fn main() {
         assert!(!entries.is_empty(), "{name}.cu defines no kernel");
         writeln!(
             rs,
-            "    PtxModule {{ name: {name:?}, ptx: include_str!({:?}), entries: &{entries:?} }},",
+            "    PtxModule {{ name: {name:?}, target: {:?}, ptx: include_str!({:?}), entries: &{entries:?} }},",
+            ptx_arch(name),
             ptx_path.display().to_string()
         )
         .unwrap();
@@ -169,7 +183,12 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out_dir: &Path) -> (String, 
     let name = src.file_stem().unwrap().to_string_lossy().into_owned();
     let ptx = out_dir.join(format!("{name}.ptx"));
     let out = Command::new(nvcc)
-        .args(["-ptx", &format!("-arch={PTX_ARCH}"), "-O3", "-std=c++17"])
+        .args([
+            "-ptx",
+            &format!("-arch={}", ptx_arch(&name)),
+            "-O3",
+            "-std=c++17",
+        ])
         .args(["-lineinfo", "--Werror", "all-warnings"])
         .arg("-I")
         .arg(include)
@@ -242,8 +261,12 @@ fn ptxas_report(nvcc: &Path, modules: &[(String, PathBuf)], out_dir: &Path) {
     let mut text = String::new();
     let mut worst_regs = (0, String::new());
     let mut spills = 0;
-    for arch in REPORT_ARCHES {
+    for arch in REPORT_ARCHES.iter().chain(&HOPPER_REPORT_ARCHES) {
+        let hopper = HOPPER_REPORT_ARCHES.contains(arch);
         for (name, ptx) in modules {
+            if (ptx_arch(name) == HOPPER_PTX_ARCH) != hopper {
+                continue;
+            }
             let out = Command::new(&ptxas)
                 .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
                 .arg(ptx)
@@ -268,7 +291,7 @@ fn ptxas_report(nvcc: &Path, modules: &[(String, PathBuf)], out_dir: &Path) {
                 println!("cargo:warning={line}");
                 text.push_str(&line);
                 text.push('\n');
-                debug_assert_eq!(k.arch, arch);
+                debug_assert_eq!(k.arch, *arch);
                 if k.registers > worst_regs.0 {
                     worst_regs = (k.registers, format!("{} ({arch})", k.name));
                 }

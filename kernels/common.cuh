@@ -42,6 +42,18 @@ __device__ __forceinline__ void store_any(void* p, int is_f32, long long i, floa
   }
 }
 
+// Element `i` of a GEMM output (f32 or bf16): out = scale * v, or out += scale * v.
+__device__ __forceinline__ void store_out(void* out, int out_f32, long long i, float v, float scale, int accumulate) {
+  v *= scale;
+  if (out_f32) {
+    float* o = static_cast<float*>(out) + i;
+    *o = accumulate ? *o + v : v;
+  } else {
+    bf16* o = static_cast<bf16*>(out) + i;
+    *o = __float2bfloat16_rn(accumulate ? __bfloat162float(*o) + v : v);
+  }
+}
+
 // 16 bytes of T: 8 bf16 or 4 f32. The unit of every vectorised load/store, so a warp moves
 // 512 contiguous bytes per instruction.
 template <typename T> struct Pack16 {

@@ -64,31 +64,18 @@
 //       y [n] += alpha * x [n]                                       (+=)
 //       grid-stride over elements, block = 256.
 #include "common.cuh"
+#include "cp_async.cuh"
 
 namespace {
 
 #ifdef REPSHIELD_EMU
 // The CPU emulator (tools/cuda-emu) runs these instructions as warp collectives.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) { emu_cp_async_16(dst, src, src_bytes); }
-__device__ __forceinline__ void cp_async_commit() {}
-template <int N> __device__ __forceinline__ void cp_async_wait() {}
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu_ldmatrix_x4(r, p); }
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu_ldmatrix_x4_trans(r, p); }
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   emu_mma_bf16_16816(d, a, b0, b1);
 }
 #else
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy that bypasses L1; src_bytes == 0 writes zeros instead.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -113,17 +100,6 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #endif
-
-__device__ __forceinline__ void store_out(void* out, int out_f32, long long i, float v, float scale, int accumulate) {
-  v *= scale;
-  if (out_f32) {
-    float* o = static_cast<float*>(out) + i;
-    *o = accumulate ? *o + v : v;
-  } else {
-    bf16* o = static_cast<bf16*>(out) + i;
-    *o = __float2bfloat16_rn(accumulate ? __bfloat162float(*o) + v : v);
-  }
-}
 
 constexpr int kBK = 32;          // k per pipeline stage: two m16n8k16 steps
 constexpr int kBKP = kBK + 8;    // padded smem row (80 bytes): ldmatrix rows hit distinct banks

@@ -97,6 +97,24 @@ pub trait OpTimer: BackwardOps {
     ) -> Result<()> {
         anyhow::bail!("this backend has no vendor GEMM")
     }
+    /// A second kernel of this backend that can run `[m, k] x [n, k]^T`, timed as a row of
+    /// its own next to the one `matmul` picks: its label, or `None`.
+    fn alternative_matmul(&self, _m: usize, _n: usize, _k: usize) -> Option<&'static str> {
+        None
+    }
+    /// Runs the kernel `alternative_matmul` named.
+    #[allow(clippy::too_many_arguments)]
+    fn run_alternative_matmul(
+        &self,
+        _x: &Self::Buf,
+        _w: &Self::Buf,
+        _out: &mut Self::Buf,
+        _m: usize,
+        _n: usize,
+        _k: usize,
+    ) {
+        unreachable!("alternative_matmul named no kernel")
+    }
 }
 
 impl OpTimer for CpuBackend {
@@ -133,6 +151,24 @@ impl OpTimer for crate::backend::cuda::CudaBackend {
     fn peak_tflops(&self) -> Option<(f64, String)> {
         let name = crate::backend::Backend::name(self);
         known_peak_tflops(&name).map(|p| (p, format!("bf16 dense peak of {name} (data sheet)")))
+    }
+    /// Where the Hopper GEMM runs `matmul`, the sm_80 mma.sync kernel it replaced.
+    fn alternative_matmul(&self, m: usize, n: usize, k: usize) -> Option<&'static str> {
+        use crate::backend::cuda::{DType, MatmulKernel};
+        (self.matmul_kernel(m, n, k, DType::BF16, DType::BF16) == MatmulKernel::Wgmma128)
+            .then_some("matmul square, mma.sync (sm_80 kernel)")
+    }
+    fn run_alternative_matmul(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        out: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        use crate::backend::cuda::MatmulKernel;
+        self.matmul_using(MatmulKernel::TensorCore128, x, w, out, m, n, k, 1.0, false)
     }
     #[cfg(feature = "cublaslt")]
     fn vendor_gemm(&self) -> Option<std::result::Result<String, String>> {
@@ -275,6 +311,19 @@ fn cases<'a, B: OpTimer>(
             bytes: ((m * k + n * k + m * n) as f64) * wb,
             run: Box::new(move || be.matmul(&x, &w, &mut o.borrow_mut(), m, n, k, 1.0, false)),
             vendor,
+        });
+    }
+    if let Some(op) = be.alternative_matmul(sq, sq, sq) {
+        let x = up(sq * sq, &mut rng)?;
+        let w = be.upload(&random(sq * sq, &mut rng, 0.02))?;
+        let mut o = be.alloc(sq * sq)?;
+        out.push(Case {
+            op,
+            shape: format!("[{sq}, {sq}] x [{sq}, {sq}]^T"),
+            flops: 2.0 * (sq * sq * sq) as f64,
+            bytes: (3 * sq * sq) as f64 * wb,
+            run: Box::new(move || be.run_alternative_matmul(&x, &w, &mut o, sq, sq, sq)),
+            vendor: None,
         });
     }
     // The decode step's q, k and v projections as one op (`Backend::qkv_proj`: one launch on

@@ -151,9 +151,17 @@ fn embedded_ptx_has_every_kernel_for_compute_80_and_driver_580() {
             "{}.ptx is PTX ISA {version}, newer than driver 580 accepts",
             m.name
         );
+        // Hopper-only code (`*_sm90.cu`) is compiled for compute_90a and loaded on compute
+        // capability 9.0 only; everything else for compute_80.
+        let (target, ptx_target) = if m.name.ends_with("_sm90") {
+            ("compute_90a", ".target sm_90a")
+        } else {
+            ("compute_80", ".target sm_80")
+        };
+        assert_eq!(m.target, target, "{}.cu", m.name);
         assert!(
-            m.ptx.lines().any(|l| l.trim() == ".target sm_80"),
-            "{}.ptx does not target sm_80",
+            m.ptx.lines().any(|l| l.trim() == ptx_target),
+            "{}.ptx lacks {ptx_target}",
             m.name
         );
     }
@@ -192,6 +200,8 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         // ..., start_pos, pos_dev (a replayed step's position), capacity, inv_freq, f32 flag.
         ("rope_kv_store_bf16".into(), "ppppppiiiiipipi"),
         ("add_rmsnorm_f32_bf16".into(), "pppipif"),
+        // matmul_bf16_128x128's contract on Hopper (kernels/matmul_sm90.cu).
+        ("matmul_bf16_wgmma_128x128".into(), "pppiiiifi"),
     ];
     for d in ["bf16", "f32"] {
         expected.extend([
@@ -413,54 +423,107 @@ fn matmul_matches_cpu_on_every_path() {
             (DType::F32, DType::F32, DType::F32),
         ] {
             for (scale, accumulate) in [(1.0f32, false), (0.5, true)] {
-                let x = random(m * k, 7, 1.0, xd);
-                let w = random(n * k, 8, 1.0, wd);
-                let init = random(m * n, 9, 1.0, od);
-                let mut out = if accumulate {
-                    up(&g, &init, od)
-                } else {
-                    poisoned(&g, m * n, od)
-                };
                 used.insert(g.matmul_kernel(m, n, k, xd, wd));
-                g.matmul(
-                    &up(&g, &x, xd),
-                    &up(&g, &w, wd),
-                    &mut out,
-                    m,
-                    n,
-                    k,
-                    scale,
-                    accumulate,
-                );
-                let mut want = if accumulate {
-                    init.clone()
-                } else {
-                    vec![0.0; m * n]
-                };
-                cpu::matmul::matmul_fwd(&x, &w, &mut want, m, n, k, scale, accumulate);
-                // Error grows with the length of the dot product (magnitudes ~ sqrt(k)/3).
-                let base = tol_for(od);
-                let tol = Tol {
-                    atol: base.atol.max(2e-6) * (k as f32).sqrt(),
-                    rtol: base.rtol,
-                };
-                assert_close(
-                    &format!("matmul m{m} n{n} k{k} {xd:?}x{wd:?}->{od:?} scale {scale} acc {accumulate}"),
-                    &g.download(&out).unwrap(),
-                    &want,
-                    tol,
-                );
+                check_matmul(&g, None, (m, n, k), (xd, wd, od), scale, accumulate, 7);
             }
         }
     }
+    // Shapes that fill every SM with 128x128 tiles take wgmma where the Hopper kernel is loaded.
+    let big = if g.has_kernel(MatmulKernel::Wgmma128.entry()) {
+        MatmulKernel::Wgmma128
+    } else {
+        MatmulKernel::TensorCore128
+    };
     for kernel in [
         MatmulKernel::Matvec,
         MatmulKernel::TensorCore64,
-        MatmulKernel::TensorCore128,
+        big,
         MatmulKernel::Generic,
     ] {
         assert!(used.contains(&kernel), "no shape exercised {kernel:?}");
     }
+}
+
+/// Each tensor-core GEMM forced onto shapes its tiles do not divide (and ones they do), against
+/// the CPU: mma.sync at both tile sizes everywhere, and wgmma (kernels/matmul_sm90.cu) on a GPU
+/// of compute capability 9.0, which must have loaded it. k = 1000 runs the wgmma ring of 5
+/// stages around three times; k = 8 is one 16-byte chunk of a 64-wide stage.
+#[test]
+fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
+    let Some(g) = gpu() else { return };
+    let hopper = g.compute_capability() == (9, 0)
+        && std::env::var("REPSHIELD_CUDA_NO_WGMMA").map_or(true, |v| v != "1");
+    assert_eq!(
+        g.has_kernel(MatmulKernel::Wgmma128.entry()),
+        hopper,
+        "the Hopper GEMM is loaded exactly on compute capability 9.0"
+    );
+    let mut kernels = vec![MatmulKernel::TensorCore64, MatmulKernel::TensorCore128];
+    if hopper {
+        kernels.push(MatmulKernel::Wgmma128);
+    } else {
+        eprintln!("not a compute capability 9.0 GPU: the wgmma GEMM is not checked here");
+    }
+    let shapes: &[(usize, usize, usize)] = &[
+        (130, 129, 1000), // ragged everything, long k
+        (64, 72, 8),      // half a tile of rows, one k-chunk
+        (256, 384, 136),  // whole tiles, k = two stages and a chunk
+        (9, 200, 64),     // one stage, a sliver of rows
+    ];
+    for kernel in kernels {
+        for &(m, n, k) in shapes {
+            for (od, scale, accumulate) in [(DType::BF16, 1.0f32, false), (DType::F32, 0.5, true)] {
+                let dtypes = (DType::BF16, DType::BF16, od);
+                check_matmul(&g, Some(kernel), (m, n, k), dtypes, scale, accumulate, 31);
+            }
+        }
+    }
+}
+
+/// `matmul` (`kernel` None: the one dispatch picks) of random operands in the given dtypes
+/// (x, w, out) against the CPU twin; out poisoned first, or random when accumulating.
+fn check_matmul(
+    g: &CudaBackend,
+    kernel: Option<MatmulKernel>,
+    (m, n, k): (usize, usize, usize),
+    (xd, wd, od): (DType, DType, DType),
+    scale: f32,
+    accumulate: bool,
+    seed: u64,
+) {
+    let x = random(m * k, seed, 1.0, xd);
+    let w = random(n * k, seed + 1, 1.0, wd);
+    let init = random(m * n, seed + 2, 1.0, od);
+    let mut out = if accumulate {
+        up(g, &init, od)
+    } else {
+        poisoned(g, m * n, od)
+    };
+    let (xb, wb) = (up(g, &x, xd), up(g, &w, wd));
+    match kernel {
+        Some(kn) => g.matmul_using(kn, &xb, &wb, &mut out, m, n, k, scale, accumulate),
+        None => g.matmul(&xb, &wb, &mut out, m, n, k, scale, accumulate),
+    }
+    let mut want = if accumulate {
+        init.clone()
+    } else {
+        vec![0.0; m * n]
+    };
+    cpu::matmul::matmul_fwd(&x, &w, &mut want, m, n, k, scale, accumulate);
+    // Error grows with the length of the dot product (magnitudes ~ sqrt(k)/3).
+    let base = tol_for(od);
+    let tol = Tol {
+        atol: base.atol.max(2e-6) * (k as f32).sqrt(),
+        rtol: base.rtol,
+    };
+    assert_close(
+        &format!(
+            "matmul {kernel:?} m{m} n{n} k{k} {xd:?}x{wd:?}->{od:?} scale {scale} acc {accumulate}"
+        ),
+        &g.download(&out).unwrap(),
+        &want,
+        tol,
+    );
 }
 
 /// The LoRA projection `x w^T + s xa b^T`: fused into the decode GEMV's epilogue for m <= 8

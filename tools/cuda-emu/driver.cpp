@@ -406,6 +406,7 @@ uint64_t* emu_warp_slots() {
   return e.warp_slots.data() + size_t(e.cur->t.linear / 32) * 32 * 16;
 }
 void* emu_dynamic_smem() { return emu().dyn_smem.data(); }
+size_t emu_dynamic_smem_bytes() { return emu().dyn_smem.size(); }
 void emu_trap(const char* what) {
   Emu& e = emu();
   fatal("%s: %s (%s)", e.launch ? e.launch->f->name.c_str() : "?", what,

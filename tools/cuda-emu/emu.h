@@ -14,6 +14,8 @@
 #include <string.h>
 
 #include <algorithm>
+#include <deque>
+#include <vector>
 
 #define REPSHIELD_EMU 1
 
@@ -46,6 +48,7 @@ void emu_syncwarp(unsigned mask);
 // 32 lanes x 16 words of exchange space for the current warp.
 uint64_t* emu_warp_slots();
 void* emu_dynamic_smem();
+size_t emu_dynamic_smem_bytes();
 [[noreturn]] void emu_trap(const char* what);
 }
 
@@ -184,8 +187,33 @@ inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 
 // ---- the PTX instructions matmul.cu issues through inline asm --------------------------------
 // cp.async: copied at issue (a legal schedule of an asynchronous copy); commit/wait are no-ops.
+// Shared-window address of dynamic shared memory's first byte, as __cvta_generic_to_shared
+// gives it to a kernel. Deliberately not a multiple of 1024 (a GPU puts reserved and static
+// shared memory first): a kernel that needs aligned window addresses, such as wgmma's swizzled
+// layouts, must round up itself.
+constexpr uint32_t kEmuSmemWindow = 0x480;
+inline uint32_t emu_shared_address(const void* p) {
+  const char* base = static_cast<const char*>(emu_dynamic_smem());
+  const char* q = static_cast<const char*>(p);
+  if (q < base || q > base + emu_dynamic_smem_bytes())
+    emu_trap("shared-window address of a pointer outside dynamic shared memory");
+  return kEmuSmemWindow + uint32_t(q - base);
+}
+// The bytes at shared-window address `addr`, bounds-checked against dynamic shared memory.
+inline const char* emu_shared_bytes(uint32_t addr, size_t bytes) {
+  if (addr < kEmuSmemWindow || addr - kEmuSmemWindow + bytes > emu_dynamic_smem_bytes())
+    emu_trap("shared-memory read (wgmma descriptor) outside the launch's dynamic shared memory");
+  return static_cast<const char*>(emu_dynamic_smem()) + (addr - kEmuSmemWindow);
+}
+
 inline void emu_cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes > 16 || src_bytes < 0) emu_trap("cp.async with src-size outside 0..16");
+  {
+    const char* base = static_cast<const char*>(emu_dynamic_smem());
+    const char* q = static_cast<const char*>(dst);
+    if (q < base || q + 16 > base + emu_dynamic_smem_bytes())
+      emu_trap("cp.async destination outside the launch's dynamic shared memory");
+  }
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     emu_trap("cp.async.cg 16: misaligned address");
   memset(dst, 0, 16);
@@ -256,4 +284,79 @@ inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b
   }
   emu_syncwarp(0xffffffffu);
   for (int e = 0; e < 4; e++) d[e] = out[e];
+}
+
+// ---- the PTX instructions matmul_sm90.cu issues (wgmma, sm_90a) ------------------------------
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands in shared memory,
+// K-major, 128-byte swizzle, scale-d 1: d (64 x N) += A (64 x 16) B^T (B N x 16). The operation
+// is queued when issued and runs when the thread waits for its group (wgmma.wait_group), so a
+// kernel that refills a stage before waiting for the wgmma reading it computes from the new data
+// and fails its parity test. Each thread computes its own fragment (PTX ISA, "Register
+// Fragments": warp v of the warpgroup holds rows 16 v + lane / 4 (+ 8), column pairs
+// 8 j + 2 (lane % 4)), reading A and B through the descriptors.
+struct EmuWgmma {
+  float* d;
+  int n;
+  uint64_t a, b;
+};
+struct EmuWgmmaQueue {
+  std::vector<EmuWgmma> open;
+  std::deque<std::vector<EmuWgmma>> committed;
+  dim3 block;  // the block that queued them
+};
+inline EmuWgmmaQueue& emu_wgmma_queue() {
+  static EmuWgmmaQueue q[1024];
+  EmuWgmmaQueue& mine = q[emu_current()->linear];
+  const dim3& b = *emu_block_idx();
+  if (mine.block.x != b.x || mine.block.y != b.y || mine.block.z != b.z) {
+    if (!mine.open.empty() || !mine.committed.empty())
+      emu_trap("a wgmma of an earlier block was never waited for (wgmma.wait_group 0 before exit)");
+    mine.block = b;
+  }
+  return mine;
+}
+
+// Matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start >> 4 in bits 0-13, stride
+// byte offset >> 4 in bits 32-45, base offset in 49-51, swizzle in 62-63 (1 = 128-byte).
+// Element (row, k) of a K-major 128-byte-swizzled operand: rows 128 bytes apart inside groups of
+// 8, groups SBO apart; then byte-address bits 4-6 are XORed with bits 7-9.
+inline float emu_wgmma_operand(uint64_t desc, int row, int k) {
+  if ((desc >> 62) != 1) emu_trap("wgmma: only the 128-byte swizzle is emulated");
+  if ((desc >> 49) & 7) emu_trap("wgmma: a nonzero descriptor base offset is not emulated");
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4, sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+  uint32_t addr = start + uint32_t(row / 8) * sbo + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
+  addr ^= ((addr >> 7) & 7) << 4;
+  __nv_bfloat16 h;
+  memcpy(&h, emu_shared_bytes(addr, 2), 2);
+  return __bfloat162float(h);
+}
+
+inline void emu_wgmma_run(const EmuWgmma& op) {
+  const int t = emu_current()->linear % 128, warp = t / 32, lane = t % 32;
+  for (int j = 0; j < op.n / 8; j++) {
+    for (int e = 0; e < 4; e++) {
+      const int row = 16 * warp + lane / 4 + 8 * (e / 2), col = 8 * j + 2 * (lane % 4) + e % 2;
+      float acc = op.d[4 * j + e];
+      for (int k = 0; k < 16; k++) acc += emu_wgmma_operand(op.a, row, k) * emu_wgmma_operand(op.b, col, k);
+      op.d[4 * j + e] = acc;
+    }
+  }
+}
+
+inline void emu_wgmma_m64nNk16_bf16(float* d, int n, uint64_t a, uint64_t b) {
+  if (emu_block_dim()->x % 128 || emu_block_dim()->y != 1 || emu_block_dim()->z != 1)
+    emu_trap("wgmma needs whole warpgroups: blockDim (128 k, 1, 1)");
+  emu_wgmma_queue().open.push_back({d, n, a, b});
+}
+inline void emu_wgmma_commit() {
+  EmuWgmmaQueue& q = emu_wgmma_queue();
+  q.committed.push_back(std::move(q.open));
+  q.open.clear();
+}
+inline void emu_wgmma_wait(int pending) {
+  EmuWgmmaQueue& q = emu_wgmma_queue();
+  while (int(q.committed.size()) > pending) {
+    for (const EmuWgmma& op : q.committed.front()) emu_wgmma_run(op);
+    q.committed.pop_front();
+  }
 }

@@ -164,6 +164,10 @@ pub(super) const GEMM_128_SMEM: u32 = 4 * (128 + 128) * 40 * 2;
 /// 32 k-rows x 136 of b) bf16).
 pub(super) const GEMM_NN_128_SMEM: u32 = 4 * (128 * 40 + 32 * (128 + 8)) * 2;
 
+/// Dynamic shared memory of the Hopper GEMM (kernels/matmul_sm90.cu): 5 stages x (128 + 128)
+/// rows x 64 bf16, plus 1024 bytes to align the ring to the 128-byte swizzle's period.
+pub(super) const GEMM_WGMMA_SMEM: u32 = 5 * (128 + 128) * 64 * 2 + 1024;
+
 fn devices() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
     DEVICES.get_or_init(Default::default)
@@ -213,7 +217,14 @@ impl Device {
         unsafe { ctx.disable_event_tracking() };
 
         let mut functions = HashMap::new();
+        // sm_90a code runs on compute capability 9.0 only; REPSHIELD_CUDA_NO_WGMMA=1 leaves it
+        // out there too (every shape then takes the sm_80 kernels).
+        let hopper = compute_capability == (9, 0)
+            && !std::env::var("REPSHIELD_CUDA_NO_WGMMA").is_ok_and(|v| v == "1");
         for m in PTX_MODULES {
+            if m.target != PTX_ARCH && !hopper {
+                continue;
+            }
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(m.ptx))
                 .map_err(|e| {
@@ -235,6 +246,7 @@ impl Device {
         for (name, smem) in [
             ("matmul_bf16_128x128", GEMM_128_SMEM),
             ("gemm_nn_bf16_128x128", GEMM_NN_128_SMEM),
+            ("matmul_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
         ] {
             if let Some((f, _)) = functions.get(name) {
                 f.set_attribute(
@@ -345,6 +357,16 @@ impl CudaBackend {
 
     pub fn working_dtype(&self) -> DType {
         self.working
+    }
+
+    /// (major, minor) compute capability of the GPU.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.dev.compute_capability
+    }
+
+    /// Whether kernel `name` was loaded (the Hopper-only ones are, on compute capability 9.0).
+    pub fn has_kernel(&self, name: &str) -> bool {
+        self.dev.functions.contains_key(name)
     }
 
     /// Streaming multiprocessors of the GPU (launchers size grids with it).

@@ -2,7 +2,9 @@
 //! Picks the entry point: the bf16 tensor-core GEMM (two tile sizes), the decode GEMV, or the
 //! SIMT kernel for f32 operands and K not a multiple of 8.
 
-use super::device::{int, Arg, CudaBackend, CudaBuf, DType, GEMM_128_SMEM, GEMM_NN_128_SMEM};
+use super::device::{
+    int, Arg, CudaBackend, CudaBuf, DType, GEMM_128_SMEM, GEMM_NN_128_SMEM, GEMM_WGMMA_SMEM,
+};
 use cudarc::driver::LaunchConfig;
 
 /// Rows of x up to which the GEMV streams each weight row once for all of them.
@@ -11,6 +13,9 @@ pub const MATVEC_MAX_M: usize = 8;
 /// Which kernel `matmul` runs for a shape and operand dtypes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MatmulKernel {
+    /// Hopper's warpgroup MMA (kernels/matmul_sm90.cu), where `TensorCore128` would run on a
+    /// GPU of compute capability 9.0.
+    Wgmma128,
     TensorCore128,
     TensorCore64,
     Matvec,
@@ -20,6 +25,7 @@ pub enum MatmulKernel {
 impl MatmulKernel {
     pub fn entry(self) -> &'static str {
         match self {
+            MatmulKernel::Wgmma128 => "matmul_bf16_wgmma_128x128",
             MatmulKernel::TensorCore128 => "matmul_bf16_128x128",
             MatmulKernel::TensorCore64 => "matmul_bf16_64x64",
             MatmulKernel::Matvec => "matvec_bf16",
@@ -38,6 +44,12 @@ pub enum GemmKernel {
     TensorCoreNn64,
     /// Anything else (a transposed, f32 operands, ragged 16-byte chunks): SIMT.
     Generic,
+}
+
+fn check_shapes(x: &CudaBuf, w: &CudaBuf, out: &CudaBuf, m: usize, n: usize, k: usize) {
+    assert_eq!(x.len, m * k, "matmul: x is not [m={m}, k={k}]");
+    assert_eq!(w.len, n * k, "matmul: w is not [n={n}, k={k}]");
+    assert_eq!(out.len, m * n, "matmul: out is not [m={m}, n={n}]");
 }
 
 impl CudaBackend {
@@ -67,15 +79,19 @@ impl CudaBackend {
     }
 
     /// The kernel `matmul` uses for `[m, k] x [n, k]^T` with these operand dtypes: tensor cores
-    /// need bf16 x and w and 16-byte k-chunks; 128x128 tiles once they fill every SM, else
-    /// 64x64 for more blocks.
+    /// need bf16 x and w and 16-byte k-chunks; 128x128 tiles once they fill every SM (with
+    /// wgmma where the Hopper kernel is loaded), else 64x64 for more blocks.
     pub fn matmul_kernel(&self, m: usize, n: usize, k: usize, x: DType, w: DType) -> MatmulKernel {
         if x != DType::BF16 || w != DType::BF16 || !k.is_multiple_of(8) {
             MatmulKernel::Generic
         } else if m <= MATVEC_MAX_M {
             MatmulKernel::Matvec
         } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
-            MatmulKernel::TensorCore128
+            if self.has_kernel(MatmulKernel::Wgmma128.entry()) {
+                MatmulKernel::Wgmma128
+            } else {
+                MatmulKernel::TensorCore128
+            }
         } else {
             MatmulKernel::TensorCore64
         }
@@ -93,9 +109,7 @@ impl CudaBackend {
         scale: f32,
         accumulate: bool,
     ) {
-        assert_eq!(x.len, m * k, "matmul: x is not [m={m}, k={k}]");
-        assert_eq!(w.len, n * k, "matmul: w is not [n={n}, k={k}]");
-        assert_eq!(out.len, m * n, "matmul: out is not [m={m}, n={n}]");
+        check_shapes(x, w, out, m, n, k);
         if m == 0 || n == 0 {
             return;
         }
@@ -108,6 +122,45 @@ impl CudaBackend {
             return;
         }
         let kernel = self.matmul_kernel(m, n, k, x.dtype, w.dtype);
+        self.matmul_using(kernel, x, w, out, m, n, k, scale, accumulate);
+    }
+
+    /// `matmul` through a chosen kernel (tests and benchmarks compare the paths), which must
+    /// be able to take the shape: the tensor-core kernels need bf16 x and w and k % 8 == 0,
+    /// the GEMV m <= 8, the Hopper kernel a GPU that loaded it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_using(
+        &self,
+        kernel: MatmulKernel,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        check_shapes(x, w, out, m, n, k);
+        if m == 0 || n == 0 || k == 0 {
+            return self.matmul_impl(x, w, out, m, n, k, scale, accumulate);
+        }
+        assert!(
+            self.has_kernel(kernel.entry()),
+            "matmul: kernel {} is not loaded on this GPU",
+            kernel.entry()
+        );
+        if kernel != MatmulKernel::Generic {
+            assert!(
+                x.dtype == DType::BF16 && w.dtype == DType::BF16 && k.is_multiple_of(8),
+                "matmul: {} needs bf16 x and w and k % 8 == 0 (k = {k})",
+                kernel.entry()
+            );
+        }
+        assert!(
+            kernel != MatmulKernel::Matvec || m <= MATVEC_MAX_M,
+            "matmul: the GEMV takes m <= {MATVEC_MAX_M}, not {m}"
+        );
         if kernel != MatmulKernel::Generic {
             // 16-byte cp.async / vector loads: whole-allocation buffers are 256-byte aligned,
             // and k % 8 == 0 keeps every row on a 16-byte boundary.
@@ -120,11 +173,11 @@ impl CudaBackend {
         let (out_f32, acc_i) = (out.dtype.flag(), accumulate as i32);
         let name = kernel.entry();
         let cfg = match kernel {
-            MatmulKernel::TensorCore128 | MatmulKernel::TensorCore64 => {
-                let (tile, threads, smem) = if kernel == MatmulKernel::TensorCore128 {
-                    (128, 256, GEMM_128_SMEM)
-                } else {
-                    (64, 128, 4 * (64 + 64) * 40 * 2)
+            MatmulKernel::Wgmma128 | MatmulKernel::TensorCore128 | MatmulKernel::TensorCore64 => {
+                let (tile, threads, smem) = match kernel {
+                    MatmulKernel::Wgmma128 => (128, 256, GEMM_WGMMA_SMEM),
+                    MatmulKernel::TensorCore128 => (128, 256, GEMM_128_SMEM),
+                    _ => (64, 128, 4 * (64 + 64) * 40 * 2),
                 };
                 assert!(
                     m.div_ceil(tile) < 65536,

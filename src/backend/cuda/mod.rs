@@ -21,6 +21,9 @@ pub mod ptx {
     #[derive(Debug, Clone, Copy)]
     pub struct PtxModule {
         pub name: &'static str,
+        /// The PTX target: `compute_80` (every GPU the backend supports) or `compute_90a`
+        /// (Hopper only: `*_sm90.cu` files, loaded on compute capability 9.0).
+        pub target: &'static str,
         pub ptx: &'static str,
         pub entries: &'static [(&'static str, &'static str)],
     }
@@ -89,6 +92,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "rmsnorm_f32_bf16",
     "add_rmsnorm_f32_bf16",
     "matmul_bf16_128x128",
+    "matmul_bf16_wgmma_128x128",
     "matmul_bf16_64x64",
     "matvec_bf16",
     "matvec_lora_bf16",
