@@ -7,6 +7,9 @@
 #   tools/gpu-suite.sh run OUT # there, from the repository root (.device/bin carried along):
 #                              # nvidia-smi, the CUDA parity suite, compute-sanitizer memcheck
 #                              # and racecheck on one pass of it; logs and a summary.md land in OUT
+#   tools/gpu-suite.sh quick OUT # there, when the loan is short: the parity suite, the sanitizers
+#                              # on the GEMM/attention/decode tests and the headline benchmarks in
+#                              # one call of about 9 minutes, every step capped (quick() below)
 #   tools/gpu-suite.sh bench OUT # there too, a separate call: `bench kernels` at the llama3-8b
 #                              # and smollm2 shapes, `bench generate` (prefill + greedy decode)
 #                              # at the smollm2 shape and `bench train-step` at the Llama-3-8B
@@ -188,9 +191,80 @@ bench() {
   cat "$s"
 }
 
+# capped SECONDS LOG CMD...: runs CMD with output to LOG, killed after SECONDS; prints its exit
+# status, "timed out after Ns" when the cap ended it.
+capped() {
+  local secs="$1" log="$2"
+  shift 2
+  set +e
+  timeout -k 10 "$secs" "$@" > "$log" 2>&1
+  local rc=$?
+  set -e
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "timed out after ${secs}s"; else echo "exit $rc"; fi
+}
+
+# The checks that matter most, in one call that fits a short loan of a GPU: every step has a
+# cap (seconds, overridable), about 9 minutes in all, so a 15-minute device budget leaves room
+# for the machine's start and a rerun. In order: the parity suite (QUICK_PARITY_S, 180), then
+# compute-sanitizer memcheck and racecheck on the tensor-core GEMMs, both attention paths and
+# the replayed decode (QUICK_SANITIZER_S, 75 each), then `bench kernels` at the llama3-8b shape
+# for the GEMMs (the 4096^3 square one with the mma.sync kernel and cuBLASLt beside it),
+# attention and the norms (QUICK_KERNELS_S, 100), then `bench generate` at the smollm2 shape
+# (QUICK_GENERATE_S, 100), both with PyTorch / transformers alongside when python has torch.
+# OUT/summary.md collects the headlines; each step's full log sits next to it.
+quick() {
+  local out="${1:?usage: tools/gpu-suite.sh quick OUT}"
+  local bin=.device/bin
+  local s="$out/summary.md"
+  start "CUDA quick check" "$s" cuda_parity
+  [ -x "$bin/repshield" ] || { echo "$bin/repshield missing: run 'build' first" >&2; exit 1; }
+  find_cublaslt "$s"
+  local st
+  st="$(capped "${QUICK_PARITY_S:-180}" "$out/parity.log" "$bin/cuda_parity" --test-threads=1 --nocapture)"
+  {
+    printf '\n## cuda_parity (%s)\n\n' "$st"
+    grep -E '^test result|^test .* (FAILED|ok)$|skipping|panicked' "$out/parity.log" | sed 's/^/    /' | tail -n 70
+  } >> "$s"
+  local sanitizer
+  sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+  local filter=(tensor_core_gemms kv_store_and_attention replayed_decode recorded_decode)
+  for tool in memcheck racecheck; do
+    if [ -z "$sanitizer" ]; then
+      printf '\n## compute-sanitizer %s\n\nnot found on this machine\n' "$tool" >> "$s"
+      continue
+    fi
+    st="$(capped "${QUICK_SANITIZER_S:-75}" "$out/$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+      "$bin/cuda_parity" --test-threads=1 "${filter[@]}")"
+    {
+      printf '\n## compute-sanitizer %s on %s (%s)\n\n' "$tool" "${filter[*]}" "$st"
+      grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result|^test ' "$out/$tool.log" | sed 's/^/    /' | tail -n 12
+    } >> "$s"
+  done
+  local py kcmp=() gcmp=()
+  py="$(command -v python3 || command -v python || true)"
+  if [ -n "$py" ] && "$py" -c 'import torch' 2>/dev/null; then
+    kcmp=(--compare-python "$py" --script tools/bench_kernels_torch.py)
+    gcmp=(--compare-python "$py" --script tools/bench_transformers.py)
+  fi
+  st="$(capped "${QUICK_KERNELS_S:-100}" "$out/kernels-llama3-8b.md" "$bin/repshield" bench kernels --device cuda \
+    --shape llama3-8b --repeats 10 --only "matmul,attention,rmsnorm" "${kcmp[@]}" --json "$out/kernels-llama3-8b.json")"
+  {
+    printf '\n## bench kernels --shape llama3-8b, GEMMs, attention, norms (%s)\n\n' "$st"
+    grep -E '^\||^tokens|^#|^cuBLASLt' "$out/kernels-llama3-8b.md"
+  } >> "$s"
+  st="$(capped "${QUICK_GENERATE_S:-100}" "$out/generate-smollm2.md" "$bin/repshield" bench generate --device cuda \
+    --shape smollm2 "${gcmp[@]}")"
+  {
+    printf '\n## bench generate --shape smollm2 (%s)\n\n' "$st"
+    grep -E '^\||^# |^device|^bf16 peak|^copy bandwidth|^repshield|^decode floor|^kernel launches|^transformers|^error' "$out/generate-smollm2.md"
+  } >> "$s"
+  cat "$s"
+}
+
 case "${1:-}" in
   build) build ;;
   run) shift; run "$@" ;;
   bench) shift; bench "$@" ;;
-  *) echo "usage: tools/gpu-suite.sh build | run OUT | bench OUT" >&2; exit 2 ;;
+  quick) shift; quick "$@" ;;
+  *) echo "usage: tools/gpu-suite.sh build | run OUT | bench OUT | quick OUT" >&2; exit 2 ;;
 esac
