@@ -401,6 +401,16 @@ fn print_device_arenas(m: &model::LoadedModel, batch: usize, ctx: usize) -> Resu
         );
     }
     println!("  activations: one allocation per layer and forward call, carved the same way");
+    use repshield::backend::cuda::MatmulKernel;
+    println!(
+        "projection GEMMs: {} where 128x128 tiles fill the {} SMs, else mma.sync 64x64 (M > 8) or the GEMV (decode)",
+        if g.has_kernel(MatmulKernel::Wgmma128.entry()) {
+            "wgmma (Hopper, kernels/matmul_sm90.cu)"
+        } else {
+            "mma.sync 128x128"
+        },
+        g.sm_count()
+    );
     Ok(())
 }
 
