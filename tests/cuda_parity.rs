@@ -444,6 +444,48 @@ fn matmul_matches_cpu_on_every_path() {
     }
 }
 
+/// A driver that rejects the Hopper-only module leaves the backend on the sm_80 kernels with a
+/// warning instead of failing. Runs `repshield info --device cuda` in a process of its own (the
+/// device and its modules are loaded once per process) on the emulator, which can be told to
+/// reject a PTX target; on a GPU it skips.
+#[test]
+fn a_rejected_hopper_module_leaves_the_sm80_kernels_in_charge() {
+    let Some(g) = gpu() else { return };
+    if !g.name().contains("emulator") {
+        eprintln!("skipping: needs the emulator (REPSHIELD_EMU_REJECT_TARGET)");
+        return;
+    }
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
+    let info = |reject: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_repshield"))
+            .args(["info", "--model", fixture, "--device", "cuda"])
+            .env("REPSHIELD_EMU_REJECT_TARGET", reject)
+            .output()
+            .expect("running repshield info");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, stdout, stderr) = info("sm_90a");
+    assert!(ok, "info failed without the Hopper module:\n{stderr}");
+    assert!(
+        stderr.contains("running without kernels/matmul_sm90.cu"),
+        "no warning: {stderr}"
+    );
+    assert!(
+        stdout.contains("projection GEMMs: mma.sync 128x128"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = info("");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("projection GEMMs: wgmma"), "{stdout}");
+    // Without the sm_80 modules there is no backend: an error, not a fallback.
+    let (ok, _, stderr) = info("sm_80");
+    assert!(
+        !ok && stderr.contains("rejected the PTX of kernels/"),
+        "{stderr}"
+    );
+}
+
 /// Each tensor-core GEMM forced onto shapes its tiles do not divide (and ones they do), against
 /// the CPU: mma.sync at both tile sizes everywhere, and wgmma (kernels/matmul_sm90.cu) on a GPU
 /// of compute capability 9.0, which must have loaded it. k = 1000 runs the wgmma ring of 5

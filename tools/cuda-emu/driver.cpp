@@ -30,6 +30,7 @@ enum : CUresult {
   CUDA_ERROR_NOT_SUPPORTED = 801,
   CUDA_ERROR_INVALID_DEVICE = 101,
   CUDA_ERROR_INVALID_IMAGE = 200,
+  CUDA_ERROR_INVALID_PTX = 218,
   CUDA_ERROR_NOT_FOUND = 500,
   CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
   CUDA_ERROR_ILLEGAL_INSTRUCTION = 715,
@@ -692,6 +693,12 @@ CUresult cuMemPoolGetAttribute(void*, int, void*) { return CUDA_ERROR_NOT_SUPPOR
 CUresult cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
 
 CUresult cuModuleLoadData(void** module, const void* image) {
+  // REPSHIELD_EMU_REJECT_TARGET=sm_90a: refuse PTX for that target, as a driver too old for it
+  // would (to check that the backend carries on without the module).
+  if (const char* t = getenv("REPSHIELD_EMU_REJECT_TARGET")) {
+    if (*t && strstr(static_cast<const char*>(image), (std::string(".target ") + t + "\n").c_str()))
+      return CUDA_ERROR_INVALID_PTX;
+  }
   auto* m = new Module;
   if (!parse_ptx(static_cast<const char*>(image), *m, self_handle())) {
     delete m;

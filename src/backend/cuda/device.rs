@@ -225,17 +225,28 @@ impl Device {
             if m.target != PTX_ARCH && !hopper {
                 continue;
             }
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(m.ptx))
-                .map_err(|e| {
-                    anyhow!(
+            let module = match ctx.load_module(cudarc::nvrtc::Ptx::from_src(m.ptx)) {
+                Ok(module) => module,
+                Err(e) => {
+                    let why = anyhow!(
                         "the CUDA driver ({}) rejected the PTX of kernels/{}.cu (built by nvcc {NVCC_VERSION} \
-                         for {PTX_ARCH}): {e}. A driver older than the nvcc that built the PTX rejects it; \
+                         for {}): {e}. A driver older than the nvcc that built the PTX rejects it; \
                          build with the pinned toolchain (tools/install-cuda-toolchain.sh)",
                         driver_string(driver_version),
+                        m.name,
+                        m.target
+                    );
+                    if m.target == PTX_ARCH {
+                        return Err(why);
+                    }
+                    // The Hopper-only kernels are a speed-up: every shape has an sm_80 kernel.
+                    eprintln!(
+                        "warning: {why}\nwarning: running without kernels/{}.cu: the sm_80 kernels take every shape",
                         m.name
-                    )
-                })?;
+                    );
+                    continue;
+                }
+            };
             for &(entry, signature) in m.entries {
                 let f = module.load_function(entry).with_context(|| {
                     format!("loading kernel {entry} from kernels/{}.cu", m.name)
