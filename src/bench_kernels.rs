@@ -304,27 +304,37 @@ fn cases<'a, B: OpTimer>(
             Box::new(move || be.vendor_matmul(&x, &w, &mut o.borrow_mut(), m, n, k))
                 as Box<dyn FnMut() -> Result<()> + 'a>
         });
+        let shape = format!("[{m}, {k}] x [{n}, {k}]^T");
+        let (flops, bytes) = (
+            2.0 * (m * n * k) as f64,
+            ((m * k + n * k + m * n) as f64) * wb,
+        );
+        // The square GEMM also through the backend's other kernel, on the same buffers.
+        let alternative = (op == "matmul square")
+            .then(|| be.alternative_matmul(m, n, k))
+            .flatten()
+            .map(|alt| {
+                let (x, w, o) = (x.clone(), w.clone(), o.clone());
+                Case {
+                    op: alt,
+                    shape: shape.clone(),
+                    flops,
+                    bytes,
+                    run: Box::new(move || {
+                        be.run_alternative_matmul(&x, &w, &mut o.borrow_mut(), m, n, k)
+                    }),
+                    vendor: None,
+                }
+            });
         out.push(Case {
             op,
-            shape: format!("[{m}, {k}] x [{n}, {k}]^T"),
-            flops: 2.0 * (m * n * k) as f64,
-            bytes: ((m * k + n * k + m * n) as f64) * wb,
+            shape,
+            flops,
+            bytes,
             run: Box::new(move || be.matmul(&x, &w, &mut o.borrow_mut(), m, n, k, 1.0, false)),
             vendor,
         });
-    }
-    if let Some(op) = be.alternative_matmul(sq, sq, sq) {
-        let x = up(sq * sq, &mut rng)?;
-        let w = be.upload(&random(sq * sq, &mut rng, 0.02))?;
-        let mut o = be.alloc(sq * sq)?;
-        out.push(Case {
-            op,
-            shape: format!("[{sq}, {sq}] x [{sq}, {sq}]^T"),
-            flops: 2.0 * (sq * sq * sq) as f64,
-            bytes: (3 * sq * sq) as f64 * wb,
-            run: Box::new(move || be.run_alternative_matmul(&x, &w, &mut o, sq, sq, sq)),
-            vendor: None,
-        });
+        out.extend(alternative);
     }
     // The decode step's q, k and v projections as one op (`Backend::qkv_proj`: one launch on
     // the CUDA decode path, three elsewhere).

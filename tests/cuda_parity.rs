@@ -442,6 +442,21 @@ fn matmul_matches_cpu_on_every_path() {
     ] {
         assert!(used.contains(&kernel), "no shape exercised {kernel:?}");
     }
+    // Nothing to multiply, through every kernel: k = 0 writes zeros (leaves out as it was when
+    // accumulating), m = 0 or n = 0 touches nothing.
+    for kernel in [
+        MatmulKernel::Matvec,
+        MatmulKernel::TensorCore64,
+        MatmulKernel::TensorCore128,
+        MatmulKernel::Generic,
+    ] {
+        for shape in [(5, 7, 0), (0, 7, 8), (6, 0, 8)] {
+            for accumulate in [false, true] {
+                let dtypes = (DType::BF16, DType::BF16, DType::F32);
+                check_matmul(&g, Some(kernel), shape, dtypes, 1.0, accumulate, 9);
+            }
+        }
+    }
 }
 
 /// A driver that rejects the Hopper-only module leaves the backend on the sm_80 kernels with a

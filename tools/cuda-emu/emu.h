@@ -192,28 +192,28 @@ inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 // shared memory first): a kernel that needs aligned window addresses, such as wgmma's swizzled
 // layouts, must round up itself.
 constexpr uint32_t kEmuSmemWindow = 0x480;
-inline uint32_t emu_shared_address(const void* p) {
+// Offset of `p` in the launch's dynamic shared memory, trapping with `what` unless `bytes` bytes
+// from there lie inside it.
+inline size_t emu_smem_offset(const void* p, size_t bytes, const char* what) {
   const char* base = static_cast<const char*>(emu_dynamic_smem());
   const char* q = static_cast<const char*>(p);
-  if (q < base || q > base + emu_dynamic_smem_bytes())
-    emu_trap("shared-window address of a pointer outside dynamic shared memory");
-  return kEmuSmemWindow + uint32_t(q - base);
+  if (q < base || q + bytes > base + emu_dynamic_smem_bytes()) emu_trap(what);
+  return size_t(q - base);
+}
+inline uint32_t emu_shared_address(const void* p) {
+  return kEmuSmemWindow + uint32_t(emu_smem_offset(p, 0, "shared-window address of a pointer outside dynamic shared memory"));
 }
 // The bytes at shared-window address `addr`, bounds-checked against dynamic shared memory.
 inline const char* emu_shared_bytes(uint32_t addr, size_t bytes) {
-  if (addr < kEmuSmemWindow || addr - kEmuSmemWindow + bytes > emu_dynamic_smem_bytes())
-    emu_trap("shared-memory read (wgmma descriptor) outside the launch's dynamic shared memory");
-  return static_cast<const char*>(emu_dynamic_smem()) + (addr - kEmuSmemWindow);
+  if (addr < kEmuSmemWindow) emu_trap("shared-memory read (wgmma descriptor) below dynamic shared memory");
+  const char* p = static_cast<const char*>(emu_dynamic_smem()) + (addr - kEmuSmemWindow);
+  emu_smem_offset(p, bytes, "shared-memory read (wgmma descriptor) outside the launch's dynamic shared memory");
+  return p;
 }
 
 inline void emu_cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes > 16 || src_bytes < 0) emu_trap("cp.async with src-size outside 0..16");
-  {
-    const char* base = static_cast<const char*>(emu_dynamic_smem());
-    const char* q = static_cast<const char*>(dst);
-    if (q < base || q + 16 > base + emu_dynamic_smem_bytes())
-      emu_trap("cp.async destination outside the launch's dynamic shared memory");
-  }
+  emu_smem_offset(dst, 16, "cp.async destination outside the launch's dynamic shared memory");
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     emu_trap("cp.async.cg 16: misaligned address");
   memset(dst, 0, 16);

@@ -46,13 +46,32 @@ pub enum GemmKernel {
     Generic,
 }
 
-fn check_shapes(x: &CudaBuf, w: &CudaBuf, out: &CudaBuf, m: usize, n: usize, k: usize) {
-    assert_eq!(x.len, m * k, "matmul: x is not [m={m}, k={k}]");
-    assert_eq!(w.len, n * k, "matmul: w is not [n={n}, k={k}]");
-    assert_eq!(out.len, m * n, "matmul: out is not [m={m}, n={n}]");
-}
-
 impl CudaBackend {
+    /// Handles a product with nothing to multiply: `m` or `n` zero (nothing to do) or `k` zero
+    /// (out = 0, or unchanged when accumulating). True when it did, and the caller is done.
+    fn empty_product(
+        &self,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+        op: &str,
+    ) -> bool {
+        if m == 0 || n == 0 {
+            return true;
+        }
+        if k == 0 {
+            if !accumulate {
+                self.stream()
+                    .memset_zeros(&mut *out.data)
+                    .unwrap_or_else(|e| panic!("{op}: zeroing out: {e}"));
+            }
+            return true;
+        }
+        false
+    }
+
     /// The kernel `gemm` uses for `op(a) [m, k] x op(b) [k, n]` with these operand dtypes.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_kernel(
@@ -109,18 +128,6 @@ impl CudaBackend {
         scale: f32,
         accumulate: bool,
     ) {
-        check_shapes(x, w, out, m, n, k);
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            if !accumulate {
-                self.stream()
-                    .memset_zeros(&mut *out.data)
-                    .unwrap_or_else(|e| panic!("matmul: zeroing out: {e}"));
-            }
-            return;
-        }
         let kernel = self.matmul_kernel(m, n, k, x.dtype, w.dtype);
         self.matmul_using(kernel, x, w, out, m, n, k, scale, accumulate);
     }
@@ -141,14 +148,16 @@ impl CudaBackend {
         scale: f32,
         accumulate: bool,
     ) {
-        check_shapes(x, w, out, m, n, k);
-        if m == 0 || n == 0 || k == 0 {
-            return self.matmul_impl(x, w, out, m, n, k, scale, accumulate);
+        assert_eq!(x.len, m * k, "matmul: x is not [m={m}, k={k}]");
+        assert_eq!(w.len, n * k, "matmul: w is not [n={n}, k={k}]");
+        assert_eq!(out.len, m * n, "matmul: out is not [m={m}, n={n}]");
+        if self.empty_product(out, m, n, k, accumulate, "matmul") {
+            return;
         }
+        // The one kernel that is not loaded on every GPU.
         assert!(
-            self.has_kernel(kernel.entry()),
-            "matmul: kernel {} is not loaded on this GPU",
-            kernel.entry()
+            kernel != MatmulKernel::Wgmma128 || self.has_kernel(kernel.entry()),
+            "matmul: the wgmma kernel is not loaded on this GPU (compute capability 9.0 only)"
         );
         if kernel != MatmulKernel::Generic {
             assert!(
@@ -518,15 +527,7 @@ impl CudaBackend {
             "gemm: out has {} values, not {m}x{n}",
             out.len
         );
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            if !accumulate {
-                self.stream()
-                    .memset_zeros(&mut *out.data)
-                    .unwrap_or_else(|e| panic!("gemm: zeroing out: {e}"));
-            }
+        if self.empty_product(out, m, n, k, accumulate, "gemm") {
             return;
         }
         match self.gemm_kernel(m, n, k, trans_a, trans_b, a.dtype, b.dtype) {
