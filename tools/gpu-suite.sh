@@ -203,9 +203,28 @@ capped() {
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "timed out after ${secs}s"; else echo "exit $rc"; fi
 }
 
+# without_wgmma LOG RETRY_LOG SUMMARY: when the parity run in LOG failed tests, runs those
+# tests again with the Hopper GEMM switched off (REPSHIELD_CUDA_NO_WGMMA=1, capped at
+# QUICK_RETRY_S, 90) and adds to SUMMARY which of them pass that way: the one call then tells a
+# wgmma fault from any other.
+without_wgmma() {
+  local log="$1" retry="$2" s="$3"
+  local failed=()
+  mapfile -t failed < <(sed -n 's/^test \([A-Za-z0-9_]*\) \.\.\. FAILED$/\1/p' "$log")
+  [ "${#failed[@]}" -gt 0 ] || return 0
+  local st
+  st="$(REPSHIELD_CUDA_NO_WGMMA=1 capped "${QUICK_RETRY_S:-90}" "$retry" .device/bin/cuda_parity --test-threads=1 \
+    --exact "${failed[@]}")"
+  {
+    printf '\n## the %s failed test(s) again, REPSHIELD_CUDA_NO_WGMMA=1 (%s)\n\n' "${#failed[@]}" "$st"
+    grep -E '^test result|^test .* (FAILED|ok)$|panicked' "$retry" | sed 's/^/    /' | tail -n 30
+  } >> "$s"
+}
+
 # The checks that matter most, in one call that fits a short loan of a GPU: every step has a
 # cap (seconds, overridable), about 9 minutes in all, so a 15-minute device budget leaves room
-# for the machine's start and a rerun. In order: the parity suite (QUICK_PARITY_S, 180), then
+# for the machine's start and a rerun. In order: the parity suite (QUICK_PARITY_S, 180), its
+# failed tests again without the Hopper GEMM (without_wgmma, only when some failed), then
 # compute-sanitizer memcheck and racecheck on the tensor-core GEMMs, both attention paths and
 # the replayed decode (QUICK_SANITIZER_S, 75 each), then `bench kernels` at the llama3-8b shape
 # for the GEMMs (the 4096^3 square one with the mma.sync kernel and cuBLASLt beside it),
@@ -225,6 +244,7 @@ quick() {
     printf '\n## cuda_parity (%s)\n\n' "$st"
     grep -E '^test result|^test .* (FAILED|ok)$|skipping|panicked' "$out/parity.log" | sed 's/^/    /' | tail -n 70
   } >> "$s"
+  without_wgmma "$out/parity.log" "$out/parity-no-wgmma.log" "$s"
   local sanitizer
   sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
   local filter=(tensor_core_gemms kv_store_and_attention replayed_decode recorded_decode)
