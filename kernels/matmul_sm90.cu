@@ -1,26 +1,37 @@
-// Projection GEMM on Hopper's warpgroup tensor cores (wgmma, sm_90a only). CPU twin:
-// src/backend/cpu/matmul.rs; launcher: src/backend/cuda/matmul.rs (MatmulKernel::Wgmma128), which
-// takes it on a GPU of compute capability 9.0 wherever the 128x128 mma.sync kernel of matmul.cu
-// would run. build.rs compiles every *_sm90.cu file for compute_90a, and the backend loads those
-// modules on compute capability 9.0 only (sm_90a code runs on no other GPU).
+// GEMMs on Hopper's warpgroup tensor cores (wgmma, sm_90a only). CPU twin:
+// src/backend/cpu/matmul.rs; launcher: src/backend/cuda/matmul.rs (MatmulKernel::Wgmma128 and
+// GemmKernel::WgmmaNn128), which takes them on a GPU of compute capability 9.0 wherever the
+// 128x128 mma.sync kernels of matmul.cu would run. build.rs compiles every *_sm90.cu file for
+// compute_90a, and the backend loads those modules on compute capability 9.0 only (sm_90a code
+// runs on no other GPU).
 //
-// Contract: exactly matmul_bf16_128x128's (kernels/matmul.cu). x [M, K] and w [N, K] bf16,
-// row-major; out [M, N] = (accumulate ? out : 0) + scale * x w^T, bf16 or f32 (out_f32), f32
-// accumulation. K % 8 == 0 and 16-byte-aligned x, w; any M, N, K otherwise: rows past M/N and
-// chunks past K are zero-filled by cp.async (src-size 0), the epilogue stores in-bounds elements.
+// matmul_bf16_wgmma_128x128: exactly matmul_bf16_128x128's contract (kernels/matmul.cu). x [M, K]
+//   and w [N, K] bf16, row-major; out [M, N] = (accumulate ? out : 0) + scale * x w^T, bf16 or
+//   f32 (out_f32), f32 accumulation. K % 8 == 0 and 16-byte-aligned x, w; any M, N, K otherwise:
+//   rows past M/N and chunks past K are zero-filled by cp.async (src-size 0), the epilogue stores
+//   in-bounds elements.
+// gemm_nn_bf16_wgmma_128x128: exactly gemm_nn_bf16_128x128's contract, the backward's dX = dY W:
+//   a [M, K] and b [K, N] bf16, row-major; out = (accumulate ? out : 0) + scale * a b. Also needs
+//   N % 8 == 0 and a 16-byte-aligned b (its rows are read in 16-byte chunks along N).
 //
-// matmul_bf16_wgmma_128x128
-//   grid = (ceil(N / 128), ceil(M / 128)); block = 256 threads = 2 warpgroups. Warpgroup g computes
-//   rows 64 g .. 64 g + 63 of the block's 128x128 tile with wgmma.mma_async m64n128k16: both
-//   operands read from shared memory through matrix descriptors, the accumulators in registers
-//   (64 f32 per thread).
+// Both: grid = (ceil(N / 128), ceil(M / 128)); block = 256 threads = 2 warpgroups. Warpgroup g
+//   computes rows 64 g .. 64 g + 63 of the block's 128x128 tile with wgmma.mma_async m64n128k16:
+//   both operands read from shared memory through matrix descriptors, the accumulators in
+//   registers (64 f32 per thread).
 //   K advances 64 at a time through a ring of kStages shared-memory stages that cp.async fills
 //   kAhead = kStages - 2 tiles ahead. The stage a thread refills in iteration kt was read by the
 //   wgmma of iteration kt - 2, which every warpgroup waited for (wgmma.wait_group 1 at the end of
 //   iteration kt - 1) before the barrier of iteration kt.
-//   One operand's stage is [128 rows][64 k] bf16, 128 bytes a row, and 16-byte chunk c of row r
-//   is stored at chunk c ^ (r % 8): the 128-byte swizzle the descriptors name (PTX ISA, "Shared
-//   Memory Matrix Layout"), which also spreads cp.async stores and wgmma reads over all banks.
+//   Shared-memory layouts (PTX ISA, "Shared Memory Matrix Layout"), all in the 128-byte swizzle:
+//   16-byte chunk c of a 128-byte row r is stored at chunk c ^ (r % 8), which also spreads
+//   cp.async stores and wgmma reads over all banks.
+//   - K-major (x, w, a): one operand's stage is [128 rows][64 k] bf16, 128 bytes a row; groups
+//     of 8 rows are 1024 bytes apart (the descriptor's stride offset), and the k step of 16 moves
+//     the start 32 bytes along the row.
+//   - MN-major (b of the NN kernel, wgmma's transpose bit for B): the stage holds b's [64 k][128 n]
+//     tile as two [64 k][64 n] halves of 8192 bytes, each k row 128 bytes of n; the halves are the
+//     descriptor's leading offset apart (8192), groups of 8 k rows its stride offset (1024), and
+//     the k step of 16 moves the start 16 rows (2048 bytes).
 //   The swizzle is a function of the shared address, so stages start at 1024-byte shared
 //   addresses (its period); the launcher adds 1024 bytes of slack for that.
 //   dynamic shared memory = kStages * 2 * 16384 + 1024 = 164864 bytes (raised at load).
@@ -43,8 +54,8 @@ __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() { emu_wgmma_commit(); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { emu_wgmma_wait(N); }
 __device__ __forceinline__ void fence_operand(float&) {}
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-  emu_wgmma_m64nNk16_bf16(d, 128, a, b);
+template <int kTransB> __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+  emu_wgmma_m64nNk16_bf16(d, 128, a, b, kTransB);
 }
 #else
 // Makes this thread's generic-proxy writes to shared memory (cp.async) visible to the async
@@ -59,13 +70,14 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous wgmma.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-// d (64 x 128, f32) += a (64 x 16) b^T (b 128 x 16), both K-major bf16 in shared memory.
-// scale-d = 1 (accumulate), A and B unscaled and not transposed.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+// d (64 x 128, f32) += a (64 x 16) b^T (b 128 x 16), bf16 in shared memory: A K-major, B K-major
+// (kTransB 0) or MN-major (kTransB 1, wgmma's transpose bit). scale-d = 1 (accumulate), A and B
+// unscaled.
+template <int kTransB> __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %66;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -74,26 +86,28 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(a), "l"(b));
+      : "l"(a), "l"(b), "n"(kTransB));
 }
 #endif
 
-// wgmma matrix descriptor (PTX ISA, "Matrix Descriptor Format") of a K-major operand in the
-// 128-byte swizzle: start address >> 4 in bits 0-13; leading-dimension byte offset >> 4 in
-// bits 16-29 (unused by swizzled K-major layouts, 16 by convention); stride-dimension byte offset
-// >> 4 in bits 32-45 (1024: from one group of 8 rows to the next); base offset 0 (bits 49-51:
-// every start is 1024-aligned but for the k step's +32 bytes, which leaves the row bits alone);
-// swizzle mode 1 (128-byte) in bits 62-63.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(16 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+// wgmma matrix descriptor (PTX ISA, "Matrix Descriptor Format") of an operand in the 128-byte
+// swizzle: start address >> 4 in bits 0-13; leading-dimension byte offset >> 4 in bits 16-29
+// (K-major: unused by the swizzled layouts, 16 by convention; MN-major: from one 64-wide half of
+// MN to the next); stride-dimension byte offset >> 4 in bits 32-45 (1024: from one group of 8
+// rows to the next, rows of MN for K-major, of K for MN-major); base offset 0 (bits 49-51:
+// every start is 1024-aligned but for the K-major k step's +32 bytes, which leaves the row bits
+// alone); swizzle mode 1 (128-byte) in bits 62-63.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading = 16) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(leading >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
          (uint64_t(1) << 62);
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(kThreads)
-    matmul_bf16_wgmma_128x128(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out,
-                              int out_f32, int M, int N, int K, float scale, int accumulate) {
+// out = (accumulate ? out : 0) + scale * x op(w): op(w) = w^T for w [N, K] (kNN false), w itself
+// for w [K, N] (kNN true).
+template <bool kNN>
+__device__ __forceinline__ void wgmma_gemm(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                           void* __restrict__ out, int out_f32, int M, int N, int K, float scale,
+                                           int accumulate) {
   DYNAMIC_SMEM(uint4, smem_raw);
   // The ring starts at the first 1024-byte boundary of the shared window.
   const uint32_t raw_addr = smem_u32(smem_raw);
@@ -112,12 +126,22 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const int k0 = kt * kBK;
 #pragma unroll
     for (int i = 0; i < kBM * 8 / kThreads; i++) {
-      const int c = tid + i * kThreads, row = c >> 3, chunk = c & 7;
-      const int gk = k0 + chunk * 8, gm = block_m + row, gn = block_n + row;
-      const int off = row * 128 + ((chunk ^ (row & 7)) << 4);
-      const bool ok_a = gm < M && gk < K, ok_b = gn < N && gk < K;
-      cp_async_16(a + off, ok_a ? x + (long long)gm * K + gk : x, ok_a ? 16 : 0);
-      cp_async_16(b + off, ok_b ? w + (long long)gn * K + gk : w, ok_b ? 16 : 0);
+      const int c = tid + i * kThreads;
+      {  // x: row m of the tile, chunk of 8 k
+        const int row = c >> 3, chunk = c & 7, gk = k0 + chunk * 8, gm = block_m + row;
+        const bool ok = gm < M && gk < K;
+        cp_async_16(a + row * 128 + ((chunk ^ (row & 7)) << 4), ok ? x + (long long)gm * K + gk : x, ok ? 16 : 0);
+      }
+      if constexpr (!kNN) {  // w [N, K]: row n, chunk of 8 k (K-major, as x)
+        const int row = c >> 3, chunk = c & 7, gk = k0 + chunk * 8, gn = block_n + row;
+        const bool ok = gn < N && gk < K;
+        cp_async_16(b + row * 128 + ((chunk ^ (row & 7)) << 4), ok ? w + (long long)gn * K + gk : w, ok ? 16 : 0);
+      } else {  // w [K, N]: k row r, chunk of 8 n in half h of the tile's 128 n (MN-major)
+        const int r = c >> 4, h = (c >> 3) & 1, chunk = c & 7, gk = k0 + r, gn = block_n + (c & 15) * 8;
+        const bool ok = gk < K && gn < N;
+        cp_async_16(b + h * (kBK * 128) + r * 128 + ((chunk ^ (r & 7)) << 4), ok ? w + (long long)gk * N + gn : w,
+                    ok ? 16 : 0);
+      }
     }
   };
 
@@ -146,7 +170,13 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 64; i++) fence_operand(acc[i]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; kk++) wgmma_m64n128k16(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 32));
+    for (int kk = 0; kk < kBK / 16; kk++) {
+      if constexpr (!kNN) {
+        wgmma_m64n128k16<0>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 32));
+      } else {
+        wgmma_m64n128k16<1>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 16 * 128, kBK * 128));
+      }
+    }
     wgmma_commit();
 #pragma unroll
     for (int i = 0; i < 64; i++) fence_operand(acc[i]);
@@ -174,4 +204,18 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       if (r < M && c < N) store_out(out, out_f32, (long long)r * N + c, acc[j * 4 + e], scale, accumulate);
     }
   }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    matmul_bf16_wgmma_128x128(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out,
+                              int out_f32, int M, int N, int K, float scale, int accumulate) {
+  wgmma_gemm<false>(x, w, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    gemm_nn_bf16_wgmma_128x128(const bf16* __restrict__ a, const bf16* __restrict__ b, void* __restrict__ out,
+                               int out_f32, int M, int N, int K, float scale, int accumulate) {
+  wgmma_gemm<true>(a, b, out, out_f32, M, N, K, scale, accumulate);
 }

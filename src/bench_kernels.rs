@@ -97,23 +97,31 @@ pub trait OpTimer: BackwardOps {
     ) -> Result<()> {
         anyhow::bail!("this backend has no vendor GEMM")
     }
-    /// A second kernel of this backend that can run `[m, k] x [n, k]^T`, timed as a row of
-    /// its own next to the one `matmul` picks: its label, or `None`.
-    fn alternative_matmul(&self, _m: usize, _n: usize, _k: usize) -> Option<&'static str> {
+    /// A second kernel of this backend that can run `a [m, k] b[n, k]^T` (`trans_b`, the
+    /// projection) or `a [m, k] b [k, n]` (the backward's dX), timed as a row of its own next to
+    /// the one the dispatch picks: the row's label, or `None`.
+    fn alternative_gemm(
+        &self,
+        _m: usize,
+        _n: usize,
+        _k: usize,
+        _trans_b: bool,
+    ) -> Option<&'static str> {
         None
     }
-    /// Runs the kernel `alternative_matmul` named.
+    /// Runs the kernel `alternative_gemm` named.
     #[allow(clippy::too_many_arguments)]
-    fn run_alternative_matmul(
+    fn run_alternative_gemm(
         &self,
-        _x: &Self::Buf,
-        _w: &Self::Buf,
+        _a: &Self::Buf,
+        _b: &Self::Buf,
         _out: &mut Self::Buf,
         _m: usize,
         _n: usize,
         _k: usize,
+        _trans_b: bool,
     ) {
-        unreachable!("alternative_matmul named no kernel")
+        unreachable!("alternative_gemm named no kernel")
     }
 }
 
@@ -152,23 +160,41 @@ impl OpTimer for crate::backend::cuda::CudaBackend {
         let name = crate::backend::Backend::name(self);
         known_peak_tflops(&name).map(|p| (p, format!("bf16 dense peak of {name} (data sheet)")))
     }
-    /// Where the Hopper GEMM runs `matmul`, the sm_80 mma.sync kernel it replaced.
-    fn alternative_matmul(&self, m: usize, n: usize, k: usize) -> Option<&'static str> {
-        use crate::backend::cuda::{DType, MatmulKernel};
-        (self.matmul_kernel(m, n, k, DType::BF16, DType::BF16) == MatmulKernel::Wgmma128)
-            .then_some("matmul square, mma.sync (sm_80 kernel)")
-    }
-    fn run_alternative_matmul(
+    /// Where a Hopper GEMM runs, the sm_80 mma.sync kernel it replaced.
+    fn alternative_gemm(
         &self,
-        x: &Self::Buf,
-        w: &Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_b: bool,
+    ) -> Option<&'static str> {
+        use crate::backend::cuda::{DType, GemmKernel, MatmulKernel};
+        let bf16 = DType::BF16;
+        if trans_b {
+            (self.matmul_kernel(m, n, k, bf16, bf16) == MatmulKernel::Wgmma128)
+                .then_some("matmul square, mma.sync (sm_80 kernel)")
+        } else {
+            (self.gemm_kernel(m, n, k, false, false, bf16, bf16) == GemmKernel::WgmmaNn128)
+                .then_some("gemm dX = dY W (down), mma.sync (sm_80 kernel)")
+        }
+    }
+    fn run_alternative_gemm(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
         out: &mut Self::Buf,
         m: usize,
         n: usize,
         k: usize,
+        trans_b: bool,
     ) {
-        use crate::backend::cuda::MatmulKernel;
-        self.matmul_using(MatmulKernel::TensorCore128, x, w, out, m, n, k, 1.0, false)
+        use crate::backend::cuda::{GemmKernel, MatmulKernel};
+        if trans_b {
+            self.matmul_using(MatmulKernel::TensorCore128, a, b, out, m, n, k, 1.0, false)
+        } else {
+            let kernel = GemmKernel::TensorCoreNn128;
+            self.gemm_using(kernel, a, b, out, m, n, k, false, false, 1.0, false)
+        }
     }
     #[cfg(feature = "cublaslt")]
     fn vendor_gemm(&self) -> Option<std::result::Result<String, String>> {
@@ -216,6 +242,34 @@ struct Case<'a> {
     run: Box<dyn FnMut() + 'a>,
     /// The same op through the vendor library, on the same buffers (projection GEMMs).
     vendor: Option<Box<dyn FnMut() -> Result<()> + 'a>>,
+}
+
+/// A GEMM's operands and output, shared by the rows that time it.
+type Operands<'b, T> = (&'b Rc<T>, &'b Rc<T>, &'b Rc<RefCell<T>>);
+
+/// The row of `OpTimer::alternative_gemm`'s kernel for `a [m, k] op(b)` (`b^T` when
+/// `trans_b`), on the buffers of the row it follows; `None` when the backend has no other kernel
+/// for it.
+fn alternative_case<'a, B: OpTimer>(
+    be: &'a B,
+    (a, b, out): Operands<'_, B::Buf>,
+    (m, n, k): (usize, usize, usize),
+    trans_b: bool,
+    shape: &str,
+    (flops, bytes): (f64, f64),
+) -> Option<Case<'a>> {
+    let op = be.alternative_gemm(m, n, k, trans_b)?;
+    let (a, b, out) = (a.clone(), b.clone(), out.clone());
+    Some(Case {
+        op,
+        shape: shape.to_string(),
+        flops,
+        bytes,
+        run: Box::new(move || {
+            be.run_alternative_gemm(&a, &b, &mut out.borrow_mut(), m, n, k, trans_b)
+        }),
+        vendor: None,
+    })
 }
 
 fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
@@ -311,21 +365,8 @@ fn cases<'a, B: OpTimer>(
         );
         // The square GEMM also through the backend's other kernel, on the same buffers.
         let alternative = (op == "matmul square")
-            .then(|| be.alternative_matmul(m, n, k))
-            .flatten()
-            .map(|alt| {
-                let (x, w, o) = (x.clone(), w.clone(), o.clone());
-                Case {
-                    op: alt,
-                    shape: shape.clone(),
-                    flops,
-                    bytes,
-                    run: Box::new(move || {
-                        be.run_alternative_matmul(&x, &w, &mut o.borrow_mut(), m, n, k)
-                    }),
-                    vendor: None,
-                }
-            });
+            .then(|| alternative_case(be, (&x, &w, &o), (m, n, k), true, &shape, (flops, bytes)))
+            .flatten();
         out.push(Case {
             op,
             shape,
@@ -365,19 +406,41 @@ fn cases<'a, B: OpTimer>(
         });
     }
     // The backward's dX = dY W through the down projection (W [d, ff]).
+    // Where a Hopper kernel runs it, the sm_80 kernel too, on the same buffers.
     {
         let (m, n, k) = (t, ff, d);
-        let dy = up(m * k, &mut rng)?;
-        let w = be.upload(&random(k * n, &mut rng, 0.02))?;
-        let mut dx = be.alloc(m * n)?;
+        let dy = Rc::new(up(m * k, &mut rng)?);
+        let w = Rc::new(be.upload(&random(k * n, &mut rng, 0.02))?);
+        let dx = Rc::new(RefCell::new(be.alloc(m * n)?));
+        let shape = format!("[{m}, {k}] x [{k}, {n}]");
+        let (flops, bytes) = (
+            2.0 * (m * n * k) as f64,
+            ((m * k + n * k + m * n) as f64) * wb,
+        );
+        let alternative =
+            alternative_case(be, (&dy, &w, &dx), (m, n, k), false, &shape, (flops, bytes));
         out.push(Case {
             op: "gemm dX = dY W (down)",
-            shape: format!("[{m}, {k}] x [{k}, {n}]"),
-            flops: 2.0 * (m * n * k) as f64,
-            bytes: ((m * k + n * k + m * n) as f64) * wb,
-            run: Box::new(move || be.gemm(&dy, &w, &mut dx, m, n, k, false, false, 1.0, false)),
+            shape,
+            flops,
+            bytes,
+            run: Box::new(move || {
+                be.gemm(
+                    &dy,
+                    &w,
+                    &mut dx.borrow_mut(),
+                    m,
+                    n,
+                    k,
+                    false,
+                    false,
+                    1.0,
+                    false,
+                )
+            }),
             vendor: None,
         });
+        out.extend(alternative);
     }
     // RoPE on q, SwiGLU and its backward.
     {

@@ -202,6 +202,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         ("add_rmsnorm_f32_bf16".into(), "pppipif"),
         // matmul_bf16_128x128's contract on Hopper (kernels/matmul_sm90.cu).
         ("matmul_bf16_wgmma_128x128".into(), "pppiiiifi"),
+        ("gemm_nn_bf16_wgmma_128x128".into(), "pppiiiifi"),
     ];
     for d in ["bf16", "f32"] {
         expected.extend([
@@ -488,12 +489,17 @@ fn a_rejected_hopper_module_leaves_the_sm80_kernels_in_charge() {
         "no warning: {stderr}"
     );
     assert!(
-        stdout.contains("projection GEMMs: mma.sync 128x128"),
+        stdout.contains("projection GEMMs: mma.sync 128x128")
+            && stdout.contains("backward dX = dY W GEMMs: mma.sync 128x128"),
         "{stdout}"
     );
     let (ok, stdout, stderr) = info("");
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("projection GEMMs: wgmma"), "{stdout}");
+    assert!(
+        stdout.contains("projection GEMMs: wgmma")
+            && stdout.contains("backward dX = dY W GEMMs: wgmma"),
+        "{stdout}"
+    );
     // Without the sm_80 modules there is no backend: an error, not a fallback.
     let (ok, _, stderr) = info("sm_80");
     assert!(
@@ -503,22 +509,30 @@ fn a_rejected_hopper_module_leaves_the_sm80_kernels_in_charge() {
 }
 
 /// Each tensor-core GEMM forced onto shapes its tiles do not divide (and ones they do), against
-/// the CPU: mma.sync at both tile sizes everywhere, and wgmma (kernels/matmul_sm90.cu) on a GPU
-/// of compute capability 9.0, which must have loaded it. k = 1000 runs the wgmma ring of 5
-/// stages around three times; k = 8 is one 16-byte chunk of a 64-wide stage.
+/// the CPU: the projection's `x w^T` and the backward's `a b`, mma.sync at both tile sizes
+/// everywhere, and wgmma (kernels/matmul_sm90.cu) on a GPU of compute capability 9.0, which must
+/// have loaded both. k = 1000 runs the wgmma ring of 5 stages around three times; k = 8 is one
+/// 16-byte chunk of a 64-wide stage (`x w^T`) or 8 of its 64 k rows (`a b`).
 #[test]
 fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
     let Some(g) = gpu() else { return };
     let hopper = g.compute_capability() == (9, 0)
         && std::env::var("REPSHIELD_CUDA_NO_WGMMA").map_or(true, |v| v != "1");
-    assert_eq!(
-        g.has_kernel(MatmulKernel::Wgmma128.entry()),
-        hopper,
-        "the Hopper GEMM is loaded exactly on compute capability 9.0"
-    );
+    for entry in [
+        MatmulKernel::Wgmma128.entry(),
+        GemmKernel::WgmmaNn128.nn_entry().unwrap(),
+    ] {
+        assert_eq!(
+            g.has_kernel(entry),
+            hopper,
+            "{entry} is loaded exactly on compute capability 9.0"
+        );
+    }
     let mut kernels = vec![MatmulKernel::TensorCore64, MatmulKernel::TensorCore128];
+    let mut nn_kernels = vec![GemmKernel::TensorCoreNn64, GemmKernel::TensorCoreNn128];
     if hopper {
         kernels.push(MatmulKernel::Wgmma128);
+        nn_kernels.push(GemmKernel::WgmmaNn128);
     } else {
         eprintln!("wgmma GEMM not loaded (compute capability not 9.0, or REPSHIELD_CUDA_NO_WGMMA=1): not checked here");
     }
@@ -536,6 +550,58 @@ fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
             }
         }
     }
+    // `a b` needs n % 8 == 0 (b's rows are read in 16-byte chunks along n).
+    let nn_shapes: &[(usize, usize, usize)] =
+        &[(130, 136, 1000), (64, 72, 8), (256, 384, 136), (9, 200, 64)];
+    for kernel in nn_kernels {
+        for &(m, n, k) in nn_shapes {
+            for (od, scale, accumulate) in [(DType::BF16, 1.0f32, false), (DType::F32, 0.5, true)] {
+                let dtypes = (DType::BF16, DType::BF16, od);
+                let nn = (false, false);
+                check_gemm(
+                    &g,
+                    Some(kernel),
+                    (m, n, k),
+                    dtypes,
+                    nn,
+                    scale,
+                    accumulate,
+                    37,
+                );
+            }
+        }
+    }
+}
+
+/// `gemm` of random operands in the given dtypes (a, b, out) and transposes against the CPU
+/// twin, through `kernel` (`None`: the one dispatch picks); out poisoned first, or random when
+/// accumulating.
+#[allow(clippy::too_many_arguments)]
+fn check_gemm(
+    g: &CudaBackend,
+    kernel: Option<GemmKernel>,
+    (m, n, k): (usize, usize, usize),
+    (ad, bd, od): (DType, DType, DType),
+    (ta, tb): (bool, bool),
+    scale: f32,
+    accumulate: bool,
+    seed: u64,
+) {
+    let a = random(m * k, seed, 1.0, ad);
+    let b = random(k * n, seed + 1, 1.0, bd);
+    let (ab, bb) = (up(g, &a, ad), up(g, &b, bd));
+    check_product(
+        g,
+        format!(
+            "gemm {kernel:?} m{m} n{n} k{k} ta {ta} tb {tb} {ad:?}x{bd:?}->{od:?} scale {scale} acc {accumulate}"
+        ),
+        (m, n, k, od, accumulate, seed + 2),
+        |out| match kernel {
+            Some(kn) => g.gemm_using(kn, &ab, &bb, out, m, n, k, ta, tb, scale, accumulate),
+            None => g.gemm(&ab, &bb, out, m, n, k, ta, tb, scale, accumulate),
+        },
+        |want| cpu::matmul::gemm_fwd(&a, &b, want, m, n, k, ta, tb, scale, accumulate),
+    );
 }
 
 /// `matmul` (`kernel` None: the one dispatch picks) of random operands in the given dtypes
@@ -551,37 +617,46 @@ fn check_matmul(
 ) {
     let x = random(m * k, seed, 1.0, xd);
     let w = random(n * k, seed + 1, 1.0, wd);
-    let init = random(m * n, seed + 2, 1.0, od);
+    let (xb, wb) = (up(g, &x, xd), up(g, &w, wd));
+    check_product(
+        g,
+        format!(
+            "matmul {kernel:?} m{m} n{n} k{k} {xd:?}x{wd:?}->{od:?} scale {scale} acc {accumulate}"
+        ),
+        (m, n, k, od, accumulate, seed + 2),
+        |out| match kernel {
+            Some(kn) => g.matmul_using(kn, &xb, &wb, out, m, n, k, scale, accumulate),
+            None => g.matmul(&xb, &wb, out, m, n, k, scale, accumulate),
+        },
+        |want| cpu::matmul::matmul_fwd(&x, &w, want, m, n, k, scale, accumulate),
+    );
+}
+
+/// Runs `launch` on an `[m, n]` out of dtype `od`, poisoned with NaN first, or random (from
+/// `seed`) when accumulating, and compares it with `reference` run on the same start. The
+/// tolerance grows with the length of the dot product (magnitudes ~ sqrt(k)/3).
+fn check_product(
+    g: &CudaBackend,
+    what: String,
+    (m, n, k, od, accumulate, seed): (usize, usize, usize, DType, bool, u64),
+    launch: impl FnOnce(&mut CudaBuf),
+    reference: impl FnOnce(&mut [f32]),
+) {
+    let init = random(m * n, seed, 1.0, od);
     let mut out = if accumulate {
         up(g, &init, od)
     } else {
         poisoned(g, m * n, od)
     };
-    let (xb, wb) = (up(g, &x, xd), up(g, &w, wd));
-    match kernel {
-        Some(kn) => g.matmul_using(kn, &xb, &wb, &mut out, m, n, k, scale, accumulate),
-        None => g.matmul(&xb, &wb, &mut out, m, n, k, scale, accumulate),
-    }
-    let mut want = if accumulate {
-        init.clone()
-    } else {
-        vec![0.0; m * n]
-    };
-    cpu::matmul::matmul_fwd(&x, &w, &mut want, m, n, k, scale, accumulate);
-    // Error grows with the length of the dot product (magnitudes ~ sqrt(k)/3).
+    launch(&mut out);
+    let mut want = if accumulate { init } else { vec![0.0; m * n] };
+    reference(&mut want);
     let base = tol_for(od);
     let tol = Tol {
         atol: base.atol.max(2e-6) * (k as f32).sqrt(),
         rtol: base.rtol,
     };
-    assert_close(
-        &format!(
-            "matmul {kernel:?} m{m} n{n} k{k} {xd:?}x{wd:?}->{od:?} scale {scale} acc {accumulate}"
-        ),
-        &g.download(&out).unwrap(),
-        &want,
-        tol,
-    );
+    assert_close(&what, &g.download(&out).unwrap(), &want, tol);
 }
 
 /// The LoRA projection `x w^T + s xa b^T`: fused into the decode GEMV's epilogue for m <= 8
@@ -1563,50 +1638,15 @@ fn gemm_matches_cpu_with_every_transpose() {
                 (DType::F32, DType::F32, DType::F32),
             ] {
                 for (scale, accumulate) in [(1.0f32, false), (0.5, true)] {
-                    let a = random(m * k, 43, 1.0, ad);
-                    let b = random(k * n, 44, 1.0, bd);
-                    let init = random(m * n, 45, 1.0, od);
-                    let mut out = if accumulate {
-                        up(&g, &init, od)
-                    } else {
-                        poisoned(&g, m * n, od)
-                    };
                     used.insert(match g.gemm_kernel(m, n, k, ta, tb, ad, bd) {
                         GemmKernel::Projection(_) => "projection",
-                        GemmKernel::TensorCoreNn128 => "nn128",
+                        // The 128x128 `a b` tile: wgmma where the Hopper kernels are loaded.
+                        GemmKernel::TensorCoreNn128 | GemmKernel::WgmmaNn128 => "nn128",
                         GemmKernel::TensorCoreNn64 => "nn64",
                         GemmKernel::Generic => "generic",
                     });
-                    g.gemm(
-                        &up(&g, &a, ad),
-                        &up(&g, &b, bd),
-                        &mut out,
-                        m,
-                        n,
-                        k,
-                        ta,
-                        tb,
-                        scale,
-                        accumulate,
-                    );
-                    let mut want = if accumulate {
-                        init.clone()
-                    } else {
-                        vec![0.0; m * n]
-                    };
-                    cpu::matmul::gemm_fwd(&a, &b, &mut want, m, n, k, ta, tb, scale, accumulate);
-                    // As matmul: the error grows with the length of the dot product.
-                    let base = tol_for(od);
-                    let tol = Tol {
-                        atol: base.atol.max(2e-6) * (k as f32).sqrt(),
-                        rtol: base.rtol,
-                    };
-                    assert_close(
-                        &format!("gemm m{m} n{n} k{k} ta {ta} tb {tb} {ad:?}x{bd:?}->{od:?} acc {accumulate}"),
-                        &g.download(&out).unwrap(),
-                        &want,
-                        tol,
-                    );
+                    let dtypes = (ad, bd, od);
+                    check_gemm(&g, None, (m, n, k), dtypes, (ta, tb), scale, accumulate, 43);
                 }
             }
         }

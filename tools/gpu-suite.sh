@@ -227,7 +227,8 @@ without_wgmma() {
 # failed tests again without the Hopper GEMM (without_wgmma, only when some failed), then
 # compute-sanitizer memcheck and racecheck on the tensor-core GEMMs, both attention paths and
 # the replayed decode (QUICK_SANITIZER_S, 75 each), then `bench kernels` at the llama3-8b shape
-# for the GEMMs (the 4096^3 square one with the mma.sync kernel and cuBLASLt beside it),
+# for the GEMMs (the 4096^3 square one and the dX one with the mma.sync kernel beside them,
+# cuBLASLt beside the projections),
 # attention and the norms (QUICK_KERNELS_S, 100), then `bench generate` at the smollm2 shape
 # (QUICK_GENERATE_S, 100), both with PyTorch / transformers alongside when python has torch.
 # OUT/summary.md collects the headlines; each step's full log sits next to it.
@@ -267,7 +268,7 @@ quick() {
     gcmp=(--compare-python "$py" --script tools/bench_transformers.py)
   fi
   st="$(capped "${QUICK_KERNELS_S:-100}" "$out/kernels-llama3-8b.md" "$bin/repshield" bench kernels --device cuda \
-    --shape llama3-8b --repeats 10 --only "matmul,attention,rmsnorm" "${kcmp[@]}" --json "$out/kernels-llama3-8b.json")"
+    --shape llama3-8b --repeats 10 --only "matmul,gemm,attention,rmsnorm" "${kcmp[@]}" --json "$out/kernels-llama3-8b.json")"
   {
     printf '\n## bench kernels --shape llama3-8b, GEMMs, attention, norms (%s)\n\n' "$st"
     grep -E '^\||^tokens|^#|^cuBLASLt' "$out/kernels-llama3-8b.md"

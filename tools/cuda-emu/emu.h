@@ -287,8 +287,9 @@ inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b
 }
 
 // ---- the PTX instructions matmul_sm90.cu issues (wgmma, sm_90a) ------------------------------
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands in shared memory,
-// K-major, 128-byte swizzle, scale-d 1: d (64 x N) += A (64 x 16) B^T (B N x 16). The operation
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands in shared memory in
+// the 128-byte swizzle, A K-major, B K-major or MN-major (the transpose-B immediate), scale-d 1:
+// d (64 x N) += A (64 x 16) B^T (B N x 16). The operation
 // is queued when issued and runs when the thread waits for its group (wgmma.wait_group), so a
 // kernel that refills a stage before waiting for the wgmma reading it computes from the new data
 // and fails its parity test. Each thread computes its own fragment (PTX ISA, "Register
@@ -298,6 +299,7 @@ struct EmuWgmma {
   float* d;
   int n;
   uint64_t a, b;
+  int trans_b;
 };
 struct EmuWgmmaQueue {
   std::vector<EmuWgmma> open;
@@ -316,15 +318,23 @@ inline EmuWgmmaQueue& emu_wgmma_queue() {
   return mine;
 }
 
-// Matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start >> 4 in bits 0-13, stride
-// byte offset >> 4 in bits 32-45, base offset in 49-51, swizzle in 62-63 (1 = 128-byte).
-// Element (row, k) of a K-major 128-byte-swizzled operand: rows 128 bytes apart inside groups of
-// 8, groups SBO apart; then byte-address bits 4-6 are XORed with bits 7-9.
-inline float emu_wgmma_operand(uint64_t desc, int row, int k) {
+// Matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start >> 4 in bits 0-13, leading
+// byte offset >> 4 in bits 16-29, stride byte offset >> 4 in bits 32-45, base offset in 49-51,
+// swizzle in 62-63 (1 = 128-byte). Element (row, k) of a 128-byte-swizzled operand (PTX ISA,
+// "Shared Memory Matrix Layout", the canonical layouts; row is M or N):
+// - K-major: rows 128 bytes apart inside groups of 8, groups SBO apart, k along the row (the
+//   leading offset is unused);
+// - MN-major: 64 rows along each 128-byte line, the next 64 rows LBO further; k lines 128 bytes
+//   apart inside groups of 8, groups SBO apart;
+// then byte-address bits 4-6 are XORed with bits 7-9.
+inline float emu_wgmma_operand(uint64_t desc, int row, int k, bool mn_major) {
   if ((desc >> 62) != 1) emu_trap("wgmma: only the 128-byte swizzle is emulated");
   if ((desc >> 49) & 7) emu_trap("wgmma: a nonzero descriptor base offset is not emulated");
-  const uint32_t start = uint32_t(desc & 0x3fff) << 4, sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
-  uint32_t addr = start + uint32_t(row / 8) * sbo + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4, lbo = uint32_t((desc >> 16) & 0x3fff) << 4,
+                 sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+  uint32_t addr = mn_major ? start + uint32_t(row / 64) * lbo + uint32_t(row % 64) * 2 + uint32_t(k / 8) * sbo +
+                                 uint32_t(k % 8) * 128
+                           : start + uint32_t(row / 8) * sbo + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
   addr ^= ((addr >> 7) & 7) << 4;
   __nv_bfloat16 h;
   memcpy(&h, emu_shared_bytes(addr, 2), 2);
@@ -337,16 +347,16 @@ inline void emu_wgmma_run(const EmuWgmma& op) {
     for (int e = 0; e < 4; e++) {
       const int row = 16 * warp + lane / 4 + 8 * (e / 2), col = 8 * j + 2 * (lane % 4) + e % 2;
       float acc = op.d[4 * j + e];
-      for (int k = 0; k < 16; k++) acc += emu_wgmma_operand(op.a, row, k) * emu_wgmma_operand(op.b, col, k);
+      for (int k = 0; k < 16; k++) acc += emu_wgmma_operand(op.a, row, k, false) * emu_wgmma_operand(op.b, col, k, op.trans_b);
       op.d[4 * j + e] = acc;
     }
   }
 }
 
-inline void emu_wgmma_m64nNk16_bf16(float* d, int n, uint64_t a, uint64_t b) {
+inline void emu_wgmma_m64nNk16_bf16(float* d, int n, uint64_t a, uint64_t b, int trans_b) {
   if (emu_block_dim()->x % 128 || emu_block_dim()->y != 1 || emu_block_dim()->z != 1)
     emu_trap("wgmma needs whole warpgroups: blockDim (128 k, 1, 1)");
-  emu_wgmma_queue().open.push_back({d, n, a, b});
+  emu_wgmma_queue().open.push_back({d, n, a, b, trans_b});
 }
 inline void emu_wgmma_commit() {
   EmuWgmmaQueue& q = emu_wgmma_queue();

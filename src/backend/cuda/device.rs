@@ -164,7 +164,7 @@ pub(super) const GEMM_128_SMEM: u32 = 4 * (128 + 128) * 40 * 2;
 /// 32 k-rows x 136 of b) bf16).
 pub(super) const GEMM_NN_128_SMEM: u32 = 4 * (128 * 40 + 32 * (128 + 8)) * 2;
 
-/// Dynamic shared memory of the Hopper GEMM (kernels/matmul_sm90.cu): 5 stages x (128 + 128)
+/// Dynamic shared memory of both Hopper GEMMs (kernels/matmul_sm90.cu): 5 stages x (128 + 128)
 /// rows x 64 bf16, plus 1024 bytes to align the ring to the 128-byte swizzle's period.
 pub(super) const GEMM_WGMMA_SMEM: u32 = 5 * (128 + 128) * 64 * 2 + 1024;
 
@@ -258,6 +258,7 @@ impl Device {
             ("matmul_bf16_128x128", GEMM_128_SMEM),
             ("gemm_nn_bf16_128x128", GEMM_NN_128_SMEM),
             ("matmul_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
+            ("gemm_nn_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
         ] {
             if let Some((f, _)) = functions.get(name) {
                 f.set_attribute(

@@ -39,11 +39,27 @@ impl MatmulKernel {
 pub enum GemmKernel {
     /// `a b^T` with bf16 operands: the projection GEMM itself (`matmul`'s plan).
     Projection(MatmulKernel),
+    /// `a b` with bf16 operands, b `[K, N]` row-major (dX = dY W), on Hopper's warpgroup MMA
+    /// (kernels/matmul_sm90.cu, b MN-major), where `TensorCoreNn128` would run on a GPU of
+    /// compute capability 9.0.
+    WgmmaNn128,
     /// `a b` with bf16 operands, b `[K, N]` row-major (dX = dY W): tensor cores, b read k-major.
     TensorCoreNn128,
     TensorCoreNn64,
     /// Anything else (a transposed, f32 operands, ragged 16-byte chunks): SIMT.
     Generic,
+}
+
+impl GemmKernel {
+    /// The entry point of the `a b` kernels (`None`: the projection's or `gemm_generic`).
+    pub fn nn_entry(self) -> Option<&'static str> {
+        match self {
+            GemmKernel::WgmmaNn128 => Some("gemm_nn_bf16_wgmma_128x128"),
+            GemmKernel::TensorCoreNn128 => Some("gemm_nn_bf16_128x128"),
+            GemmKernel::TensorCoreNn64 => Some("gemm_nn_bf16_64x64"),
+            GemmKernel::Projection(_) | GemmKernel::Generic => None,
+        }
+    }
 }
 
 impl CudaBackend {
@@ -91,7 +107,11 @@ impl CudaBackend {
         } else if !n.is_multiple_of(8) {
             GemmKernel::Generic
         } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
-            GemmKernel::TensorCoreNn128
+            if self.has_kernel(GemmKernel::WgmmaNn128.nn_entry().unwrap_or_default()) {
+                GemmKernel::WgmmaNn128
+            } else {
+                GemmKernel::TensorCoreNn128
+            }
         } else {
             GemmKernel::TensorCoreNn64
         }
@@ -503,11 +523,34 @@ impl CudaBackend {
 
     /// `out[m,n] = (accumulate ? out : 0) + scale * op(a) op(b)` (the backward's GEMM; see
     /// `BackwardOps::gemm` for the layouts). bf16 `a b^T` is the projection GEMM; bf16 `a b`
-    /// with 16-byte rows (dX = dY W) runs on tensor cores reading b k-major; everything else
+    /// with 16-byte rows (dX = dY W) runs on tensor cores (wgmma on Hopper); everything else
     /// (transposed a, f32 operands: the LoRA factors' gradients) runs `gemm_generic` (SIMT).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_impl(
         &self,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let kernel = self.gemm_kernel(m, n, k, trans_a, trans_b, a.dtype, b.dtype);
+        self.gemm_using(
+            kernel, a, b, out, m, n, k, trans_a, trans_b, scale, accumulate,
+        );
+    }
+
+    /// `gemm` through a given kernel (tests and benchmarks compare them on the same shapes);
+    /// panics when the kernel cannot take the operands.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_using(
+        &self,
+        kernel: GemmKernel,
         a: &CudaBuf,
         b: &CudaBuf,
         out: &mut CudaBuf,
@@ -530,53 +573,60 @@ impl CudaBackend {
         if self.empty_product(out, m, n, k, accumulate, "gemm") {
             return;
         }
-        match self.gemm_kernel(m, n, k, trans_a, trans_b, a.dtype, b.dtype) {
-            GemmKernel::Projection(_) => {
-                return self.matmul_impl(a, b, out, m, n, k, scale, accumulate);
-            }
-            GemmKernel::Generic => {}
-            tc => {
-                assert!(
-                    self.addr(a).is_multiple_of(16) && self.addr(b).is_multiple_of(16),
-                    "gemm: a and b must be 16-byte aligned"
-                );
-                let (name, tile, threads, smem) = if tc == GemmKernel::TensorCoreNn128 {
-                    ("gemm_nn_bf16_128x128", 128, 256, GEMM_NN_128_SMEM)
-                } else {
-                    (
-                        "gemm_nn_bf16_64x64",
-                        64,
-                        128,
-                        4 * (64 * 40 + 32 * (64 + 8)) * 2,
-                    )
-                };
-                assert!(
-                    m.div_ceil(tile) < 65536,
-                    "gemm: m = {m} needs more than 65535 row tiles"
-                );
-                let cfg = LaunchConfig {
-                    grid_dim: (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: smem,
-                };
-                let out_f32 = out.dtype.flag();
-                let mut args = [
-                    Arg::In(a),
-                    Arg::In(b),
-                    Arg::Out(out),
-                    Arg::I32(out_f32),
-                    Arg::I32(int(m, "gemm m")),
-                    Arg::I32(int(n, "gemm n")),
-                    Arg::I32(int(k, "gemm k")),
-                    Arg::F32(scale),
-                    Arg::I32(accumulate as i32),
-                ];
-                // SAFETY: gemm_nn_bf16_*(const bf16* a, const bf16* b, void* out, int, int M,
-                // int N, int K, float scale, int accumulate); bf16 operands, k % 8 == 0,
-                // n % 8 == 0 and 16-byte alignment checked above.
-                unsafe { self.launch(name, cfg, &mut args) };
-                return;
-            }
+        if let GemmKernel::Projection(kn) = kernel {
+            assert!(!trans_a && trans_b, "gemm: the projection GEMM takes a b^T");
+            return self.matmul_using(kn, a, b, out, m, n, k, scale, accumulate);
+        }
+        if let Some(name) = kernel.nn_entry() {
+            assert!(
+                !trans_a
+                    && !trans_b
+                    && a.dtype == DType::BF16
+                    && b.dtype == DType::BF16
+                    && k.is_multiple_of(8)
+                    && n.is_multiple_of(8),
+                "gemm: {name} takes bf16 a b with k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
+            );
+            // The one kernel that is not loaded on every GPU.
+            assert!(
+                kernel != GemmKernel::WgmmaNn128 || self.has_kernel(name),
+                "gemm: the wgmma kernel is not loaded on this GPU (compute capability 9.0 only)"
+            );
+            assert!(
+                self.addr(a).is_multiple_of(16) && self.addr(b).is_multiple_of(16),
+                "gemm: a and b must be 16-byte aligned"
+            );
+            let (tile, threads, smem) = match kernel {
+                GemmKernel::WgmmaNn128 => (128, 256, GEMM_WGMMA_SMEM),
+                GemmKernel::TensorCoreNn128 => (128, 256, GEMM_NN_128_SMEM),
+                _ => (64, 128, 4 * (64 * 40 + 32 * (64 + 8)) * 2),
+            };
+            assert!(
+                m.div_ceil(tile) < 65536,
+                "gemm: m = {m} needs more than 65535 row tiles"
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let out_f32 = out.dtype.flag();
+            let mut args = [
+                Arg::In(a),
+                Arg::In(b),
+                Arg::Out(out),
+                Arg::I32(out_f32),
+                Arg::I32(int(m, "gemm m")),
+                Arg::I32(int(n, "gemm n")),
+                Arg::I32(int(k, "gemm k")),
+                Arg::F32(scale),
+                Arg::I32(accumulate as i32),
+            ];
+            // SAFETY: gemm_nn_bf16_*(const bf16* a, const bf16* b, void* out, int, int M,
+            // int N, int K, float scale, int accumulate); bf16 operands, k % 8 == 0,
+            // n % 8 == 0 and 16-byte alignment checked above.
+            unsafe { self.launch(name, cfg, &mut args) };
+            return;
         }
         assert!(
             m.div_ceil(64) < 65536,
