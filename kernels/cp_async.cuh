@@ -1,6 +1,6 @@
 // cp.async helpers shared by the tensor-core GEMMs (matmul.cu, matmul_sm90.cu). Included, never
-// compiled on its own. On the CPU emulator (tools/cuda-emu) the copy happens at issue, which is a
-// legal schedule of an asynchronous copy, and commit/wait are no-ops.
+// compiled on its own. On the CPU emulator (tools/cuda-emu) the destination turns to NaN at issue
+// and the copy lands at the wait for its group: the latest schedule an asynchronous copy may take.
 #pragma once
 
 #include "common.cuh"
@@ -8,8 +8,8 @@
 #ifdef REPSHIELD_EMU
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return emu_shared_address(p); }
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) { emu_cp_async_16(dst, src, src_bytes); }
-__device__ __forceinline__ void cp_async_commit() {}
-template <int N> __device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { emu_cp_async_wait(N); }
 #else
 // Address of `p` in the shared-memory window (what ldmatrix, wgmma descriptors and cp.async take).
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {

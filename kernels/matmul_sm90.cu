@@ -49,7 +49,7 @@ static_assert(kBM == kBN && kBK * 2 == 128, "the 128-byte swizzle needs 64 bf16 
 
 #ifdef REPSHIELD_EMU
 // The CPU emulator (tools/cuda-emu/emu.h) runs wgmma when the thread waits for its group.
-__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void fence_proxy_async() { emu_fence_proxy_async(); }
 __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() { emu_wgmma_commit(); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { emu_wgmma_wait(N); }

@@ -148,10 +148,14 @@ struct Emu {
   std::vector<uint64_t> warp_slots;
   std::vector<unsigned char> dyn_smem;
   const Launch* launch = nullptr;
+  uint64_t block_serial = 0;  // counts blocks run, launches included: per-block emulator state
   std::map<CUdeviceptr, size_t> allocs;  // user pointer -> usable bytes
   size_t allocated = 0;
-  // REPSHIELD_EMU_ORDER=reverse runs the threads between two barriers last to first: a result
-  // that changes with the order is a race (a shared-memory read not ordered by a barrier).
+  // REPSHIELD_EMU_ORDER=reverse runs the threads between two barriers last to first, and lets one
+  // warp at a time run ahead to its next __syncthreads (the last warp first) before the others
+  // pass their warp collectives: a result that changes with the order is a race (a shared-memory
+  // read or write not ordered by a barrier, such as a refill of a stage that another warp has
+  // still to read).
   bool reverse = [] {
     const char* v = getenv("REPSHIELD_EMU_ORDER");
     return v && !strcmp(v, "reverse");
@@ -271,7 +275,11 @@ void run_block(int nthreads) {
     }
     if (!live) return;
     if (at_warp) {
-      for (int w = 0; w < nwarps; w++) {
+      // Forward order opens every warp's collective each round (the warps advance in step);
+      // reverse order only the highest waiting warp's, so that warp runs ahead of the rest.
+      bool opened = false;
+      for (int k = 0; k < nwarps && !(e.reverse && opened); k++) {
+        const int w = e.reverse ? nwarps - 1 - k : k;
         unsigned live_mask = 0, waiting = 0;
         const Fiber* first = nullptr;
         const Fiber* odd = nullptr;
@@ -297,6 +305,7 @@ void run_block(int nthreads) {
           Fiber& f = e.fibers[w * 32 + l];
           if (f.state == AT_WARP_BARRIER) f.state = RUNNABLE;
         }
+        opened = true;
       }
       continue;
     }
@@ -389,6 +398,7 @@ bool capture_refuses(void* s, const char* what) {
 extern "C" {
 EmuThread* emu_current() { return &emu().cur->t; }
 const dim3* emu_block_idx() { return &emu().block_idx; }
+uint64_t emu_block_serial() { return emu().block_serial; }
 const dim3* emu_block_dim() { return &emu().block_dim; }
 const dim3* emu_grid_dim() { return &emu().grid_dim; }
 void emu_syncthreads() {
@@ -751,6 +761,7 @@ static void run_launch(Function* f, const unsigned grid[3], const unsigned block
         e.block_idx = dim3{x, y, z};
         // Dynamic shared memory starts as garbage on the GPU (NaN here).
         e.dyn_smem.assign(std::max<size_t>(smem, 16), 0xff);
+        e.block_serial++;
         run_block(int(nthreads));
       }
   check_redzones(f->name.c_str());

@@ -39,6 +39,8 @@ struct EmuThread {
 extern "C" {
 EmuThread* emu_current();
 const dim3* emu_block_idx();
+// Distinct for every block of every launch: per-block state kept per thread resets on a change.
+uint64_t emu_block_serial();
 const dim3* emu_block_dim();
 const dim3* emu_grid_dim();
 void emu_syncthreads();
@@ -211,13 +213,82 @@ inline const char* emu_shared_bytes(uint32_t addr, size_t bytes) {
   return p;
 }
 
+// cp.async.cg.shared.global 16 (kernels/cp_async.cuh) at the latest schedule the PTX ISA allows:
+// the destination turns to NaN bytes at issue, and the data lands when the issuing thread waits
+// for its group (cp.async.wait_group N: all but the N most recent committed groups). A kernel that
+// reads a stage before waiting for it, or refills a stage another thread still reads, computes
+// from NaNs and fails its parity test. Copies a block never waited for are dropped with it.
+// Landed bytes stay "unfenced" until their thread runs fence.proxy.async: a wgmma reading them
+// before that traps (wgmma reads shared memory through the async proxy; PTX ISA, "Proxies").
+struct EmuCpAsync {
+  char* dst;
+  const char* src;
+  int bytes;
+};
+struct EmuCpAsyncState {
+  std::vector<EmuCpAsync> open;
+  std::deque<std::vector<EmuCpAsync>> committed;
+  std::vector<char*> unfenced;  // landed, not yet fenced for the async proxy
+  uint64_t block = 0;
+};
+// Per dynamic shared-memory byte: how many landed cp.async copies still await a proxy fence.
+inline std::vector<uint16_t>& emu_unfenced_bytes() {
+  static std::vector<uint16_t> marks;
+  static uint64_t block = 0;
+  if (block != emu_block_serial()) {
+    marks.assign(emu_dynamic_smem_bytes(), 0);
+    block = emu_block_serial();
+  }
+  return marks;
+}
+inline EmuCpAsyncState& emu_cp_async_state() {
+  static EmuCpAsyncState q[1024];
+  EmuCpAsyncState& mine = q[emu_current()->linear];
+  if (mine.block != emu_block_serial()) {
+    mine.open.clear();
+    mine.committed.clear();
+    mine.unfenced.clear();
+    mine.block = emu_block_serial();
+  }
+  return mine;
+}
+
 inline void emu_cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes > 16 || src_bytes < 0) emu_trap("cp.async with src-size outside 0..16");
   emu_smem_offset(dst, 16, "cp.async destination outside the launch's dynamic shared memory");
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     emu_trap("cp.async.cg 16: misaligned address");
-  memset(dst, 0, 16);
-  if (src_bytes) memcpy(dst, src, size_t(src_bytes));
+  memset(dst, 0xff, 16);
+  emu_cp_async_state().open.push_back({static_cast<char*>(dst), static_cast<const char*>(src), src_bytes});
+}
+inline void emu_cp_async_commit() {
+  EmuCpAsyncState& q = emu_cp_async_state();
+  q.committed.push_back(std::move(q.open));
+  q.open.clear();
+}
+inline void emu_cp_async_wait(int pending) {
+  EmuCpAsyncState& q = emu_cp_async_state();
+  std::vector<uint16_t>& marks = emu_unfenced_bytes();
+  while (int(q.committed.size()) > pending) {
+    for (const EmuCpAsync& c : q.committed.front()) {
+      memset(c.dst, 0, 16);
+      if (c.bytes) memcpy(c.dst, c.src, size_t(c.bytes));
+      const size_t off = emu_smem_offset(c.dst, 16, "cp.async destination");
+      for (int i = 0; i < 16; i++) marks[off + i]++;
+      q.unfenced.push_back(c.dst);
+    }
+    q.committed.pop_front();
+  }
+}
+// fence.proxy.async.shared::cta: this thread's landed copies become visible to the async proxy.
+inline void emu_fence_proxy_async() {
+  EmuCpAsyncState& q = emu_cp_async_state();
+  std::vector<uint16_t>& marks = emu_unfenced_bytes();
+  for (char* d : q.unfenced) {
+    const size_t off = emu_smem_offset(d, 16, "cp.async destination");
+    for (int i = 0; i < 16; i++) marks[off + i]--;
+  }
+  q.unfenced.clear();
 }
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of
@@ -336,8 +407,12 @@ inline float emu_wgmma_operand(uint64_t desc, int row, int k, bool mn_major) {
                                  uint32_t(k % 8) * 128
                            : start + uint32_t(row / 8) * sbo + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
   addr ^= ((addr >> 7) & 7) << 4;
+  const char* p = emu_shared_bytes(addr, 2);
+  const size_t off = emu_smem_offset(p, 2, "wgmma operand");
+  if (emu_unfenced_bytes()[off] || emu_unfenced_bytes()[off + 1])
+    emu_trap("wgmma read shared memory written by cp.async before the writer's fence.proxy.async");
   __nv_bfloat16 h;
-  memcpy(&h, emu_shared_bytes(addr, 2), 2);
+  memcpy(&h, p, 2);
   return __bfloat162float(h);
 }
 
