@@ -38,7 +38,7 @@ build() {
   cp "$target/release/repshield" .device/bin/repshield
   strip .device/bin/cuda_parity .device/bin/repshield
   du -sh .device/bin/* >&2
-  echo "carry .device/bin; on the GPU machine run: bash tools/gpu-suite.sh run \$OUT" >&2
+  echo "carry .device/bin; on the GPU machine run: bash tools/gpu-suite.sh quick \$OUT (short loan) or run \$OUT" >&2
 }
 
 # start TITLE FILE NEEDED_BINARY: checks the carried binary and writes the report's header
