@@ -113,6 +113,7 @@ run() {
     echo "## cuda_parity (exit $rc)"
     echo
     grep -E '^test result|^test .* (FAILED|ok)$|skipping' "$out/parity.log" | sed 's/^/    /' | tail -n 60
+    printf '\nfailed: %s\n' "$(failed_tests "$out/parity.log" | tr '\n' ' ')"
   } >> "$s"
   local sanitizer
   sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
@@ -203,6 +204,12 @@ capped() {
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "timed out after ${secs}s"; else echo "exit $rc"; fi
 }
 
+# failed_tests LOG: the names of the tests a libtest log says FAILED, one a line. With
+# --nocapture a test's own output can sit between "test NAME ... " and its "FAILED".
+failed_tests() {
+  awk '/^test [A-Za-z0-9_]+ \.\.\. /{name=$2} /FAILED$/{if (name != "") print name; name=""}' "$1"
+}
+
 # without_wgmma LOG RETRY_LOG SUMMARY: when the parity run in LOG failed tests, runs those
 # tests again with the Hopper GEMM switched off (REPSHIELD_CUDA_NO_WGMMA=1, capped at
 # QUICK_RETRY_S, 90) and adds to SUMMARY which of them pass that way: the one call then tells a
@@ -210,7 +217,7 @@ capped() {
 without_wgmma() {
   local log="$1" retry="$2" s="$3"
   local failed=()
-  mapfile -t failed < <(sed -n 's/^test \([A-Za-z0-9_]*\) \.\.\. FAILED$/\1/p' "$log")
+  mapfile -t failed < <(failed_tests "$log")
   [ "${#failed[@]}" -gt 0 ] || return 0
   local st
   st="$(REPSHIELD_CUDA_NO_WGMMA=1 capped "${QUICK_RETRY_S:-90}" "$retry" .device/bin/cuda_parity --test-threads=1 \
@@ -244,6 +251,7 @@ quick() {
   {
     printf '\n## cuda_parity (%s)\n\n' "$st"
     grep -E '^test result|^test .* (FAILED|ok)$|skipping|panicked' "$out/parity.log" | sed 's/^/    /' | tail -n 70
+    printf '\nfailed: %s\n' "$(failed_tests "$out/parity.log" | tr '\n' ' ')"
   } >> "$s"
   without_wgmma "$out/parity.log" "$out/parity-no-wgmma.log" "$s"
   local sanitizer
