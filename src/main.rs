@@ -401,11 +401,10 @@ fn print_device_arenas(m: &model::LoadedModel, batch: usize, ctx: usize) -> Resu
         );
     }
     println!("  activations: one allocation per layer and forward call, carved the same way");
-    use repshield::backend::cuda::MatmulKernel;
-    let wgmma = g.has_kernel(MatmulKernel::Wgmma128.entry());
+    use repshield::backend::cuda::{GemmKernel, MatmulKernel};
     println!(
         "projection GEMMs: {} where 128x128 tiles fill the {} SMs, else mma.sync 64x64 (M > 8) or the GEMV (decode)",
-        if wgmma {
+        if g.has_kernel(MatmulKernel::Wgmma128.entry()) {
             "wgmma (Hopper, kernels/matmul_sm90.cu)"
         } else {
             "mma.sync 128x128"
@@ -414,7 +413,7 @@ fn print_device_arenas(m: &model::LoadedModel, batch: usize, ctx: usize) -> Resu
     );
     println!(
         "backward dX = dY W GEMMs: {} where 128x128 tiles fill the SMs, else mma.sync 64x64",
-        if wgmma {
+        if g.has_kernel(GemmKernel::WgmmaNn128.entry()) {
             "wgmma, b MN-major (Hopper)"
         } else {
             "mma.sync 128x128"

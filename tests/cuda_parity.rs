@@ -520,7 +520,7 @@ fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
         && std::env::var("REPSHIELD_CUDA_NO_WGMMA").map_or(true, |v| v != "1");
     for entry in [
         MatmulKernel::Wgmma128.entry(),
-        GemmKernel::WgmmaNn128.nn_entry().unwrap(),
+        GemmKernel::WgmmaNn128.entry(),
     ] {
         assert_eq!(
             g.has_kernel(entry),

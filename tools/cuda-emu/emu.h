@@ -221,14 +221,14 @@ inline const char* emu_shared_bytes(uint32_t addr, size_t bytes) {
 // Landed bytes stay "unfenced" until their thread runs fence.proxy.async: a wgmma reading them
 // before that traps (wgmma reads shared memory through the async proxy; PTX ISA, "Proxies").
 struct EmuCpAsync {
-  char* dst;
+  size_t off;  // of the destination in dynamic shared memory (bounds-checked at issue)
   const char* src;
   int bytes;
 };
 struct EmuCpAsyncState {
   std::vector<EmuCpAsync> open;
   std::deque<std::vector<EmuCpAsync>> committed;
-  std::vector<char*> unfenced;  // landed, not yet fenced for the async proxy
+  std::vector<size_t> unfenced;  // offsets landed, not yet fenced for the async proxy
   uint64_t block = 0;
 };
 // Per dynamic shared-memory byte: how many landed cp.async copies still await a proxy fence.
@@ -255,11 +255,11 @@ inline EmuCpAsyncState& emu_cp_async_state() {
 
 inline void emu_cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes > 16 || src_bytes < 0) emu_trap("cp.async with src-size outside 0..16");
-  emu_smem_offset(dst, 16, "cp.async destination outside the launch's dynamic shared memory");
+  const size_t off = emu_smem_offset(dst, 16, "cp.async destination outside the launch's dynamic shared memory");
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     emu_trap("cp.async.cg 16: misaligned address");
   memset(dst, 0xff, 16);
-  emu_cp_async_state().open.push_back({static_cast<char*>(dst), static_cast<const char*>(src), src_bytes});
+  emu_cp_async_state().open.push_back({off, static_cast<const char*>(src), src_bytes});
 }
 inline void emu_cp_async_commit() {
   EmuCpAsyncState& q = emu_cp_async_state();
@@ -271,11 +271,11 @@ inline void emu_cp_async_wait(int pending) {
   std::vector<uint16_t>& marks = emu_unfenced_bytes();
   while (int(q.committed.size()) > pending) {
     for (const EmuCpAsync& c : q.committed.front()) {
-      memset(c.dst, 0, 16);
-      if (c.bytes) memcpy(c.dst, c.src, size_t(c.bytes));
-      const size_t off = emu_smem_offset(c.dst, 16, "cp.async destination");
-      for (int i = 0; i < 16; i++) marks[off + i]++;
-      q.unfenced.push_back(c.dst);
+      char* dst = static_cast<char*>(emu_dynamic_smem()) + c.off;
+      memset(dst, 0, 16);
+      if (c.bytes) memcpy(dst, c.src, size_t(c.bytes));
+      for (int i = 0; i < 16; i++) marks[c.off + i]++;
+      q.unfenced.push_back(c.off);
     }
     q.committed.pop_front();
   }
@@ -284,10 +284,8 @@ inline void emu_cp_async_wait(int pending) {
 inline void emu_fence_proxy_async() {
   EmuCpAsyncState& q = emu_cp_async_state();
   std::vector<uint16_t>& marks = emu_unfenced_bytes();
-  for (char* d : q.unfenced) {
-    const size_t off = emu_smem_offset(d, 16, "cp.async destination");
+  for (size_t off : q.unfenced)
     for (int i = 0; i < 16; i++) marks[off + i]--;
-  }
   q.unfenced.clear();
 }
 

@@ -51,13 +51,13 @@ pub enum GemmKernel {
 }
 
 impl GemmKernel {
-    /// The entry point of the `a b` kernels (`None`: the projection's or `gemm_generic`).
-    pub fn nn_entry(self) -> Option<&'static str> {
+    pub fn entry(self) -> &'static str {
         match self {
-            GemmKernel::WgmmaNn128 => Some("gemm_nn_bf16_wgmma_128x128"),
-            GemmKernel::TensorCoreNn128 => Some("gemm_nn_bf16_128x128"),
-            GemmKernel::TensorCoreNn64 => Some("gemm_nn_bf16_64x64"),
-            GemmKernel::Projection(_) | GemmKernel::Generic => None,
+            GemmKernel::Projection(kernel) => kernel.entry(),
+            GemmKernel::WgmmaNn128 => "gemm_nn_bf16_wgmma_128x128",
+            GemmKernel::TensorCoreNn128 => "gemm_nn_bf16_128x128",
+            GemmKernel::TensorCoreNn64 => "gemm_nn_bf16_64x64",
+            GemmKernel::Generic => "gemm_generic",
         }
     }
 }
@@ -107,7 +107,7 @@ impl CudaBackend {
         } else if !n.is_multiple_of(8) {
             GemmKernel::Generic
         } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
-            if self.has_kernel(GemmKernel::WgmmaNn128.nn_entry().unwrap_or_default()) {
+            if self.has_kernel(GemmKernel::WgmmaNn128.entry()) {
                 GemmKernel::WgmmaNn128
             } else {
                 GemmKernel::TensorCoreNn128
@@ -577,7 +577,8 @@ impl CudaBackend {
             assert!(!trans_a && trans_b, "gemm: the projection GEMM takes a b^T");
             return self.matmul_using(kn, a, b, out, m, n, k, scale, accumulate);
         }
-        if let Some(name) = kernel.nn_entry() {
+        if kernel != GemmKernel::Generic {
+            let name = kernel.entry();
             assert!(
                 !trans_a
                     && !trans_b
@@ -660,7 +661,7 @@ impl CudaBackend {
         // SAFETY: gemm_generic(const void* a, int, const void* b, int, void* out, int, int M,
         // int N, int K, int trans_a, int trans_b, float scale, int accumulate); sizes checked
         // above (a and b hold m*k and k*n values whichever way they are transposed).
-        unsafe { self.launch("gemm_generic", cfg, &mut args) };
+        unsafe { self.launch(GemmKernel::Generic.entry(), cfg, &mut args) };
     }
 
     /// `y += alpha * x`; x and y may differ in dtype (a bf16 gradient into an f32 sum).
