@@ -11,7 +11,8 @@
 #   5. runs the same suite on the CPU emulator of the driver (tools/cuda-emu/README.md): every
 #      kernel and launcher against its CPU twin, with threads run first to last and then last
 #      to first (a result that changes with the order is a race), the second time with every
-#      buffer in an allocation of its own.
+#      buffer in an allocation of its own; before that, the emulator's own self-test of the
+#      mbarrier and TMA emulation (tools/cuda-emu/selftest.sh, seconds).
 # Uses the release profile so the dependencies are shared with `cargo test --release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,8 @@ echo "-- the same suite on the CUDA emulator (tools/cuda-emu)"
 # smollm2_matches_cpu runs the real model when it is in the cache (PyPI, ~100 MB, once).
 "${CARGO_TARGET_DIR:-target}/release/repshield" fetch smollm2
 emu="$(bash tools/cuda-emu/build.sh)"
+echo "-- the emulator's self-test (mbarriers, TMA, tensor maps, by-value parameters)"
+bash tools/cuda-emu/selftest.sh
 # The first pass carves tensors from group allocations as a GPU run does; the second gives
 # every buffer its own allocation (REPSHIELD_CUDA_SEPARATE=1), so the emulator's canaries
 # guard each tensor and a write past one is named instead of landing in its neighbour.

@@ -84,12 +84,14 @@ emu_switch:
 .size emu_switch, .-emu_switch
 )");
 
-enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, AT_MBARRIER, DONE };
 
 struct Fiber {
   EmuThread t;
   State state = DONE;
   unsigned warp_mask = 0;
+  size_t bar_off = 0;  // AT_MBARRIER: the mbarrier (offset in dynamic shared memory) and the parity awaited
+  unsigned bar_parity = 0;
   void* sp = nullptr;
   char* stack = nullptr;  // lowest usable byte; a guard page sits below it
 };
@@ -97,12 +99,15 @@ struct Fiber {
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kMaxParams = 32;
 
-enum ParamKind { P_INT4, P_INT8, P_F32, P_F64 };
+// P_BLOB: `.param .align A .b8 NAME[S]`, a struct passed by value (a `const __grid_constant__ CUtensorMap`). The
+// host-compiled kernel declares it as a const reference, so it receives a pointer to the argument's bytes.
+enum ParamKind { P_INT4, P_INT8, P_F32, P_F64, P_BLOB };
 
 struct Function {
   std::string name;
   void* host = nullptr;
   std::vector<ParamKind> params;
+  std::vector<size_t> blob_bytes;  // per parameter: S of a P_BLOB, 0 otherwise
   int max_dynamic_smem = 48 * 1024;
 };
 
@@ -116,11 +121,12 @@ struct Launch {
 };
 
 // One kernel launch of a graph: the function, its configuration and its argument values
-// (8 bytes each, a 4-byte value in the low half).
+// (8 bytes each, a 4-byte value in the low half; a P_BLOB's bytes in `blobs`).
 struct Node {
   Function* f;
   unsigned grid[3], block[3], smem;
   std::vector<uint64_t> values;
+  std::vector<std::vector<uint64_t>> blobs;
 };
 
 struct Graph {
@@ -202,7 +208,10 @@ void call_kernel(const Launch& l) {
     const void* v = l.args[i];
     uint64_t bits = 0;
     bool vector_class = ps[i] == P_F32 || ps[i] == P_F64;
-    memcpy(&bits, v, (ps[i] == P_INT4 || ps[i] == P_F32) ? 4 : 8);
+    if (ps[i] == P_BLOB)
+      bits = reinterpret_cast<uintptr_t>(v);  // the kernel's const reference
+    else
+      memcpy(&bits, v, (ps[i] == P_INT4 || ps[i] == P_F32) ? 4 : 8);
     if (ps[i] == P_INT4) bits = uint64_t(int64_t(int32_t(uint32_t(bits))));  // sign-extend ints
     if (vector_class && nx < 8) {
       memcpy(&xmm[nx++], &bits, 8);
@@ -254,38 +263,79 @@ std::string describe_thread(const Fiber& f) {
   return buf;
 }
 
+// No thread can go on: report the kernel, what the threads wait at and one of them, preferably one waiting at an
+// mbarrier (with that barrier's state), and among those one whose phase has all its arrivals and lacks only bytes.
+[[noreturn]] void deadlock(int nthreads) {
+  Emu& e = emu();
+  int counts[DONE + 1] = {0};
+  const Fiber* example[DONE + 1] = {nullptr};
+  for (int k = 0; k < nthreads; k++) {
+    const Fiber& f = e.fibers[e.reverse ? nthreads - 1 - k : k];
+    counts[f.state]++;
+    if (!example[f.state]) example[f.state] = &f;
+    if (f.state == AT_MBARRIER && example[f.state] != &f && emu_mbarriers()[f.bar_off].pending == 0 &&
+        emu_mbarriers()[example[f.state]->bar_off].pending != 0)
+      example[f.state] = &f;
+  }
+  char what[320];
+  if (const Fiber* f = example[AT_MBARRIER]) {
+    char bar[160];
+    emu_mbarrier_describe(f->bar_off, bar, sizeof bar);
+    snprintf(what, sizeof what, "%s waits for parity %u of the mbarrier at dynamic shared memory offset %zu (%s)",
+             describe_thread(*f).c_str(), f->bar_parity, f->bar_off, bar);
+  } else if (const Fiber* f = example[AT_WARP_BARRIER]) {
+    snprintf(what, sizeof what, "%s waits at a warp collective", describe_thread(*f).c_str());
+  } else {
+    snprintf(what, sizeof what, "%s waits at __syncthreads", describe_thread(*example[AT_BLOCK_BARRIER]).c_str());
+  }
+  fatal("%s: deadlock: %d threads wait at mbarriers, %d at warp collectives, %d at __syncthreads, %d exited; %s",
+        e.launch->f->name.c_str(), counts[AT_MBARRIER], counts[AT_WARP_BARRIER], counts[AT_BLOCK_BARRIER],
+        counts[DONE], what);
+}
+
 void run_block(int nthreads) {
   Emu& e = emu();
   for (int i = 0; i < nthreads; i++) prepare(e.fibers[i]);
   const int nwarps = (nthreads + 31) / 32;
+  auto nth = [&](int k) -> Fiber& { return e.fibers[e.reverse ? nthreads - 1 - k : k]; };
   for (;;) {
     for (int k = 0; k < nthreads; k++) {
-      Fiber& f = e.fibers[e.reverse ? nthreads - 1 - k : k];
+      Fiber& f = nth(k);
       if (f.state != RUNNABLE) continue;
       e.cur = &f;
       emu_switch(&e.sched_sp, f.sp);
     }
+    // Threads waiting at an mbarrier whose phase completed go on; polling lands the barrier's TMA copies once
+    // they are all its phase waits for (emu.h).
+    for (int k = 0; k < nthreads; k++) {
+      Fiber& f = nth(k);
+      if (f.state != AT_MBARRIER) continue;
+      e.cur = &f;  // a trap while landing names the waiting thread
+      if (emu_mbarrier_poll(f.bar_off, f.bar_parity)) f.state = RUNNABLE;
+    }
     e.cur = nullptr;
-    int live = 0, at_block = 0, at_warp = 0;
+    int live = 0, at_block = 0, at_warp = 0, runnable = 0;
     for (int i = 0; i < nthreads; i++) {
       const State s = e.fibers[i].state;
       live += s != DONE;
       at_block += s == AT_BLOCK_BARRIER;
       at_warp += s == AT_WARP_BARRIER;
+      runnable += s == RUNNABLE;
     }
     if (!live) return;
+    bool opened = false;
     if (at_warp) {
       // Forward order opens every warp's collective each round (the warps advance in step);
       // reverse order only the highest waiting warp's, so that warp runs ahead of the rest.
-      bool opened = false;
       for (int k = 0; k < nwarps && !(e.reverse && opened); k++) {
         const int w = e.reverse ? nwarps - 1 - k : k;
-        unsigned live_mask = 0, waiting = 0;
+        unsigned live_mask = 0, waiting = 0, on_the_way = 0;
         const Fiber* first = nullptr;
         const Fiber* odd = nullptr;
         for (int l = 0; l < 32 && w * 32 + l < nthreads; l++) {
           const Fiber& f = e.fibers[w * 32 + l];
           if (f.state != DONE) live_mask |= 1u << l;
+          if (f.state == RUNNABLE || f.state == AT_MBARRIER) on_the_way |= 1u << l;
           if (f.state == AT_WARP_BARRIER) {
             waiting |= 1u << l;
             if (!first) first = &f;
@@ -296,6 +346,9 @@ void run_block(int nthreads) {
         if (odd)
           fatal("%s: warp collective with mask %#x while another lane of the warp uses %#x (%s)",
                 e.launch->f->name.c_str(), odd->warp_mask, first->warp_mask, describe_thread(*odd).c_str());
+        // Lanes that yielded at an mbarrier arrive, or wait at an mbarrier, may still reach the collective (one lane
+        // waits for a stage, then the warp goes on together); if they never do, that is reported as a deadlock.
+        if (on_the_way) continue;
         if (waiting != live_mask || (first->warp_mask & live_mask) != first->warp_mask ||
             first->warp_mask != live_mask)
           fatal("%s: divergent warp collective: lanes %#x wait at a shuffle/vote/mma with mask %#x, live lanes are "
@@ -307,19 +360,20 @@ void run_block(int nthreads) {
         }
         opened = true;
       }
-      continue;
     }
+    if (opened || runnable) continue;
     if (at_block == live) {
       for (int i = 0; i < nthreads; i++)
         if (e.fibers[i].state == AT_BLOCK_BARRIER) e.fibers[i].state = RUNNABLE;
       continue;
     }
-    fatal("%s: deadlock", e.launch->f->name.c_str());
+    deadlock(nthreads);
   }
 }
 
 // ---- PTX entry points -------------------------------------------------------------------------
-// `.visible .entry NAME(\n .param .u64 .ptr .align 1 NAME_param_0,\n .param .f32 NAME_param_1 ...)`
+// `.visible .entry NAME(\n .param .u64 .ptr .align 1 NAME_param_0,\n .param .f32 NAME_param_1 ...)`; a struct passed by
+// value is `.param .align 64 .b8 NAME_param_2[128]`.
 bool parse_ptx(const char* ptx, Module& m, void* self) {
   const char* p = ptx;
   while ((p = strstr(p, ".entry ")) != nullptr) {
@@ -337,7 +391,18 @@ bool parse_ptx(const char* ptx, Module& m, void* self) {
     while ((pos = params.find(".param ", pos)) != std::string::npos) {
       pos += 7;
       const std::string ty = params.substr(pos, 4);
-      if (ty == ".u64" || ty == ".s64" || ty == ".b64")
+      f->blob_bytes.push_back(0);
+      if (params.compare(pos, 7, ".align ") == 0) {
+        unsigned align = 0, bytes = 0;
+        char ty8[8] = {0};
+        int used = 0;
+        if (sscanf(params.c_str() + pos, ".align %u %7s %*[^[][%u]%n", &align, ty8, &bytes, &used) != 3 || !used ||
+            strcmp(ty8, ".b8") || !bytes)
+          fatal("%s: parameter `%s` is not emulated", name.c_str(),
+                params.substr(pos, params.find(',', pos) - pos).c_str());
+        f->params.push_back(P_BLOB);
+        f->blob_bytes.back() = bytes;
+      } else if (ty == ".u64" || ty == ".s64" || ty == ".b64")
         f->params.push_back(P_INT8);
       else if (ty == ".u32" || ty == ".s32" || ty == ".b32")
         f->params.push_back(P_INT4);
@@ -415,6 +480,26 @@ void emu_syncwarp(unsigned mask) {
 uint64_t* emu_warp_slots() {
   Emu& e = emu();
   return e.warp_slots.data() + size_t(e.cur->t.linear / 32) * 32 * 16;
+}
+void emu_mbarrier_block(size_t off, unsigned parity) {
+  Emu& e = emu();
+  e.cur->state = AT_MBARRIER;
+  e.cur->bar_off = off;
+  e.cur->bar_parity = parity;
+  emu_switch(&e.cur->sp, e.sched_sp);
+}
+void emu_yield() {
+  Emu& e = emu();
+  emu_switch(&e.cur->sp, e.sched_sp);
+}
+// Called while a launch runs, so under e.lock already (check_range takes it).
+bool emu_device_range(const void* p, size_t n) {
+  const Emu& e = emu();
+  const auto q = reinterpret_cast<CUdeviceptr>(p);
+  auto it = e.allocs.upper_bound(q);
+  if (it == e.allocs.begin()) return false;
+  --it;
+  return q + n <= it->first + it->second;
 }
 void* emu_dynamic_smem() { return emu().dyn_smem.data(); }
 size_t emu_dynamic_smem_bytes() { return emu().dyn_smem.size(); }
@@ -738,6 +823,89 @@ CUresult cuFuncGetAttribute(int* v, int attr, void* f) {
 }
 CUresult cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
 
+// cuTensorMapEncodeTiled, validated as cuda.h documents it (a refusal prints why); the map is an EmuTensorMap (emu.h)
+// that the emulated cp.async.bulk.tensor reads. Rank 2, element strides of 1 and no interleave are emulated; other
+// valid requests return CUDA_ERROR_NOT_SUPPORTED. Swizzles other than NONE and 128B encode, and trap when copied.
+static CUresult tensor_map_refuse(CUresult r, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+static CUresult tensor_map_refuse(CUresult r, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(stderr, "cuda-emu: cuTensorMapEncodeTiled: ");
+  vfprintf(stderr, fmt, ap);
+  fprintf(stderr, "\n");
+  va_end(ap);
+  return r;
+}
+CUresult cuTensorMapEncodeTiled(void* tensorMap, int dataType, unsigned rank, void* globalAddress,
+                                const unsigned long long* globalDim, const unsigned long long* globalStrides,
+                                const unsigned* boxDim, const unsigned* elementStrides, int interleave, int swizzle,
+                                int l2Promotion, int oobFill) {
+  const CUresult bad = CUDA_ERROR_INVALID_VALUE, unsupported = CUDA_ERROR_NOT_SUPPORTED;
+  if (!tensorMap || reinterpret_cast<uintptr_t>(tensorMap) % 64)
+    return tensor_map_refuse(bad, "the tensor map is not 64-byte aligned");
+  static const unsigned elem_bytes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};  // UINT8 .. TFLOAT32_FTZ
+  if (dataType < 0 || dataType > 15) return tensor_map_refuse(bad, "data type %d", dataType);
+  if (dataType > 12) return tensor_map_refuse(unsupported, "packed data type %d is not emulated", dataType);
+  if (rank == 0 || rank > 5) return tensor_map_refuse(bad, "rank %u (1..5)", rank);
+  if (interleave < 0 || interleave > 2) return tensor_map_refuse(bad, "interleave %d", interleave);
+  if (swizzle < 0 || swizzle > 6) return tensor_map_refuse(bad, "swizzle %d", swizzle);
+  if (l2Promotion < 0 || l2Promotion > 3) return tensor_map_refuse(bad, "L2 promotion %d", l2Promotion);
+  if (oobFill < 0 || oobFill > 1) return tensor_map_refuse(bad, "OOB fill %d", oobFill);
+  if (oobFill == 1 && dataType < 6) return tensor_map_refuse(bad, "NaN OOB fill with an integer data type");
+  if (interleave != 0 && rank < 3) return tensor_map_refuse(bad, "interleave with rank %u (3..5)", rank);
+  if (interleave == 2 && swizzle != 1) return tensor_map_refuse(bad, "32-byte interleave without the 32-byte swizzle");
+  if (!globalAddress || reinterpret_cast<uintptr_t>(globalAddress) % (interleave == 2 ? 32 : 16))
+    return tensor_map_refuse(bad, "global address %p is not %d-byte aligned", globalAddress, interleave == 2 ? 32 : 16);
+  if (!globalDim || (rank > 1 && !globalStrides) || !boxDim || !elementStrides)
+    return tensor_map_refuse(bad, "a null array");
+  const unsigned esize = elem_bytes[dataType];
+  for (unsigned i = 0; i < rank; i++) {
+    if (globalDim[i] == 0 || globalDim[i] > (1ull << 32))
+      return tensor_map_refuse(bad, "globalDim[%u] = %llu (1..2^32)", i, globalDim[i]);
+    if (boxDim[i] == 0 || boxDim[i] > 256) return tensor_map_refuse(bad, "boxDim[%u] = %u (1..256)", i, boxDim[i]);
+    if (elementStrides[i] == 0 || elementStrides[i] > 8)
+      return tensor_map_refuse(bad, "elementStrides[%u] = %u (1..8)", i, elementStrides[i]);
+  }
+  for (unsigned i = 0; i + 1 < rank; i++) {
+    if (globalStrides[i] % (interleave == 2 ? 32 : 16) || globalStrides[i] >= (1ull << 40))
+      return tensor_map_refuse(bad, "globalStrides[%u] = %llu (a multiple of %d below 2^40)", i, globalStrides[i],
+                               interleave == 2 ? 32 : 16);
+    // cuda.h: globalStrides[0] = globalDim[0] * elementSize + padding[0], and each stride includes the one before.
+    const unsigned long long below = i == 0 ? globalDim[0] * esize : globalStrides[i - 1] * globalDim[i];
+    if (globalStrides[i] < below)
+      return tensor_map_refuse(bad, "globalStrides[%u] = %llu is less than the %llu bytes of the dimensions below", i,
+                               globalStrides[i], below);
+  }
+  const unsigned inner = boxDim[0] * esize;
+  if (interleave == 0) {
+    if (inner % 16) return tensor_map_refuse(bad, "the box's inner dimension is %u bytes, not a multiple of 16", inner);
+    const unsigned span = swizzle == 0 ? 0 : swizzle == 1 ? 32 : swizzle == 2 ? 64 : 128;
+    if (span && inner > span)
+      return tensor_map_refuse(bad, "the box's inner dimension is %u bytes, above the %u-byte swizzle span", inner,
+                               span);
+  }
+  if (rank != 2) return tensor_map_refuse(unsupported, "rank %u is not emulated (2 is)", rank);
+  if (interleave != 0) return tensor_map_refuse(unsupported, "interleaved layouts are not emulated");
+  if (elementStrides[1] != 1) return tensor_map_refuse(unsupported, "element strides other than 1 are not emulated");
+  EmuTensorMap m{};
+  m.magic = kEmuTensorMapMagic;
+  m.dtype = unsigned(dataType);
+  m.elem_bytes = esize;
+  m.rank = rank;
+  m.interleave = unsigned(interleave);
+  m.swizzle = unsigned(swizzle);
+  m.oob_fill = unsigned(oobFill);
+  m.address = reinterpret_cast<uintptr_t>(globalAddress);
+  m.dim[0] = globalDim[0];
+  m.dim[1] = globalDim[1];
+  m.stride = globalStrides[0];
+  m.box[0] = boxDim[0];
+  m.box[1] = boxDim[1];
+  memset(tensorMap, 0, 128);
+  memcpy(tensorMap, &m, sizeof m);
+  return CUDA_SUCCESS;
+}
+
 // Runs one launch (validated by the caller) to completion.
 static void run_launch(Function* f, const unsigned grid[3], const unsigned block[3], unsigned smem, void** params) {
   const unsigned bx = block[0], by = block[1], bz = block[2];
@@ -763,6 +931,11 @@ static void run_launch(Function* f, const unsigned grid[3], const unsigned block
         e.dyn_smem.assign(std::max<size_t>(smem, 16), 0xff);
         e.block_serial++;
         run_block(int(nthreads));
+        size_t bar = 0;
+        if (const size_t n = emu_tma_in_flight(&bar))
+          fatal("%s: block (%u,%u,%u) ended with %zu TMA copies in flight, one on the mbarrier at dynamic shared "
+                "memory offset %zu: no thread waited for them, or no arrive.expect_tx announced their bytes",
+                f->name.c_str(), x, y, z, n, bar);
       }
   check_redzones(f->name.c_str());
   e.launch = nullptr;
@@ -782,10 +955,16 @@ CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsig
   if (st && st->graph) {
     // Recorded with its argument values, as the driver does: a replay sees these values,
     // whatever the host variables hold by then.
-    Node n{f, {gx, gy, gz}, {bx, by, bz}, smem, std::vector<uint64_t>(f->params.size(), 0)};
+    Node n{f, {gx, gy, gz}, {bx, by, bz}, smem, std::vector<uint64_t>(f->params.size(), 0), {}};
+    n.blobs.resize(f->params.size());
     for (size_t i = 0; i < f->params.size(); i++) {
       const auto k = f->params[i];
-      memcpy(&n.values[i], params[i], (k == P_INT4 || k == P_F32) ? 4 : 8);
+      if (k == P_BLOB) {
+        n.blobs[i].resize((f->blob_bytes[i] + 7) / 8);
+        memcpy(n.blobs[i].data(), params[i], f->blob_bytes[i]);
+      } else {
+        memcpy(&n.values[i], params[i], (k == P_INT4 || k == P_F32) ? 4 : 8);
+      }
     }
     st->graph->nodes.push_back(std::move(n));
     return CUDA_SUCCESS;
@@ -799,7 +978,7 @@ CUresult cuGraphLaunch(void* exec, void* stream) {
   if (capture_refuses(stream, "a graph launch")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   for (Node& n : static_cast<Graph*>(exec)->nodes) {
     std::vector<void*> ptrs(n.values.size());
-    for (size_t i = 0; i < ptrs.size(); i++) ptrs[i] = &n.values[i];
+    for (size_t i = 0; i < ptrs.size(); i++) ptrs[i] = n.f->params[i] == P_BLOB ? n.blobs[i].data() : &n.values[i];
     run_launch(n.f, n.grid, n.block, n.smem, ptrs.data());
   }
   return CUDA_SUCCESS;

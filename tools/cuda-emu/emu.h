@@ -10,11 +10,14 @@
 #pragma once
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <algorithm>
 #include <deque>
+#include <map>
 #include <vector>
 
 #define REPSHIELD_EMU 1
@@ -52,12 +55,29 @@ uint64_t* emu_warp_slots();
 void* emu_dynamic_smem();
 size_t emu_dynamic_smem_bytes();
 [[noreturn]] void emu_trap(const char* what);
+// Blocks the current thread until the scheduler finds phase `parity` of the mbarrier at dynamic shared memory offset
+// `off` completed (emu_mbarrier_poll), letting the other threads run.
+void emu_mbarrier_block(size_t off, unsigned parity);
+// A scheduling point: the current thread stays runnable and resumes after the others of this round.
+void emu_yield();
+// Whether [p, p + n) lies inside one device allocation.
+bool emu_device_range(const void* p, size_t n);
 }
 
 #define threadIdx (emu_current()->tid)
 #define blockIdx (*emu_block_idx())
 #define blockDim (*emu_block_dim())
 #define gridDim (*emu_grid_dim())
+
+[[noreturn]] inline void emu_trapf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+inline void emu_trapf(const char* fmt, ...) {
+  static char what[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  emu_trap(what);
+}
 
 inline void __syncthreads() { emu_syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_syncwarp(mask); }
@@ -442,4 +462,248 @@ inline void emu_wgmma_wait(int pending) {
     for (const EmuWgmma& op : q.committed.front()) emu_wgmma_run(op);
     q.committed.pop_front();
   }
+}
+
+// ---- mbarrier and TMA (cp.async.bulk.tensor), which matmul_tma_sm90.cu's pipeline issues ----------------------
+// The tensor map that the emulated cuTensorMapEncodeTiled (driver.cpp) writes into the 128-byte CUtensorMap: the
+// emulator's own layout, recognised by its magic number. Only rank 2 is encoded.
+constexpr uint64_t kEmuTensorMapMagic = 0x4d54756d45616475ull;
+struct EmuTensorMap {
+  uint64_t magic;
+  uint32_t dtype, elem_bytes;  // CUtensorMapDataType and its element size
+  uint32_t rank, interleave, swizzle, oob_fill;  // CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapFloatOOBfill
+  uint64_t address;
+  uint64_t dim[2];    // elements, innermost first
+  uint64_t stride;    // bytes from one index of dimension 1 to the next (globalStrides[0])
+  uint32_t box[2];    // elements, innermost first
+};
+static_assert(sizeof(EmuTensorMap) <= 128, "a tensor map is a 128-byte CUtensorMap");
+
+// mbarrier objects (PTX ISA, "Parallel Synchronization and Communication Instructions: mbarrier"): an expected
+// arrival count, the arrivals the current phase still needs, its transaction count (tx) and the phase number. A phase
+// completes when both the pending arrivals and tx reach 0; the next one then expects `count` arrivals and no bytes.
+// try_wait.parity P is true once the phase of parity P completed: (phase & 1) != P, so right after init parity 1
+// passes at once and parity 0 waits for phase 0. The state lives here, keyed by the barrier's offset in dynamic
+// shared memory and reset for every block; the barrier's 8 bytes hold a tag, so that a store or TMA box that
+// overwrites one is caught at its next use. Traps: a barrier outside dynamic shared memory or not 8-byte aligned, used
+// before mbarrier.init in this block or initialised twice, an init count outside 1..2^20-1, an arrival beyond the
+// phase's count, a tx count above 2^20-1 (the PTX ISA's ranges).
+//
+// cp.async.bulk.tensor.2d...mbarrier::complete_tx::bytes takes the latest schedule the ISA allows. At issue its box
+// turns to NaN bytes and the copy is queued on its barrier; it lands (the data copied and swizzled, its bytes counted
+// as complete-tx) only when a thread waits for a phase of that barrier which then needs nothing but bytes (every
+// arrival in). So a kernel that reads a stage before waiting for its full barrier computes from NaNs, and a producer
+// that refills a stage before a consumer's wgmma read it (wgmma runs at wgmma.wait_group here) makes that wgmma read
+// NaNs. TMA writes go through the async proxy: they neither set nor clear the cp.async "unfenced" marks, so a wgmma
+// may read them without a fence.proxy.async, as on the GPU. A copy still queued when its block ends is an error.
+constexpr int32_t kEmuMbarrierMax = (1 << 20) - 1;
+constexpr uint64_t kEmuMbarrierTag = 0x7261697272616d62ull;  // "bmarriar": what mbarrier.init leaves in the object
+struct EmuTmaCopy {
+  size_t off;  // of the box in dynamic shared memory
+  EmuTensorMap map;
+  int c0, c1;
+};
+struct EmuMbarrier {
+  uint32_t count = 0, pending = 0, phase = 0;
+  int32_t tx = 0;  // never negative here: copies land only after every arrival (and its expect-tx) of the phase
+  std::deque<EmuTmaCopy> copies;  // issued, not landed, in issue order
+};
+inline std::map<size_t, EmuMbarrier>& emu_mbarriers() {
+  static std::map<size_t, EmuMbarrier> bars;
+  static uint64_t block = 0;
+  if (block != emu_block_serial()) {
+    bars.clear();
+    block = emu_block_serial();
+  }
+  return bars;
+}
+inline size_t emu_tma_box_bytes(const EmuTensorMap& m) { return size_t(m.box[0]) * m.box[1] * m.elem_bytes; }
+
+// Offset of the mbarrier at `bar` in dynamic shared memory, trapping (`op` names the instruction) unless it lies
+// there, 8-byte aligned.
+inline size_t emu_mbarrier_offset(const uint64_t* bar, const char* op) {
+  const char* base = static_cast<const char*>(emu_dynamic_smem());
+  const char* p = reinterpret_cast<const char*>(bar);
+  if (p < base || p + 8 > base + emu_dynamic_smem_bytes())
+    emu_trapf("%s: the mbarrier is not in the launch's dynamic shared memory", op);
+  const size_t off = size_t(p - base);
+  if (reinterpret_cast<uintptr_t>(p) % 8 || (kEmuSmemWindow + off) % 8)
+    emu_trapf("%s: the mbarrier at dynamic shared memory offset %zu is not 8-byte aligned", op, off);
+  return off;
+}
+// The state of the initialised mbarrier at `bar`, or a trap.
+inline EmuMbarrier& emu_mbarrier_state(const uint64_t* bar, const char* op, size_t* off) {
+  *off = emu_mbarrier_offset(bar, op);
+  auto it = emu_mbarriers().find(*off);
+  if (it == emu_mbarriers().end())
+    emu_trapf("%s on the mbarrier at dynamic shared memory offset %zu, which mbarrier.init has not initialised in this "
+              "block", op, *off);
+  uint64_t tag;
+  memcpy(&tag, bar, 8);
+  if (tag != kEmuMbarrierTag)
+    emu_trapf("%s: the mbarrier at dynamic shared memory offset %zu was overwritten since mbarrier.init (a store or a "
+              "TMA box overlaps it)", op, *off);
+  return it->second;
+}
+inline void emu_mbarrier_try_complete(EmuMbarrier& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    b.phase++;
+    b.pending = b.count;
+  }
+}
+
+inline void emu_mbarrier_init(uint64_t* bar, unsigned count) {
+  const size_t off = emu_mbarrier_offset(bar, "mbarrier.init");
+  if (count == 0 || count > unsigned(kEmuMbarrierMax))
+    emu_trapf("mbarrier.init with count %u, outside 1..2^20-1 (offset %zu)", count, off);
+  std::map<size_t, EmuMbarrier>& bars = emu_mbarriers();
+  if (bars.count(off))
+    emu_trapf("mbarrier.init on the mbarrier at dynamic shared memory offset %zu, already initialised in this block "
+              "(the PTX ISA wants mbarrier.inval before the object's memory is reused)", off);
+  for (const auto& [o, b] : bars)
+    for (const EmuTmaCopy& c : b.copies)
+      if (off + 8 > c.off && off < c.off + emu_tma_box_bytes(c.map))
+        emu_trapf("mbarrier.init at offset %zu, inside the box of a TMA copy in flight", off);
+  EmuMbarrier& b = bars[off];
+  b.count = b.pending = count;
+  memcpy(bar, &kEmuMbarrierTag, 8);
+}
+// One arrival, after `tx` more expected transaction bytes (arrive.expect_tx). A plain arrive is then a scheduling
+// point, so that a thread waiting for the phase it completes (a producer waiting for a free stage) runs before this
+// one goes on: a consumer that releases a stage before its wgmma has read it sees the refill's NaNs. arrive.expect_tx
+// is not, so a producer runs ahead as far as its barriers let it (the ring full), where such a refill can happen; were
+// it to yield, producer and consumers would advance one stage per round in step and never expose an early release.
+inline void emu_mbarrier_arrive_tx(uint64_t* bar, unsigned tx, const char* op, bool yield) {
+  size_t off;
+  EmuMbarrier& b = emu_mbarrier_state(bar, op, &off);
+  if (b.pending == 0)
+    emu_trapf("%s: phase %u of the mbarrier at offset %zu has had all its %u arrivals (it waits for %d transaction "
+              "bytes; %zu TMA copies queued on it land only when a thread waits for the phase): more arrivals than its "
+              "count", op, b.phase, off, b.count, b.tx, b.copies.size());
+  if (int64_t(b.tx) + tx > kEmuMbarrierMax)
+    emu_trapf("%s: the transaction count of the mbarrier at offset %zu would reach %lld, above 2^20-1", op, off,
+              (long long)b.tx + tx);
+  b.tx += int32_t(tx);
+  b.pending--;
+  emu_mbarrier_try_complete(b);
+  if (yield) emu_yield();
+}
+inline void emu_mbarrier_arrive(uint64_t* bar) { emu_mbarrier_arrive_tx(bar, 0, "mbarrier.arrive", true); }
+inline void emu_mbarrier_arrive_expect_tx(uint64_t* bar, unsigned tx) {
+  emu_mbarrier_arrive_tx(bar, tx, "mbarrier.arrive.expect_tx", false);
+}
+// A loop of mbarrier.try_wait.parity until it returns true: returns at once when the phase of that parity completed,
+// otherwise blocks this thread until the scheduler finds it complete (emu_mbarrier_poll).
+inline void emu_mbarrier_wait(uint64_t* bar, unsigned parity) {
+  if (parity > 1) emu_trapf("mbarrier.try_wait.parity with parity %u (0 or 1)", parity);
+  size_t off;
+  while ((emu_mbarrier_state(bar, "mbarrier.try_wait.parity", &off).phase & 1) == parity)
+    emu_mbarrier_block(off, parity);
+}
+
+// Lands a TMA copy: box row r (box[0] elements from element (c0, c1 + r)) goes to byte r * box[0] * elem_bytes of the
+// box, elements outside the tensor as zeros (OOB fill NONE); then every 16-byte chunk moves to its swizzled
+// shared-window address (128-byte swizzle: address bits 4-6 XORed with bits 7-9, as emu_wgmma_operand reads them).
+inline void emu_tma_land(const EmuTmaCopy& c) {
+  const EmuTensorMap& m = c.map;
+  char* smem = static_cast<char*>(emu_dynamic_smem());
+  const size_t esize = m.elem_bytes, row = size_t(m.box[0]) * esize;
+  std::vector<char> line(row);
+  for (uint32_t r = 0; r < m.box[1]; r++) {
+    std::fill(line.begin(), line.end(), 0);
+    const int64_t y = int64_t(c.c1) + r, x0 = std::max<int64_t>(c.c0, 0),
+                  x1 = std::min<int64_t>(int64_t(c.c0) + m.box[0], int64_t(m.dim[0]));
+    if (y >= 0 && y < int64_t(m.dim[1]) && x0 < x1) {
+      const char* src = reinterpret_cast<const char*>(m.address) + uint64_t(y) * m.stride + uint64_t(x0) * esize;
+      const size_t n = size_t(x1 - x0) * esize;
+      if (!emu_device_range(src, n))
+        emu_trapf("TMA load of row %lld, elements %lld..%lld: outside the device allocation of the tensor map's "
+                  "address (its dims or stride exceed the buffer)", (long long)y, (long long)x0, (long long)x1 - 1);
+      memcpy(line.data() + size_t(x0 - c.c0) * esize, src, n);
+    }
+    for (size_t j = 0; j < row; j += 16) {
+      uint32_t addr = kEmuSmemWindow + uint32_t(c.off + r * row + j);
+      if (m.swizzle == 3) addr ^= ((addr >> 7) & 7) << 4;
+      memcpy(smem + (addr - kEmuSmemWindow), line.data() + j, 16);
+    }
+  }
+}
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [tensor_map, {c0, c1}], [bar].
+// The destination must be 128-byte aligned in the shared window (PTX ISA; the CUDA programming guide's TMA swizzle
+// table lists 128 bytes as the shared-memory alignment of every swizzle mode). The guide adds that the 128-byte
+// swizzle pattern repeats every 1024 bytes and that a buffer should be aligned to that: one that is not is still
+// copied, with the pattern offset by its address bits 7-9. This emulator traps on it anyway: wgmma's descriptors
+// (emu_wgmma_operand: base offset 0) read a swizzled tile from a 1024-byte boundary, so a TMA box elsewhere is a bug
+// in a kernel that feeds wgmma.
+inline void emu_tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, uint64_t* bar) {
+  EmuTensorMap m;
+  memcpy(&m, tensor_map, sizeof m);
+  if (m.magic != kEmuTensorMapMagic)
+    emu_trap("cp.async.bulk.tensor: the tensor map was not written by the emulator's cuTensorMapEncodeTiled");
+  if (m.rank != 2) emu_trapf("cp.async.bulk.tensor.2d with a tensor map of rank %u", m.rank);
+  if (m.swizzle != 0 && m.swizzle != 3)
+    emu_trapf("cp.async.bulk.tensor: swizzle mode %u is not emulated (NONE and 128B are)", m.swizzle);
+  if (m.oob_fill != 0) emu_trap("cp.async.bulk.tensor: OOB fill NAN_REQUEST_ZERO_FMA is not emulated");
+  const size_t bytes = emu_tma_box_bytes(m);
+  if (m.swizzle == 3 && size_t(m.box[0]) * m.elem_bytes != 128)
+    emu_trapf("cp.async.bulk.tensor: a 128-byte swizzle with %zu-byte box rows is not emulated (128-byte rows are)",
+              size_t(m.box[0]) * m.elem_bytes);
+  size_t bar_off;
+  EmuMbarrier& b = emu_mbarrier_state(bar, "cp.async.bulk.tensor", &bar_off);
+  const size_t off = emu_smem_offset(dst, bytes, "cp.async.bulk.tensor: the box is not inside the launch's dynamic "
+                                                 "shared memory");
+  const uint32_t addr = kEmuSmemWindow + uint32_t(off);
+  if (addr % 128) emu_trapf("cp.async.bulk.tensor: destination shared address %#x is not 128-byte aligned", addr);
+  if (m.swizzle == 3 && addr % 1024)
+    emu_trapf("cp.async.bulk.tensor: destination shared address %#x of a 128-byte-swizzled box is not 1024-byte "
+              "aligned", addr);
+  for (const auto& [o, other] : emu_mbarriers())
+    if (o + 8 > off && o < off + bytes)
+      emu_trapf("cp.async.bulk.tensor: the box at offset %zu (%zu bytes) overlaps the mbarrier at offset %zu", off,
+                bytes, o);
+  memset(static_cast<char*>(dst), 0xff, bytes);
+  b.copies.push_back({off, m, c0, c1});
+}
+
+// For the scheduler (driver.cpp), with the waiting thread current: whether phase `parity` of the mbarrier at offset
+// `off` has completed. The barrier's copies land here, in issue order, once its phase waits for nothing but their
+// bytes; a copy that brings more bytes than the phase still expects traps (on a GPU the barrier would hang).
+inline bool emu_mbarrier_poll(size_t off, unsigned parity) {
+  uint64_t* bar = reinterpret_cast<uint64_t*>(static_cast<char*>(emu_dynamic_smem()) + off);
+  size_t o;
+  EmuMbarrier& b = emu_mbarrier_state(bar, "mbarrier.try_wait.parity", &o);
+  while ((b.phase & 1) == parity && b.pending == 0 && b.tx > 0 && !b.copies.empty()) {
+    const EmuTmaCopy c = b.copies.front();
+    b.copies.pop_front();
+    emu_tma_land(c);
+    b.tx -= int32_t(emu_tma_box_bytes(c.map));
+    if (b.tx < 0)
+      emu_trapf("a TMA copy of %zu bytes completed on the mbarrier at offset %zu, whose phase %u expected %d fewer "
+                "(arrive.expect_tx announced less than its copies bring)", emu_tma_box_bytes(c.map), off, b.phase,
+                -b.tx);
+    emu_mbarrier_try_complete(b);
+  }
+  return (b.phase & 1) != parity;
+}
+// For a deadlock report: the state of the mbarrier at offset `off`.
+inline void emu_mbarrier_describe(size_t off, char* buf, size_t n) {
+  auto it = emu_mbarriers().find(off);
+  if (it == emu_mbarriers().end()) {
+    snprintf(buf, n, "not initialised");
+    return;
+  }
+  const EmuMbarrier& b = it->second;
+  snprintf(buf, n, "in phase %u, %u of %u arrivals pending, %d transaction bytes expected, %zu TMA copies queued",
+           b.phase, b.pending, b.count, b.tx, b.copies.size());
+}
+// TMA copies still queued at the end of a block (then `*bar_off` names a barrier holding one): copies that no thread
+// waited for, or whose bytes no arrive.expect_tx announced.
+inline size_t emu_tma_in_flight(size_t* bar_off) {
+  size_t n = 0;
+  for (const auto& [off, b] : emu_mbarriers()) {
+    if (!b.copies.empty() && !n) *bar_off = off;
+    n += b.copies.size();
+  }
+  return n;
 }
