@@ -209,7 +209,8 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out_dir: &Path) -> (String, 
 }
 
 /// `(name, signature)` of every kernel entry, the signature one letter per parameter:
-/// `p` 8 bytes (pointer, long long), `i` a 32-bit integer, `f` f32, `d` f64. The launcher checks its
+/// `p` 8 bytes (pointer, long long), `i` a 32-bit integer, `f` f32, `d` f64, `m` a 128-byte
+/// TMA tensor map passed by value. The launcher checks its
 /// arguments against it before every launch, so a C/Rust mismatch fails loudly.
 fn ptx_entries(ptx: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -225,6 +226,14 @@ fn ptx_entries(ptx: &str) -> Vec<(String, String)> {
                 in_params = false;
             } else if let Some(rest) = line.strip_prefix(".param ") {
                 let ty = rest.split_whitespace().next().unwrap_or("");
+                // A by-value 128-byte struct (`.align 64 .b8 NAME[128]`): a TMA tensor map.
+                if ty == ".align"
+                    && rest.contains(".b8")
+                    && rest.trim_end_matches(',').ends_with("[128]")
+                {
+                    out.last_mut().unwrap().1.push('m');
+                    continue;
+                }
                 let code = match ty {
                     ".u64" | ".s64" | ".b64" => 'p',
                     ".u32" | ".s32" | ".b32" => 'i',

@@ -37,6 +37,7 @@
 //   dynamic shared memory = kStages * 2 * 16384 + 1024 = 164864 bytes (raised at load).
 #include "common.cuh"
 #include "cp_async.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -50,10 +51,6 @@ static_assert(kBM == kBN && kBK * 2 == 128, "the 128-byte swizzle needs 64 bf16 
 #ifdef REPSHIELD_EMU
 // The CPU emulator (tools/cuda-emu/emu.h) runs wgmma when the thread waits for its group.
 __device__ __forceinline__ void fence_proxy_async() { emu_fence_proxy_async(); }
-__device__ __forceinline__ void wgmma_fence() {}
-__device__ __forceinline__ void wgmma_commit() { emu_wgmma_commit(); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { emu_wgmma_wait(N); }
-__device__ __forceinline__ void fence_operand(float&) {}
 template <int kTransB> __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
   emu_wgmma_m64nNk16_bf16(d, 128, a, b, kTransB);
 }
@@ -61,14 +58,6 @@ template <int kTransB> __device__ __forceinline__ void wgmma_m64n128k16(float (&
 // Makes this thread's generic-proxy writes to shared memory (cp.async) visible to the async
 // proxy that wgmma reads its operands through.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Orders the accumulator registers' earlier accesses before the wgmma that follows.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Keeps the compiler from moving accesses of an accumulator across the asynchronous wgmma.
-__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
 // d (64 x 128, f32) += a (64 x 16) b^T (b 128 x 16), bf16 in shared memory: A K-major, B K-major
 // (kTransB 0) or MN-major (kTransB 1, wgmma's transpose bit). scale-d = 1 (accumulate), A and B
@@ -89,18 +78,6 @@ template <int kTransB> __device__ __forceinline__ void wgmma_m64n128k16(float (&
       : "l"(a), "l"(b), "n"(kTransB));
 }
 #endif
-
-// wgmma matrix descriptor (PTX ISA, "Matrix Descriptor Format") of an operand in the 128-byte
-// swizzle: start address >> 4 in bits 0-13; leading-dimension byte offset >> 4 in bits 16-29
-// (K-major: unused by the swizzled layouts, 16 by convention; MN-major: from one 64-wide half of
-// MN to the next); stride-dimension byte offset >> 4 in bits 32-45 (1024: from one group of 8
-// rows to the next, rows of MN for K-major, of K for MN-major); base offset 0 (bits 49-51:
-// every start is 1024-aligned but for the K-major k step's +32 bytes, which leaves the row bits
-// alone); swizzle mode 1 (128-byte) in bits 62-63.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading = 16) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(leading >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
 
 // out = (accumulate ? out : 0) + scale * x op(w): op(w) = w^T for w [N, K] (kNN false), w itself
 // for w [K, N] (kNN true).

@@ -97,22 +97,23 @@ pub trait OpTimer: BackwardOps {
     ) -> Result<()> {
         anyhow::bail!("this backend has no vendor GEMM")
     }
-    /// A second kernel of this backend that can run `a [m, k] b[n, k]^T` (`trans_b`, the
-    /// projection) or `a [m, k] b [k, n]` (the backward's dX), timed as a row of its own next to
-    /// the one the dispatch picks: the row's label, or `None`.
-    fn alternative_gemm(
+    /// Other kernels of this backend that can run `a [m, k] b[n, k]^T` (`trans_b`, the
+    /// projection) or `a [m, k] b [k, n]` (the backward's dX), each timed as a row of its own
+    /// next to the one the dispatch picks: the rows' labels.
+    fn alternative_gemms(
         &self,
         _m: usize,
         _n: usize,
         _k: usize,
         _trans_b: bool,
-    ) -> Option<&'static str> {
-        None
+    ) -> Vec<&'static str> {
+        Vec::new()
     }
-    /// Runs the kernel `alternative_gemm` named.
+    /// Runs kernel `which` of `alternative_gemms`.
     #[allow(clippy::too_many_arguments)]
     fn run_alternative_gemm(
         &self,
+        _which: usize,
         _a: &Self::Buf,
         _b: &Self::Buf,
         _out: &mut Self::Buf,
@@ -121,7 +122,7 @@ pub trait OpTimer: BackwardOps {
         _k: usize,
         _trans_b: bool,
     ) {
-        unreachable!("alternative_gemm named no kernel")
+        unreachable!("alternative_gemms named no kernel")
     }
 }
 
@@ -160,26 +161,17 @@ impl OpTimer for crate::backend::cuda::CudaBackend {
         let name = crate::backend::Backend::name(self);
         known_peak_tflops(&name).map(|p| (p, format!("bf16 dense peak of {name} (data sheet)")))
     }
-    /// Where a Hopper GEMM runs, the sm_80 mma.sync kernel it replaced.
-    fn alternative_gemm(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_b: bool,
-    ) -> Option<&'static str> {
-        use crate::backend::cuda::{DType, GemmKernel, MatmulKernel};
-        let bf16 = DType::BF16;
-        if trans_b {
-            (self.matmul_kernel(m, n, k, bf16, bf16) == MatmulKernel::Wgmma128)
-                .then_some("matmul square, mma.sync (sm_80 kernel)")
-        } else {
-            (self.gemm_kernel(m, n, k, false, false, bf16, bf16) == GemmKernel::WgmmaNn128)
-                .then_some("gemm dX = dY W (down), mma.sync (sm_80 kernel)")
-        }
+    /// Where a Hopper GEMM runs, the kernels it replaced: the 128x128 wgmma kernel (for the TMA
+    /// kernel) and the sm_80 mma.sync kernel.
+    fn alternative_gemms(&self, m: usize, n: usize, k: usize, trans_b: bool) -> Vec<&'static str> {
+        cuda_alternatives(self, m, n, k, trans_b)
+            .into_iter()
+            .map(|(label, _)| label)
+            .collect()
     }
     fn run_alternative_gemm(
         &self,
+        which: usize,
         a: &Self::Buf,
         b: &Self::Buf,
         out: &mut Self::Buf,
@@ -188,13 +180,8 @@ impl OpTimer for crate::backend::cuda::CudaBackend {
         k: usize,
         trans_b: bool,
     ) {
-        use crate::backend::cuda::{GemmKernel, MatmulKernel};
-        if trans_b {
-            self.matmul_using(MatmulKernel::TensorCore128, a, b, out, m, n, k, 1.0, false)
-        } else {
-            let kernel = GemmKernel::TensorCoreNn128;
-            self.gemm_using(kernel, a, b, out, m, n, k, false, false, 1.0, false)
-        }
+        let (_, kernel) = cuda_alternatives(self, m, n, k, trans_b)[which];
+        self.gemm_using(kernel, a, b, out, m, n, k, false, trans_b, 1.0, false)
     }
     #[cfg(feature = "cublaslt")]
     fn vendor_gemm(&self) -> Option<std::result::Result<String, String>> {
@@ -247,29 +234,76 @@ struct Case<'a> {
 /// A GEMM's operands and output, shared by the rows that time it.
 type Operands<'b, T> = (&'b Rc<T>, &'b Rc<T>, &'b Rc<RefCell<T>>);
 
-/// The row of `OpTimer::alternative_gemm`'s kernel for `a [m, k] op(b)` (`b^T` when
-/// `trans_b`), on the buffers of the row it follows; `None` when the backend has no other kernel
+/// The CUDA backend's other kernels for a GEMM the dispatch gives to a Hopper kernel: the
+/// 128x128 wgmma kernel where the TMA kernel runs, and the sm_80 mma.sync kernel where either
+/// wgmma kernel runs. Labels and kernels (`gemm_using`'s, `Projection` for `b^T`).
+#[cfg(feature = "cuda")]
+fn cuda_alternatives(
+    be: &crate::backend::cuda::CudaBackend,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_b: bool,
+) -> Vec<(&'static str, crate::backend::cuda::GemmKernel)> {
+    use crate::backend::cuda::{DType, GemmKernel, MatmulKernel};
+    let bf16 = DType::BF16;
+    let mut out = Vec::new();
+    if trans_b {
+        let picked = be.matmul_kernel(m, n, k, bf16, bf16);
+        if picked == MatmulKernel::WgmmaTma128x256 {
+            out.push((
+                "matmul square, wgmma 128x128 (cp.async, no producer warp)",
+                GemmKernel::Projection(MatmulKernel::Wgmma128),
+            ));
+        }
+        if matches!(
+            picked,
+            MatmulKernel::WgmmaTma128x256 | MatmulKernel::Wgmma128
+        ) {
+            out.push((
+                "matmul square, mma.sync (sm_80 kernel)",
+                GemmKernel::Projection(MatmulKernel::TensorCore128),
+            ));
+        }
+    } else if be.gemm_kernel(m, n, k, false, false, bf16, bf16) == GemmKernel::WgmmaNn128 {
+        out.push((
+            "gemm dX = dY W (down), mma.sync (sm_80 kernel)",
+            GemmKernel::TensorCoreNn128,
+        ));
+    }
+    out
+}
+
+/// The rows of `OpTimer::alternative_gemms`' kernels for `a [m, k] op(b)` (`b^T` when
+/// `trans_b`), on the buffers of the row they follow; none when the backend has no other kernel
 /// for it.
-fn alternative_case<'a, B: OpTimer>(
+fn alternative_cases<'a, B: OpTimer>(
     be: &'a B,
     (a, b, out): Operands<'_, B::Buf>,
     (m, n, k): (usize, usize, usize),
     trans_b: bool,
     shape: &str,
     (flops, bytes): (f64, f64),
-) -> Option<Case<'a>> {
-    let op = be.alternative_gemm(m, n, k, trans_b)?;
-    let (a, b, out) = (a.clone(), b.clone(), out.clone());
-    Some(Case {
-        op,
-        shape: shape.to_string(),
-        flops,
-        bytes,
-        run: Box::new(move || {
-            be.run_alternative_gemm(&a, &b, &mut out.borrow_mut(), m, n, k, trans_b)
-        }),
-        vendor: None,
-    })
+) -> Vec<Case<'a>> {
+    let labels = be.alternative_gemms(m, n, k, trans_b);
+    labels
+        .into_iter()
+        .enumerate()
+        .map(|(which, op)| {
+            let (a, b, out) = (a.clone(), b.clone(), out.clone());
+            Case {
+                op,
+                shape: shape.to_string(),
+                flops,
+                bytes,
+                run: Box::new(move || {
+                    let out = &mut out.borrow_mut();
+                    be.run_alternative_gemm(which, &a, &b, out, m, n, k, trans_b)
+                }),
+                vendor: None,
+            }
+        })
+        .collect()
 }
 
 fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
@@ -363,10 +397,12 @@ fn cases<'a, B: OpTimer>(
             2.0 * (m * n * k) as f64,
             ((m * k + n * k + m * n) as f64) * wb,
         );
-        // The square GEMM also through the backend's other kernel, on the same buffers.
-        let alternative = (op == "matmul square")
-            .then(|| alternative_case(be, (&x, &w, &o), (m, n, k), true, &shape, (flops, bytes)))
-            .flatten();
+        // The square GEMM also through the backend's other kernels, on the same buffers.
+        let alternative = if op == "matmul square" {
+            alternative_cases(be, (&x, &w, &o), (m, n, k), true, &shape, (flops, bytes))
+        } else {
+            Vec::new()
+        };
         out.push(Case {
             op,
             shape,
@@ -418,7 +454,7 @@ fn cases<'a, B: OpTimer>(
             ((m * k + n * k + m * n) as f64) * wb,
         );
         let alternative =
-            alternative_case(be, (&dy, &w, &dx), (m, n, k), false, &shape, (flops, bytes));
+            alternative_cases(be, (&dy, &w, &dx), (m, n, k), false, &shape, (flops, bytes));
         out.push(Case {
             op: "gemm dX = dY W (down)",
             shape,

@@ -402,6 +402,12 @@ fn print_device_arenas(m: &model::LoadedModel, batch: usize, ctx: usize) -> Resu
     }
     println!("  activations: one allocation per layer and forward call, carved the same way");
     use repshield::backend::cuda::{GemmKernel, MatmulKernel};
+    if g.has_kernel(MatmulKernel::WgmmaTma128x256.entry()) {
+        println!(
+            "projection GEMMs: wgmma fed by TMA from a producer warp (Hopper, kernels/matmul_tma_sm90.cu) where 128x256 tiles fill the {} SMs; below that:",
+            g.sm_count()
+        );
+    }
     println!(
         "projection GEMMs: {} where 128x128 tiles fill the {} SMs, else mma.sync 64x64 (M > 8) or the GEMV (decode)",
         if g.has_kernel(MatmulKernel::Wgmma128.entry()) {

@@ -167,7 +167,8 @@ fn embedded_ptx_has_every_kernel_for_compute_80_and_driver_580() {
     }
 }
 
-/// The parameter lists (`p` pointer or long long, `i` int, `f` float, `d` double) the
+/// The parameter lists (`p` pointer or long long, `i` int, `f` float, `d` double, `m` a
+/// 128-byte tensor map) the
 /// launchers of the backward, optimiser and loss kernels pass; the launcher checks the same at
 /// run time, this catches a changed kernel without a GPU.
 #[test]
@@ -203,6 +204,8 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         // matmul_bf16_128x128's contract on Hopper (kernels/matmul_sm90.cu).
         ("matmul_bf16_wgmma_128x128".into(), "pppiiiifi"),
         ("gemm_nn_bf16_wgmma_128x128".into(), "pppiiiifi"),
+        // The same with x and w as TMA tensor maps (`m`: 128 bytes by value).
+        ("matmul_bf16_wgmma_tma_128x256".into(), "mmpiiiifi"),
     ];
     for d in ["bf16", "f32"] {
         expected.extend([
@@ -414,6 +417,7 @@ fn matmul_matches_cpu_on_every_path() {
         (130, 129, 1000), // ragged everything, long k (pipeline wraps several times)
         (17, 33, 29),     // k % 8 != 0: SIMT path
         (1500, 1600, 72), // >= 132 tiles of 128x128
+        (1700, 2600, 24), // >= 132 tiles of 128x256 (the TMA kernel on Hopper)
     ];
     let mut used = HashSet::new();
     for &(m, n, k) in shapes {
@@ -435,12 +439,17 @@ fn matmul_matches_cpu_on_every_path() {
     } else {
         MatmulKernel::TensorCore128
     };
-    for kernel in [
+    let mut expected = vec![
         MatmulKernel::Matvec,
         MatmulKernel::TensorCore64,
         big,
         MatmulKernel::Generic,
-    ] {
+    ];
+    // And those that fill every SM with 128x256 tiles the TMA kernel, where it is loaded.
+    if g.has_kernel(MatmulKernel::WgmmaTma128x256.entry()) {
+        expected.push(MatmulKernel::WgmmaTma128x256);
+    }
+    for kernel in expected {
         assert!(used.contains(&kernel), "no shape exercised {kernel:?}");
     }
     // Nothing to multiply, through every kernel: k = 0 writes zeros (leaves out as it was when
@@ -510,9 +519,11 @@ fn a_rejected_hopper_module_leaves_the_sm80_kernels_in_charge() {
 
 /// Each tensor-core GEMM forced onto shapes its tiles do not divide (and ones they do), against
 /// the CPU: the projection's `x w^T` and the backward's `a b`, mma.sync at both tile sizes
-/// everywhere, and wgmma (kernels/matmul_sm90.cu) on a GPU of compute capability 9.0, which must
-/// have loaded both. k = 1000 runs the wgmma ring of 5 stages around three times; k = 8 is one
-/// 16-byte chunk of a 64-wide stage (`x w^T`) or 8 of its 64 k rows (`a b`).
+/// everywhere, and wgmma (kernels/matmul_sm90.cu, and the TMA kernel of matmul_tma_sm90.cu) on
+/// a GPU of compute capability 9.0, which must have loaded them. k = 1000 runs the wgmma ring of
+/// 5 stages around three times (the TMA kernel's 4 stages four times); k = 8 is one 16-byte
+/// chunk of a 64-wide stage (`x w^T`) or 8 of its 64 k rows (`a b`); n = 129 and 200 are
+/// partial 256-wide tiles, whose missing rows the TMA unit fills with zeros.
 #[test]
 fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
     let Some(g) = gpu() else { return };
@@ -530,6 +541,15 @@ fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
     }
     let mut kernels = vec![MatmulKernel::TensorCore64, MatmulKernel::TensorCore128];
     let mut nn_kernels = vec![GemmKernel::TensorCoreNn64, GemmKernel::TensorCoreNn128];
+    let tma = hopper && std::env::var("REPSHIELD_CUDA_NO_TMA").map_or(true, |v| v != "1");
+    assert_eq!(
+        g.has_kernel(MatmulKernel::WgmmaTma128x256.entry()),
+        tma,
+        "the TMA GEMM is loaded exactly on compute capability 9.0 without REPSHIELD_CUDA_NO_TMA=1"
+    );
+    if tma {
+        kernels.push(MatmulKernel::WgmmaTma128x256);
+    }
     if hopper {
         kernels.push(MatmulKernel::Wgmma128);
         nn_kernels.push(GemmKernel::WgmmaNn128);

@@ -210,28 +210,34 @@ failed_tests() {
   awk '/^test [A-Za-z0-9_]+ \.\.\. /{name=$2} /FAILED$/{if (name != "") print name; name=""}' "$1"
 }
 
-# without_wgmma LOG RETRY_LOG SUMMARY: when the parity run in LOG failed tests, runs those
-# tests again with the Hopper GEMM switched off (REPSHIELD_CUDA_NO_WGMMA=1, capped at
-# QUICK_RETRY_S, 90) and adds to SUMMARY which of them pass that way: the one call then tells a
-# wgmma fault from any other.
+# without_wgmma LOG OUT SUMMARY: when the parity run in LOG failed tests, runs those tests
+# again twice, first without the TMA GEMM alone (REPSHIELD_CUDA_NO_TMA=1), then without every
+# Hopper kernel (REPSHIELD_CUDA_NO_WGMMA=1), each capped at QUICK_RETRY_S (90), logs in
+# OUT/parity-no-tma.log and OUT/parity-no-wgmma.log, and adds to SUMMARY which of them pass that
+# way: the one call then tells a fault of the TMA kernel, of the other wgmma kernels and of
+# anything else apart.
 without_wgmma() {
-  local log="$1" retry="$2" s="$3"
+  local log="$1" out="$2" s="$3"
   local failed=()
   mapfile -t failed < <(failed_tests "$log")
   [ "${#failed[@]}" -gt 0 ] || return 0
-  local st
-  st="$(REPSHIELD_CUDA_NO_WGMMA=1 capped "${QUICK_RETRY_S:-90}" "$retry" .device/bin/cuda_parity --test-threads=1 \
-    --exact "${failed[@]}")"
-  {
-    printf '\n## the %s failed test(s) again, REPSHIELD_CUDA_NO_WGMMA=1 (%s)\n\n' "${#failed[@]}" "$st"
-    grep -E '^test result|^test .* (FAILED|ok)$|panicked' "$retry" | sed 's/^/    /' | tail -n 30
-  } >> "$s"
+  local st var retry
+  for var in REPSHIELD_CUDA_NO_TMA REPSHIELD_CUDA_NO_WGMMA; do
+    retry="$out/parity-$(echo "${var#REPSHIELD_CUDA_}" | tr 'A-Z_' 'a-z-').log"
+    st="$(capped "${QUICK_RETRY_S:-90}" "$retry" env "$var=1" .device/bin/cuda_parity --test-threads=1 \
+      --exact "${failed[@]}")"
+    {
+      printf '\n## the %s failed test(s) again, %s=1 (%s)\n\n' "${#failed[@]}" "$var" "$st"
+      grep -E '^test result|^test .* (FAILED|ok)$|panicked' "$retry" | sed 's/^/    /' | tail -n 30
+    } >> "$s"
+  done
 }
 
 # The checks that matter most, in one call that fits a short loan of a GPU: every step has a
 # cap (seconds, overridable), about 9 minutes in all, so a 15-minute device budget leaves room
 # for the machine's start and a rerun. In order: the parity suite (QUICK_PARITY_S, 180), its
-# failed tests again without the Hopper GEMM (without_wgmma, only when some failed), then
+# failed tests again without the TMA GEMM, then without any Hopper GEMM (without_wgmma, only
+# when some failed), then
 # compute-sanitizer memcheck and racecheck on the tensor-core GEMMs, both attention paths and
 # the replayed decode (QUICK_SANITIZER_S, 75 each), then `bench kernels` at the llama3-8b shape
 # for the GEMMs (the 4096^3 square one and the dX one with the mma.sync kernel beside them,
@@ -253,7 +259,7 @@ quick() {
     grep -E '^test result|^test .* (FAILED|ok)$|skipping|panicked' "$out/parity.log" | sed 's/^/    /' | tail -n 70
     printf '\nfailed: %s\n' "$(failed_tests "$out/parity.log" | tr '\n' ' ')"
   } >> "$s"
-  without_wgmma "$out/parity.log" "$out/parity-no-wgmma.log" "$s"
+  without_wgmma "$out/parity.log" "$out" "$s"
   local sanitizer
   sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
   local filter=(tensor_core_gemms kv_store_and_attention replayed_decode recorded_decode)

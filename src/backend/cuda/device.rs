@@ -168,6 +168,10 @@ pub(super) const GEMM_NN_128_SMEM: u32 = 4 * (128 * 40 + 32 * (128 + 8)) * 2;
 /// rows x 64 bf16, plus 1024 bytes to align the ring to the 128-byte swizzle's period.
 pub(super) const GEMM_WGMMA_SMEM: u32 = 5 * (128 + 128) * 64 * 2 + 1024;
 
+/// Dynamic shared memory of the TMA Hopper GEMM (kernels/matmul_tma_sm90.cu): 4 stages x
+/// (128 + 256) rows x 64 bf16, 1024 bytes of alignment slack, 8 mbarriers of 8 bytes.
+pub(super) const GEMM_TMA_SMEM: u32 = 1024 + 4 * (128 + 256) * 64 * 2 + 8 * 8;
+
 fn devices() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
     DEVICES.get_or_init(Default::default)
@@ -221,8 +225,11 @@ impl Device {
         // out there too (every shape then takes the sm_80 kernels).
         let hopper = compute_capability == (9, 0)
             && !std::env::var("REPSHIELD_CUDA_NO_WGMMA").is_ok_and(|v| v == "1");
+        // REPSHIELD_CUDA_NO_TMA=1 leaves out the TMA GEMM alone (the 128x128 wgmma kernels take
+        // its shapes), to tell its faults from the other Hopper kernels'.
+        let no_tma = std::env::var("REPSHIELD_CUDA_NO_TMA").is_ok_and(|v| v == "1");
         for m in PTX_MODULES {
-            if m.target != PTX_ARCH && !hopper {
+            if m.target != PTX_ARCH && !hopper || m.name == "matmul_tma_sm90" && no_tma {
                 continue;
             }
             let module = match ctx.load_module(cudarc::nvrtc::Ptx::from_src(m.ptx)) {
@@ -259,6 +266,7 @@ impl Device {
             ("gemm_nn_bf16_128x128", GEMM_NN_128_SMEM),
             ("matmul_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
             ("gemm_nn_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
+            ("matmul_bf16_wgmma_tma_128x256", GEMM_TMA_SMEM),
         ] {
             if let Some((f, _)) = functions.get(name) {
                 f.set_attribute(
@@ -633,6 +641,7 @@ impl CudaBackend {
                 Arg::I64(v) => b.arg(&*v),
                 Arg::F32(v) => b.arg(&*v),
                 Arg::F64(v) => b.arg(&*v),
+                Arg::TensorMap(m) => b.arg(&*m),
             };
         }
         // SAFETY: argument count and classes match the kernel (checked above); sizes are the
@@ -671,7 +680,18 @@ pub(super) enum Arg<'a> {
     I64(i64),
     F32(f32),
     F64(f64),
+    /// A TMA tensor map, passed by value (a `__grid_constant__` kernel parameter).
+    TensorMap(TensorMap),
 }
+
+/// The driver's 128-byte `CUtensorMap` (cuTensorMapEncodeTiled), as a kernel parameter.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub(super) struct TensorMap(pub(super) cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: plain bytes with the layout (128 bytes, 64-byte alignment) of the kernels' by-value
+// `TensorMap` parameter.
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
 
 impl Arg<'_> {
     fn code(&self) -> char {
@@ -682,6 +702,7 @@ impl Arg<'_> {
             Arg::I32(_) => 'i',
             Arg::F32(_) => 'f',
             Arg::F64(_) => 'd',
+            Arg::TensorMap(_) => 'm',
         }
     }
 }

@@ -3,8 +3,10 @@
 //! SIMT kernel for f32 operands and K not a multiple of 8.
 
 use super::device::{
-    int, Arg, CudaBackend, CudaBuf, DType, GEMM_128_SMEM, GEMM_NN_128_SMEM, GEMM_WGMMA_SMEM,
+    int, Arg, CudaBackend, CudaBuf, DType, TensorMap, GEMM_128_SMEM, GEMM_NN_128_SMEM,
+    GEMM_TMA_SMEM, GEMM_WGMMA_SMEM,
 };
+use cudarc::driver::sys;
 use cudarc::driver::LaunchConfig;
 
 /// Rows of x up to which the GEMV streams each weight row once for all of them.
@@ -13,6 +15,9 @@ pub const MATVEC_MAX_M: usize = 8;
 /// Which kernel `matmul` runs for a shape and operand dtypes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MatmulKernel {
+    /// Hopper's warpgroup MMA fed by TMA loads from a producer warp, 128x256 tiles
+    /// (kernels/matmul_tma_sm90.cu): the large projection GEMMs on compute capability 9.0.
+    WgmmaTma128x256,
     /// Hopper's warpgroup MMA (kernels/matmul_sm90.cu), where `TensorCore128` would run on a
     /// GPU of compute capability 9.0.
     Wgmma128,
@@ -25,6 +30,7 @@ pub enum MatmulKernel {
 impl MatmulKernel {
     pub fn entry(self) -> &'static str {
         match self {
+            MatmulKernel::WgmmaTma128x256 => "matmul_bf16_wgmma_tma_128x256",
             MatmulKernel::Wgmma128 => "matmul_bf16_wgmma_128x128",
             MatmulKernel::TensorCore128 => "matmul_bf16_128x128",
             MatmulKernel::TensorCore64 => "matmul_bf16_64x64",
@@ -118,13 +124,18 @@ impl CudaBackend {
     }
 
     /// The kernel `matmul` uses for `[m, k] x [n, k]^T` with these operand dtypes: tensor cores
-    /// need bf16 x and w and 16-byte k-chunks; 128x128 tiles once they fill every SM (with
-    /// wgmma where the Hopper kernel is loaded), else 64x64 for more blocks.
+    /// need bf16 x and w and 16-byte k-chunks; on Hopper the TMA kernel's 128x256 tiles once
+    /// they fill every SM; 128x128 tiles once those do (with wgmma where the Hopper kernel is
+    /// loaded), else 64x64 for more blocks.
     pub fn matmul_kernel(&self, m: usize, n: usize, k: usize, x: DType, w: DType) -> MatmulKernel {
         if x != DType::BF16 || w != DType::BF16 || !k.is_multiple_of(8) {
             MatmulKernel::Generic
         } else if m <= MATVEC_MAX_M {
             MatmulKernel::Matvec
+        } else if m.div_ceil(128) * n.div_ceil(256) >= self.sm_count()
+            && self.has_kernel(MatmulKernel::WgmmaTma128x256.entry())
+        {
+            MatmulKernel::WgmmaTma128x256
         } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
             if self.has_kernel(MatmulKernel::Wgmma128.entry()) {
                 MatmulKernel::Wgmma128
@@ -174,10 +185,14 @@ impl CudaBackend {
         if self.empty_product(out, m, n, k, accumulate, "matmul") {
             return;
         }
-        // The one kernel that is not loaded on every GPU.
+        // The kernels that are not loaded on every GPU.
         assert!(
-            kernel != MatmulKernel::Wgmma128 || self.has_kernel(kernel.entry()),
-            "matmul: the wgmma kernel is not loaded on this GPU (compute capability 9.0 only)"
+            !matches!(
+                kernel,
+                MatmulKernel::Wgmma128 | MatmulKernel::WgmmaTma128x256
+            ) || self.has_kernel(kernel.entry()),
+            "matmul: {} is not loaded on this GPU (compute capability 9.0 only)",
+            kernel.entry()
         );
         if kernel != MatmulKernel::Generic {
             assert!(
@@ -202,6 +217,17 @@ impl CudaBackend {
         let (out_f32, acc_i) = (out.dtype.flag(), accumulate as i32);
         let name = kernel.entry();
         let cfg = match kernel {
+            MatmulKernel::WgmmaTma128x256 => {
+                assert!(
+                    m.div_ceil(128) < 65536,
+                    "matmul: m = {m} needs more than 65535 row tiles"
+                );
+                LaunchConfig {
+                    grid_dim: (n.div_ceil(256) as u32, m.div_ceil(128) as u32, 1),
+                    block_dim: (384, 1, 1),
+                    shared_mem_bytes: GEMM_TMA_SMEM,
+                }
+            }
             MatmulKernel::Wgmma128 | MatmulKernel::TensorCore128 | MatmulKernel::TensorCore64 => {
                 let (tile, threads, smem) = match kernel {
                     MatmulKernel::Wgmma128 => (128, 256, GEMM_WGMMA_SMEM),
@@ -242,32 +268,69 @@ impl CudaBackend {
             Arg::F32(scale),
             Arg::I32(acc_i),
         ];
-        if kernel == MatmulKernel::Generic {
-            let (x_f32, w_f32) = (x.dtype.flag(), w.dtype.flag());
-            let mut args = [
+        // x and w as each kernel takes them: with their dtype flags (SIMT), as TMA tensor maps
+        // (the Hopper TMA kernel), or as bf16 pointers.
+        let operands = match kernel {
+            MatmulKernel::Generic => vec![
                 Arg::In(x),
-                Arg::I32(x_f32),
+                Arg::I32(x.dtype.flag()),
                 Arg::In(w),
-                Arg::I32(w_f32),
-                Arg::Out(out),
-                Arg::I32(out_f32),
-            ]
+                Arg::I32(w.dtype.flag()),
+            ],
+            MatmulKernel::WgmmaTma128x256 => vec![
+                Arg::TensorMap(self.tensor_map_bf16(x, m, k, 128)),
+                Arg::TensorMap(self.tensor_map_bf16(w, n, k, 256)),
+            ],
+            _ => vec![Arg::In(x), Arg::In(w)],
+        };
+        let mut args = operands
             .into_iter()
+            .chain([Arg::Out(out), Arg::I32(out_f32)])
             .chain(shape)
             .collect::<Vec<_>>();
-            // SAFETY: matmul_generic(const void* x, int, const void* w, int, void* out, int,
-            // int M, int N, int K, float scale, int accumulate); sizes checked above.
-            unsafe { self.launch(name, cfg, &mut args) };
-        } else {
-            let mut args = [Arg::In(x), Arg::In(w), Arg::Out(out), Arg::I32(out_f32)]
-                .into_iter()
-                .chain(shape)
-                .collect::<Vec<_>>();
-            // SAFETY: matmul_bf16_* / matvec_bf16(const bf16* x, const bf16* w, void* out, int,
-            // int M, int N, int K, float scale, int accumulate); bf16 operands, k % 8 == 0 and
-            // 16-byte alignment checked above.
-            unsafe { self.launch(name, cfg, &mut args) };
-        }
+        // SAFETY: every entry takes (x and w as above, void* out, int out_f32, int M, int N,
+        // int K, float scale, int accumulate): matmul_generic(const void* x, int, const void* w,
+        // int, ...), matmul_bf16_wgmma_tma_128x256(TensorMap x, TensorMap w, ...) with maps of
+        // exactly x [m, k] and w [n, k], the others (const bf16* x, const bf16* w, ...). Sizes,
+        // and for the bf16 kernels dtypes, k % 8 == 0 and 16-byte alignment, checked above.
+        unsafe { self.launch(name, cfg, &mut args) };
+    }
+
+    /// The TMA tensor map of a row-major bf16 matrix `[rows, k]` read in boxes of `box_rows`
+    /// rows x 64 k, stored in the 128-byte swizzle, with zeros for elements past its edges
+    /// (kernels/matmul_tma_sm90.cu). Needs k % 8 == 0 and a 16-byte-aligned buffer (the row
+    /// stride and the address are multiples of 16 bytes), as the caller checked.
+    fn tensor_map_bf16(&self, buf: &CudaBuf, rows: usize, k: usize, box_rows: u32) -> TensorMap {
+        let dims = [k as u64, rows as u64];
+        let strides = [2 * k as u64];
+        let boxes = [64u32, box_rows];
+        let steps = [1u32, 1];
+        // SAFETY: a zeroed CUtensorMap is plain bytes the call overwrites.
+        let mut map: sys::CUtensorMap = unsafe { std::mem::zeroed() };
+        // SAFETY: every array has the rank's length (strides one less); the address is the
+        // buffer's, which outlives the launch that reads through the map.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                self.addr(buf) as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                steps.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        assert_eq!(
+            r,
+            sys::CUresult::CUDA_SUCCESS,
+            "cuTensorMapEncodeTiled for a bf16 [{rows}, {k}] operand (box {box_rows} x 64) failed"
+        );
+        TensorMap(map)
     }
 
     /// `Backend::matmul_lora`: on the decode GEMV path the LoRA up projection runs in the

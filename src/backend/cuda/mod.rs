@@ -93,6 +93,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "add_rmsnorm_f32_bf16",
     "matmul_bf16_128x128",
     "matmul_bf16_wgmma_128x128",
+    "matmul_bf16_wgmma_tma_128x256",
     "matmul_bf16_64x64",
     "matvec_bf16",
     "matvec_lora_bf16",
