@@ -1,7 +1,7 @@
-// The projection GEMM on Hopper with TMA loads and warp specialisation (sm_90a only). CPU twin:
-// src/backend/cpu/matmul.rs; launcher: src/backend/cuda/matmul.rs (MatmulKernel::WgmmaTma128x256),
-// which takes it on a GPU of compute capability 9.0 for the large projection GEMMs, where the
-// 128x128 wgmma kernel of matmul_sm90.cu would otherwise run.
+// GEMMs on Hopper with TMA loads and warp specialisation (sm_90a only). CPU twin:
+// src/backend/cpu/matmul.rs; launcher: src/backend/cuda/matmul.rs (MatmulKernel::WgmmaTma128x256,
+// GemmKernel::WgmmaTmaNn128x256), which takes them on a GPU of compute capability 9.0 for the
+// large GEMMs, where the 128x128 wgmma kernels of matmul_sm90.cu would otherwise run.
 //
 // matmul_bf16_wgmma_tma_128x256: matmul_bf16_128x128's contract (kernels/matmul.cu) with the
 //   operands described by TMA tensor maps instead of pointers: x [M, K] and w [N, K] bf16,
@@ -10,12 +10,20 @@
 //   row stride 2 K bytes (so K % 8 == 0, 16-byte-aligned x and w), boxes {64, 128} and {64, 256},
 //   the 128-byte swizzle, out-of-bounds elements filled with zeros. Any M, N, K otherwise: the
 //   TMA unit zero-fills rows past M/N and k past K, and the epilogue stores in-bounds elements.
+// gemm_nn_bf16_wgmma_tma_128x256: gemm_nn_bf16_128x128's contract, the backward's dX = dY W:
+//   a [M, K] and b [K, N] bf16, row-major, as tensor maps (a as x above; b: dims {N, K}, row
+//   stride 2 N bytes, so N % 8 == 0, box {64, 64}); out = (accumulate ? out : 0) + scale * a b.
+//   b's [64 k][256 n] tile is loaded MN-major as four [64 k][64 n] boxes of 8192 bytes, each k
+//   row 128 bytes of n in the 128-byte swizzle, and read by wgmma with its transpose bit for B:
+//   leading offset 8192 (from one 64-wide group of n to the next), stride offset 1024 (8 k
+//   rows), the k step of 16 moves the start 2048 bytes (matmul_sm90.cu's `a b` kernel, with
+//   four groups of n instead of two).
 //
 // grid = (ceil(N / 256), ceil(M / 128)); block = 384 threads = 3 warpgroups.
 // - Warpgroup 0 is the producer: it gives up registers (setmaxnreg.dec 40) and one thread issues
 //   every load. For k tile kt it waits until stage kt % kStages is free (its `empty` barrier),
-//   announces the stage's 48 KiB to the stage's `full` barrier (arrive.expect_tx) and issues two
-//   TMA loads that complete that many bytes on it.
+//   announces the stage's 48 KiB to the stage's `full` barrier (arrive.expect_tx) and issues the
+//   TMA loads (two; five for the `a b` kernel) that complete that many bytes on it.
 // - Warpgroups 1 and 2 are the consumers (setmaxnreg.inc 232): consumer c computes rows
 //   64 c .. 64 c + 63 of the block's 128 x 256 tile with wgmma.mma_async m64n256k16, 128 f32
 //   accumulators a thread. It waits for the stage's `full` barrier, issues the stage's four
@@ -29,8 +37,9 @@
 //   of s completes phase r when tile r kStages + s has been read, so the producer waits for parity
 //   (kt / kStages - 1) & 1 before reusing s for tile kt >= kStages.
 // Shared memory (the 128-byte swizzle as matmul_sm90.cu; TMA writes it, so no cp.async and no
-// proxy fence): kStages stages of [128 rows][64 k] of x then [256 rows][64 k] of w, 128 bytes a
-// row, from the first 1024-byte boundary of the window; then the 2 kStages mbarriers.
+// proxy fence): kStages stages of [128 rows][64 k] of x then [256 rows][64 k] of w (or b's four
+// [64 k][64 n] groups), 128 bytes a row, from the first 1024-byte boundary of the window; then
+// the 2 kStages mbarriers.
 //   dynamic shared memory = 1024 + kStages * 49152 + 2 kStages * 8 = 197696 bytes (raised at load).
 #include "common.cuh"
 #include "cp_async.cuh"
@@ -68,8 +77,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap& map, int
 }
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {}
 template <int N> __device__ __forceinline__ void setmaxnreg_dec() {}
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
-  emu_wgmma_m64nNk16_bf16(d, 256, a, b, 0);
+template <int kTransB> __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
+  emu_wgmma_m64nNk16_bf16(d, 256, a, b, kTransB);
 }
 #else
 #define TENSOR_MAP_PARAM(name) const __grid_constant__ TensorMap name
@@ -113,12 +122,13 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
-// d (64 x 256, f32) += a (64 x 16) b^T (b 256 x 16), bf16, both K-major in shared memory.
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
+// d (64 x 256, f32) += a (64 x 16) b^T (b 256 x 16), bf16 in shared memory: A K-major, B K-major
+// (kTransB 0) or MN-major (kTransB 1, wgmma's transpose bit). scale-d = 1, A and B unscaled.
+template <int kTransB> __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, %130;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -135,15 +145,15 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, ui
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a), "l"(b));
+      : "l"(a), "l"(b), "n"(kTransB));
 }
 #endif
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    matmul_bf16_wgmma_tma_128x256(TENSOR_MAP_PARAM(x_map), TENSOR_MAP_PARAM(w_map), void* __restrict__ out,
-                                  int out_f32, int M, int N, int K, float scale, int accumulate) {
+// out = (accumulate ? out : 0) + scale * x op(w): op(w) = w^T for w [N, K] (kNN false), w itself
+// for w [K, N] (kNN true).
+template <bool kNN>
+__device__ __forceinline__ void tma_gemm(const TensorMap& x_map, const TensorMap& w_map, void* __restrict__ out,
+                                         int out_f32, int M, int N, int K, float scale, int accumulate) {
   DYNAMIC_SMEM(uint4, smem_raw);
   const uint32_t raw_addr = smem_u32(smem_raw);
   const uint32_t pad = (1024u - (raw_addr & 1023u)) & 1023u;
@@ -174,7 +184,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         char* a = ring + s * kStageBytes;
         mbar_arrive_expect_tx(&full[s], kStageBytes);
         tma_load_2d(a, x_map, kt * kBK, block_m, &full[s]);
-        tma_load_2d(a + kABytes, w_map, kt * kBK, block_n, &full[s]);
+        if constexpr (!kNN) {
+          tma_load_2d(a + kABytes, w_map, kt * kBK, block_n, &full[s]);
+        } else {  // box {64 n, 64 k} at (n, k): one 64-wide group of n, MN-major
+#pragma unroll
+          for (int h = 0; h < kBN / 64; h++)
+            tma_load_2d(a + kABytes + h * (kBK * 128), w_map, block_n + h * 64, kt * kBK, &full[s]);
+        }
       }
     }
     return;
@@ -195,7 +211,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 128; i++) fence_operand(acc[i]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; kk++) wgmma_m64n256k16(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 32));
+    for (int kk = 0; kk < kBK / 16; kk++) {
+      if constexpr (!kNN) {
+        wgmma_m64n256k16<0>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 32));
+      } else {
+        wgmma_m64n256k16<1>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 16 * 128, kBK * 128));
+      }
+    }
     wgmma_commit();
 #pragma unroll
     for (int i = 0; i < 128; i++) fence_operand(acc[i]);
@@ -219,4 +241,18 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       if (r < M && col < N) store_out(out, out_f32, (long long)r * N + col, acc[j * 4 + e], scale, accumulate);
     }
   }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    matmul_bf16_wgmma_tma_128x256(TENSOR_MAP_PARAM(x_map), TENSOR_MAP_PARAM(w_map), void* __restrict__ out,
+                                  int out_f32, int M, int N, int K, float scale, int accumulate) {
+  tma_gemm<false>(x_map, w_map, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    gemm_nn_bf16_wgmma_tma_128x256(TENSOR_MAP_PARAM(a_map), TENSOR_MAP_PARAM(b_map), void* __restrict__ out,
+                                   int out_f32, int M, int N, int K, float scale, int accumulate) {
+  tma_gemm<true>(a_map, b_map, out, out_f32, M, N, K, scale, accumulate);
 }

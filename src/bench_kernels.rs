@@ -265,11 +265,23 @@ fn cuda_alternatives(
                 GemmKernel::Projection(MatmulKernel::TensorCore128),
             ));
         }
-    } else if be.gemm_kernel(m, n, k, false, false, bf16, bf16) == GemmKernel::WgmmaNn128 {
-        out.push((
-            "gemm dX = dY W (down), mma.sync (sm_80 kernel)",
-            GemmKernel::TensorCoreNn128,
-        ));
+    } else {
+        let picked = be.gemm_kernel(m, n, k, false, false, bf16, bf16);
+        if picked == GemmKernel::WgmmaTmaNn128x256 {
+            out.push((
+                "gemm dX = dY W (down), wgmma 128x128 (cp.async, no producer warp)",
+                GemmKernel::WgmmaNn128,
+            ));
+        }
+        if matches!(
+            picked,
+            GemmKernel::WgmmaTmaNn128x256 | GemmKernel::WgmmaNn128
+        ) {
+            out.push((
+                "gemm dX = dY W (down), mma.sync (sm_80 kernel)",
+                GemmKernel::TensorCoreNn128,
+            ));
+        }
     }
     out
 }

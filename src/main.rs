@@ -417,6 +417,11 @@ fn print_device_arenas(m: &model::LoadedModel, batch: usize, ctx: usize) -> Resu
         },
         g.sm_count()
     );
+    if g.has_kernel(GemmKernel::WgmmaTmaNn128x256.entry()) {
+        println!(
+            "backward dX = dY W GEMMs: wgmma fed by TMA, b MN-major (Hopper) where 128x256 tiles fill the SMs; below that:"
+        );
+    }
     println!(
         "backward dX = dY W GEMMs: {} where 128x128 tiles fill the SMs, else mma.sync 64x64",
         if g.has_kernel(GemmKernel::WgmmaNn128.entry()) {

@@ -206,6 +206,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         ("gemm_nn_bf16_wgmma_128x128".into(), "pppiiiifi"),
         // The same with x and w as TMA tensor maps (`m`: 128 bytes by value).
         ("matmul_bf16_wgmma_tma_128x256".into(), "mmpiiiifi"),
+        ("gemm_nn_bf16_wgmma_tma_128x256".into(), "mmpiiiifi"),
     ];
     for d in ["bf16", "f32"] {
         expected.extend([
@@ -542,13 +543,19 @@ fn tensor_core_gemms_match_cpu_at_ragged_shapes() {
     let mut kernels = vec![MatmulKernel::TensorCore64, MatmulKernel::TensorCore128];
     let mut nn_kernels = vec![GemmKernel::TensorCoreNn64, GemmKernel::TensorCoreNn128];
     let tma = hopper && std::env::var("REPSHIELD_CUDA_NO_TMA").map_or(true, |v| v != "1");
-    assert_eq!(
-        g.has_kernel(MatmulKernel::WgmmaTma128x256.entry()),
-        tma,
-        "the TMA GEMM is loaded exactly on compute capability 9.0 without REPSHIELD_CUDA_NO_TMA=1"
-    );
+    for entry in [
+        MatmulKernel::WgmmaTma128x256.entry(),
+        GemmKernel::WgmmaTmaNn128x256.entry(),
+    ] {
+        assert_eq!(
+            g.has_kernel(entry),
+            tma,
+            "{entry} is loaded exactly on compute capability 9.0 without REPSHIELD_CUDA_NO_TMA=1"
+        );
+    }
     if tma {
         kernels.push(MatmulKernel::WgmmaTma128x256);
+        nn_kernels.push(GemmKernel::WgmmaTmaNn128x256);
     }
     if hopper {
         kernels.push(MatmulKernel::Wgmma128);
@@ -1650,6 +1657,15 @@ fn gemm_matches_cpu_with_every_transpose() {
         (1500, 1600, 72), // >= 132 tiles of 128x128
     ];
     let mut used = HashSet::new();
+    let class = |kernel| match kernel {
+        GemmKernel::Projection(_) => "projection",
+        // The 128x128 `a b` tile: wgmma where the Hopper kernels are loaded.
+        GemmKernel::TensorCoreNn128 | GemmKernel::WgmmaNn128 => "nn128",
+        // 128x256 tiles: Hopper's TMA kernel.
+        GemmKernel::WgmmaTmaNn128x256 => "tma-nn",
+        GemmKernel::TensorCoreNn64 => "nn64",
+        GemmKernel::Generic => "generic",
+    };
     for &(m, n, k) in shapes {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             for (ad, bd, od) in [
@@ -1658,20 +1674,33 @@ fn gemm_matches_cpu_with_every_transpose() {
                 (DType::F32, DType::F32, DType::F32),
             ] {
                 for (scale, accumulate) in [(1.0f32, false), (0.5, true)] {
-                    used.insert(match g.gemm_kernel(m, n, k, ta, tb, ad, bd) {
-                        GemmKernel::Projection(_) => "projection",
-                        // The 128x128 `a b` tile: wgmma where the Hopper kernels are loaded.
-                        GemmKernel::TensorCoreNn128 | GemmKernel::WgmmaNn128 => "nn128",
-                        GemmKernel::TensorCoreNn64 => "nn64",
-                        GemmKernel::Generic => "generic",
-                    });
+                    used.insert(class(g.gemm_kernel(m, n, k, ta, tb, ad, bd)));
                     let dtypes = (ad, bd, od);
                     check_gemm(&g, None, (m, n, k), dtypes, (ta, tb), scale, accumulate, 43);
                 }
             }
         }
     }
-    for kernel in ["projection", "nn128", "nn64", "generic"] {
+    // >= 132 tiles of 128x256, bf16 `a b` and `a b^T` only (the SIMT paths would take long on
+    // the emulator at this size): the TMA kernels where they are loaded.
+    let (m, n, k) = (1700, 2600, 24);
+    for tb in [false, true] {
+        let bf16 = DType::BF16;
+        used.insert(class(g.gemm_kernel(m, n, k, false, tb, bf16, bf16)));
+        check_gemm(
+            &g,
+            None,
+            (m, n, k),
+            (bf16, bf16, bf16),
+            (false, tb),
+            1.0,
+            false,
+            47,
+        );
+    }
+    let tma = g.has_kernel(GemmKernel::WgmmaTmaNn128x256.entry());
+    let expected = ["projection", "nn128", "nn64", "generic", "tma-nn"];
+    for kernel in &expected[..if tma { 5 } else { 4 }] {
         assert!(
             used.contains(kernel),
             "no shape exercised the {kernel} gemm"

@@ -168,7 +168,7 @@ pub(super) const GEMM_NN_128_SMEM: u32 = 4 * (128 * 40 + 32 * (128 + 8)) * 2;
 /// rows x 64 bf16, plus 1024 bytes to align the ring to the 128-byte swizzle's period.
 pub(super) const GEMM_WGMMA_SMEM: u32 = 5 * (128 + 128) * 64 * 2 + 1024;
 
-/// Dynamic shared memory of the TMA Hopper GEMM (kernels/matmul_tma_sm90.cu): 4 stages x
+/// Dynamic shared memory of both TMA Hopper GEMMs (kernels/matmul_tma_sm90.cu): 4 stages x
 /// (128 + 256) rows x 64 bf16, 1024 bytes of alignment slack, 8 mbarriers of 8 bytes.
 pub(super) const GEMM_TMA_SMEM: u32 = 1024 + 4 * (128 + 256) * 64 * 2 + 8 * 8;
 
@@ -225,8 +225,8 @@ impl Device {
         // out there too (every shape then takes the sm_80 kernels).
         let hopper = compute_capability == (9, 0)
             && !std::env::var("REPSHIELD_CUDA_NO_WGMMA").is_ok_and(|v| v == "1");
-        // REPSHIELD_CUDA_NO_TMA=1 leaves out the TMA GEMM alone (the 128x128 wgmma kernels take
-        // its shapes), to tell its faults from the other Hopper kernels'.
+        // REPSHIELD_CUDA_NO_TMA=1 leaves out the TMA GEMMs alone (the 128x128 wgmma kernels take
+        // their shapes), to tell its faults from the other Hopper kernels'.
         let no_tma = std::env::var("REPSHIELD_CUDA_NO_TMA").is_ok_and(|v| v == "1");
         for m in PTX_MODULES {
             if m.target != PTX_ARCH && !hopper || m.name == "matmul_tma_sm90" && no_tma {
@@ -267,6 +267,7 @@ impl Device {
             ("matmul_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
             ("gemm_nn_bf16_wgmma_128x128", GEMM_WGMMA_SMEM),
             ("matmul_bf16_wgmma_tma_128x256", GEMM_TMA_SMEM),
+            ("gemm_nn_bf16_wgmma_tma_128x256", GEMM_TMA_SMEM),
         ] {
             if let Some((f, _)) = functions.get(name) {
                 f.set_attribute(

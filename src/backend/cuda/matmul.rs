@@ -46,6 +46,9 @@ pub enum GemmKernel {
     /// `a b^T` with bf16 operands: the projection GEMM itself (`matmul`'s plan).
     Projection(MatmulKernel),
     /// `a b` with bf16 operands, b `[K, N]` row-major (dX = dY W), on Hopper's warpgroup MMA
+    /// fed by TMA loads from a producer warp, 128x256 tiles (kernels/matmul_tma_sm90.cu).
+    WgmmaTmaNn128x256,
+    /// `a b` with bf16 operands, b `[K, N]` row-major (dX = dY W), on Hopper's warpgroup MMA
     /// (kernels/matmul_sm90.cu, b MN-major), where `TensorCoreNn128` would run on a GPU of
     /// compute capability 9.0.
     WgmmaNn128,
@@ -60,6 +63,7 @@ impl GemmKernel {
     pub fn entry(self) -> &'static str {
         match self {
             GemmKernel::Projection(kernel) => kernel.entry(),
+            GemmKernel::WgmmaTmaNn128x256 => "gemm_nn_bf16_wgmma_tma_128x256",
             GemmKernel::WgmmaNn128 => "gemm_nn_bf16_wgmma_128x128",
             GemmKernel::TensorCoreNn128 => "gemm_nn_bf16_128x128",
             GemmKernel::TensorCoreNn64 => "gemm_nn_bf16_64x64",
@@ -112,6 +116,10 @@ impl CudaBackend {
             GemmKernel::Projection(self.matmul_kernel(m, n, k, a, b))
         } else if !n.is_multiple_of(8) {
             GemmKernel::Generic
+        } else if m.div_ceil(128) * n.div_ceil(256) >= self.sm_count()
+            && self.has_kernel(GemmKernel::WgmmaTmaNn128x256.entry())
+        {
+            GemmKernel::WgmmaTmaNn128x256
         } else if m.div_ceil(128) * n.div_ceil(128) >= self.sm_count() {
             if self.has_kernel(GemmKernel::WgmmaNn128.entry()) {
                 GemmKernel::WgmmaNn128
@@ -296,13 +304,13 @@ impl CudaBackend {
         unsafe { self.launch(name, cfg, &mut args) };
     }
 
-    /// The TMA tensor map of a row-major bf16 matrix `[rows, k]` read in boxes of `box_rows`
-    /// rows x 64 k, stored in the 128-byte swizzle, with zeros for elements past its edges
-    /// (kernels/matmul_tma_sm90.cu). Needs k % 8 == 0 and a 16-byte-aligned buffer (the row
-    /// stride and the address are multiples of 16 bytes), as the caller checked.
-    fn tensor_map_bf16(&self, buf: &CudaBuf, rows: usize, k: usize, box_rows: u32) -> TensorMap {
-        let dims = [k as u64, rows as u64];
-        let strides = [2 * k as u64];
+    /// The TMA tensor map of a row-major bf16 matrix `[rows, cols]` read in boxes of
+    /// `box_rows` rows x 64 columns, stored in the 128-byte swizzle, with zeros for elements
+    /// past its edges (kernels/matmul_tma_sm90.cu). Needs cols % 8 == 0 and a 16-byte-aligned
+    /// buffer (the row stride and the address are multiples of 16 bytes), as the caller checked.
+    fn tensor_map_bf16(&self, buf: &CudaBuf, rows: usize, cols: usize, box_rows: u32) -> TensorMap {
+        let dims = [cols as u64, rows as u64];
+        let strides = [2 * cols as u64];
         let boxes = [64u32, box_rows];
         let steps = [1u32, 1];
         // SAFETY: a zeroed CUtensorMap is plain bytes the call overwrites.
@@ -328,7 +336,7 @@ impl CudaBackend {
         assert_eq!(
             r,
             sys::CUresult::CUDA_SUCCESS,
-            "cuTensorMapEncodeTiled for a bf16 [{rows}, {k}] operand (box {box_rows} x 64) failed"
+            "cuTensorMapEncodeTiled for a bf16 [{rows}, {cols}] operand (box {box_rows} x 64) failed"
         );
         TensorMap(map)
     }
@@ -651,43 +659,59 @@ impl CudaBackend {
                     && n.is_multiple_of(8),
                 "gemm: {name} takes bf16 a b with k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
             );
-            // The one kernel that is not loaded on every GPU.
+            // The kernels that are not loaded on every GPU.
             assert!(
-                kernel != GemmKernel::WgmmaNn128 || self.has_kernel(name),
-                "gemm: the wgmma kernel is not loaded on this GPU (compute capability 9.0 only)"
+                !matches!(
+                    kernel,
+                    GemmKernel::WgmmaNn128 | GemmKernel::WgmmaTmaNn128x256
+                ) || self.has_kernel(name),
+                "gemm: {name} is not loaded on this GPU (compute capability 9.0 only)"
             );
             assert!(
                 self.addr(a).is_multiple_of(16) && self.addr(b).is_multiple_of(16),
                 "gemm: a and b must be 16-byte aligned"
             );
-            let (tile, threads, smem) = match kernel {
-                GemmKernel::WgmmaNn128 => (128, 256, GEMM_WGMMA_SMEM),
-                GemmKernel::TensorCoreNn128 => (128, 256, GEMM_NN_128_SMEM),
-                _ => (64, 128, 4 * (64 * 40 + 32 * (64 + 8)) * 2),
+            // (rows, columns) of the output tile, threads, dynamic shared memory.
+            let (tile_m, tile_n, threads, smem) = match kernel {
+                GemmKernel::WgmmaTmaNn128x256 => (128, 256, 384, GEMM_TMA_SMEM),
+                GemmKernel::WgmmaNn128 => (128, 128, 256, GEMM_WGMMA_SMEM),
+                GemmKernel::TensorCoreNn128 => (128, 128, 256, GEMM_NN_128_SMEM),
+                _ => (64, 64, 128, 4 * (64 * 40 + 32 * (64 + 8)) * 2),
             };
             assert!(
-                m.div_ceil(tile) < 65536,
+                m.div_ceil(tile_m) < 65536,
                 "gemm: m = {m} needs more than 65535 row tiles"
             );
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
+                grid_dim: (n.div_ceil(tile_n) as u32, m.div_ceil(tile_m) as u32, 1),
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: smem,
             };
             let out_f32 = out.dtype.flag();
-            let mut args = [
-                Arg::In(a),
-                Arg::In(b),
-                Arg::Out(out),
-                Arg::I32(out_f32),
-                Arg::I32(int(m, "gemm m")),
-                Arg::I32(int(n, "gemm n")),
-                Arg::I32(int(k, "gemm k")),
-                Arg::F32(scale),
-                Arg::I32(accumulate as i32),
-            ];
+            // a and b as pointers, or as TMA tensor maps (a [m, k], b [k, n]) for the TMA kernel.
+            let operands = if kernel == GemmKernel::WgmmaTmaNn128x256 {
+                [
+                    Arg::TensorMap(self.tensor_map_bf16(a, m, k, 128)),
+                    Arg::TensorMap(self.tensor_map_bf16(b, k, n, 64)),
+                ]
+            } else {
+                [Arg::In(a), Arg::In(b)]
+            };
+            let mut args = operands
+                .into_iter()
+                .chain([
+                    Arg::Out(out),
+                    Arg::I32(out_f32),
+                    Arg::I32(int(m, "gemm m")),
+                    Arg::I32(int(n, "gemm n")),
+                    Arg::I32(int(k, "gemm k")),
+                    Arg::F32(scale),
+                    Arg::I32(accumulate as i32),
+                ])
+                .collect::<Vec<_>>();
             // SAFETY: gemm_nn_bf16_*(const bf16* a, const bf16* b, void* out, int, int M,
-            // int N, int K, float scale, int accumulate); bf16 operands, k % 8 == 0,
+            // int N, int K, float scale, int accumulate), the TMA kernel with maps of exactly
+            // a [m, k] and b [k, n] in place of the pointers; bf16 operands, k % 8 == 0,
             // n % 8 == 0 and 16-byte alignment checked above.
             unsafe { self.launch(name, cfg, &mut args) };
             return;

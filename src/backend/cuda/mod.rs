@@ -127,6 +127,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "sample_top_p_f32",
     // backward
     "gemm_nn_bf16_wgmma_128x128",
+    "gemm_nn_bf16_wgmma_tma_128x256",
     "gemm_nn_bf16_128x128",
     "gemm_nn_bf16_64x64",
     "gemm_generic",
