@@ -193,52 +193,53 @@ __device__ __forceinline__ void tma_gemm(const TensorMap& x_map, const TensorMap
         }
       }
     }
-    return;
-  }
+  } else {
+    // The producer and the consumers are the two branches of one if/else: setmaxnreg takes
+    // effect only so (and with the register cap of __launch_bounds__(kThreads, 1) at entry).
+    setmaxnreg_inc<232>();
+    const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.0f;
 
-  setmaxnreg_inc<232>();
-  const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
-  float acc[128];
+    for (int kt = 0; kt < k_tiles; kt++) {
+      const int s = kt % kStages;
+      mbar_wait(&full[s], (kt / kStages) & 1);
+      const uint32_t a_addr = ring_addr + s * kStageBytes + c * (64 * 128);
+      const uint32_t b_addr = ring_addr + s * kStageBytes + kABytes;
 #pragma unroll
-  for (int i = 0; i < 128; i++) acc[i] = 0.0f;
-
-  for (int kt = 0; kt < k_tiles; kt++) {
-    const int s = kt % kStages;
-    mbar_wait(&full[s], (kt / kStages) & 1);
-    const uint32_t a_addr = ring_addr + s * kStageBytes + c * (64 * 128);
-    const uint32_t b_addr = ring_addr + s * kStageBytes + kABytes;
+      for (int i = 0; i < 128; i++) fence_operand(acc[i]);
+      wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < 128; i++) fence_operand(acc[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; kk++) {
-      if constexpr (!kNN) {
-        wgmma_m64n256k16<0>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 32));
-      } else {
-        wgmma_m64n256k16<1>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 16 * 128, kBK * 128));
+      for (int kk = 0; kk < kBK / 16; kk++) {
+        if constexpr (!kNN) {
+          wgmma_m64n256k16<0>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 32));
+        } else {
+          wgmma_m64n256k16<1>(acc, smem_desc(a_addr + kk * 32), smem_desc(b_addr + kk * 16 * 128, kBK * 128));
+        }
       }
+      wgmma_commit();
+#pragma unroll
+      for (int i = 0; i < 128; i++) fence_operand(acc[i]);
+      wgmma_wait<1>();  // tile kt - 1's group is done: this warp has finished reading its stage
+      if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % kStages]);
     }
-    wgmma_commit();
+    wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; i++) fence_operand(acc[i]);
-    wgmma_wait<1>();  // tile kt - 1's group is done: this warp has finished reading its stage
-    if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % kStages]);
-  }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 128; i++) fence_operand(acc[i]);
 
-  // Accumulator fragment of m64nNk16 (PTX ISA, "Register Fragments"): warp v of the warpgroup
-  // holds rows 16 v .. 16 v + 15; acc[4 j + e] is row 16 v + lane / 4 + 8 (e / 2), column
-  // 8 j + 2 (lane % 4) + e % 2.
-  const int r0 = block_m + c * 64 + warp * 16 + (lane >> 2);
+    // Accumulator fragment of m64nNk16 (PTX ISA, "Register Fragments"): warp v of the warpgroup
+    // holds rows 16 v .. 16 v + 15; acc[4 j + e] is row 16 v + lane / 4 + 8 (e / 2), column
+    // 8 j + 2 (lane % 4) + e % 2.
+    const int r0 = block_m + c * 64 + warp * 16 + (lane >> 2);
 #pragma unroll
-  for (int j = 0; j < kBN / 8; j++) {
-    const int c0 = block_n + j * 8 + (lane & 3) * 2;
+    for (int j = 0; j < kBN / 8; j++) {
+      const int c0 = block_n + j * 8 + (lane & 3) * 2;
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int r = r0 + (e >> 1) * 8, col = c0 + (e & 1);
-      if (r < M && col < N) store_out(out, out_f32, (long long)r * N + col, acc[j * 4 + e], scale, accumulate);
+      for (int e = 0; e < 4; e++) {
+        const int r = r0 + (e >> 1) * 8, col = c0 + (e & 1);
+        if (r < M && col < N) store_out(out, out_f32, (long long)r * N + col, acc[j * 4 + e], scale, accumulate);
+      }
     }
   }
 }
