@@ -72,6 +72,29 @@ impl GemmKernel {
     }
 }
 
+/// The launch of a GEMM kernel that gives each block one `tile_m x tile_n` tile of the
+/// `[m, n]` output: grid (column tiles, row tiles), `threads` a block, `smem` bytes of dynamic
+/// shared memory. `op` names the caller in the row-tile limit's message.
+fn tile_grid(
+    op: &str,
+    (m, n): (usize, usize),
+    (tile_m, tile_n, threads, smem): (usize, usize, u32, u32),
+) -> LaunchConfig {
+    assert!(
+        m.div_ceil(tile_m) < 65536,
+        "{op}: m = {m} needs more than 65535 row tiles"
+    );
+    LaunchConfig {
+        grid_dim: (
+            int(n.div_ceil(tile_n), "column tiles") as u32,
+            m.div_ceil(tile_m) as u32,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
 impl CudaBackend {
     /// Handles a product with nothing to multiply: `m` or `n` zero (nothing to do) or `k` zero
     /// (out = 0, or unchanged when accumulating). True when it did, and the caller is done.
@@ -224,50 +247,19 @@ impl CudaBackend {
         let (m_i, n_i, k_i) = (int(m, "matmul m"), int(n, "matmul n"), int(k, "matmul k"));
         let (out_f32, acc_i) = (out.dtype.flag(), accumulate as i32);
         let name = kernel.entry();
+        // (rows, columns) of the output tile, threads, dynamic shared memory.
+        let tiles = |tile| tile_grid("matmul", (m, n), tile);
         let cfg = match kernel {
-            MatmulKernel::WgmmaTma128x256 => {
-                assert!(
-                    m.div_ceil(128) < 65536,
-                    "matmul: m = {m} needs more than 65535 row tiles"
-                );
-                LaunchConfig {
-                    grid_dim: (n.div_ceil(256) as u32, m.div_ceil(128) as u32, 1),
-                    block_dim: (384, 1, 1),
-                    shared_mem_bytes: GEMM_TMA_SMEM,
-                }
-            }
-            MatmulKernel::Wgmma128 | MatmulKernel::TensorCore128 | MatmulKernel::TensorCore64 => {
-                let (tile, threads, smem) = match kernel {
-                    MatmulKernel::Wgmma128 => (128, 256, GEMM_WGMMA_SMEM),
-                    MatmulKernel::TensorCore128 => (128, 256, GEMM_128_SMEM),
-                    _ => (64, 128, 4 * (64 + 64) * 40 * 2),
-                };
-                assert!(
-                    m.div_ceil(tile) < 65536,
-                    "matmul: m = {m} needs more than 65535 row tiles"
-                );
-                LaunchConfig {
-                    grid_dim: (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: smem,
-                }
-            }
+            MatmulKernel::WgmmaTma128x256 => tiles((128, 256, 384, GEMM_TMA_SMEM)),
+            MatmulKernel::Wgmma128 => tiles((128, 128, 256, GEMM_WGMMA_SMEM)),
+            MatmulKernel::TensorCore128 => tiles((128, 128, 256, GEMM_128_SMEM)),
+            MatmulKernel::TensorCore64 => tiles((64, 64, 128, 4 * (64 + 64) * 40 * 2)),
             MatmulKernel::Matvec => LaunchConfig {
                 grid_dim: (n.div_ceil(8) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
-            MatmulKernel::Generic => {
-                assert!(
-                    m.div_ceil(64) < 65536,
-                    "matmul: m = {m} needs more than 65535 row tiles"
-                );
-                LaunchConfig {
-                    grid_dim: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                }
-            }
+            MatmulKernel::Generic => tiles((64, 64, 256, 0)),
         };
         let shape = [
             Arg::I32(m_i),
@@ -672,21 +664,13 @@ impl CudaBackend {
                 "gemm: a and b must be 16-byte aligned"
             );
             // (rows, columns) of the output tile, threads, dynamic shared memory.
-            let (tile_m, tile_n, threads, smem) = match kernel {
+            let tile = match kernel {
                 GemmKernel::WgmmaTmaNn128x256 => (128, 256, 384, GEMM_TMA_SMEM),
                 GemmKernel::WgmmaNn128 => (128, 128, 256, GEMM_WGMMA_SMEM),
                 GemmKernel::TensorCoreNn128 => (128, 128, 256, GEMM_NN_128_SMEM),
                 _ => (64, 64, 128, 4 * (64 * 40 + 32 * (64 + 8)) * 2),
             };
-            assert!(
-                m.div_ceil(tile_m) < 65536,
-                "gemm: m = {m} needs more than 65535 row tiles"
-            );
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(tile_n) as u32, m.div_ceil(tile_m) as u32, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: smem,
-            };
+            let cfg = tile_grid("gemm", (m, n), tile);
             let out_f32 = out.dtype.flag();
             // a and b as pointers, or as TMA tensor maps (a [m, k], b [k, n]) for the TMA kernel.
             let operands = if kernel == GemmKernel::WgmmaTmaNn128x256 {
@@ -716,19 +700,7 @@ impl CudaBackend {
             unsafe { self.launch(name, cfg, &mut args) };
             return;
         }
-        assert!(
-            m.div_ceil(64) < 65536,
-            "gemm: m = {m} needs more than 65535 row tiles"
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (
-                int(n.div_ceil(64), "gemm column tiles") as u32,
-                m.div_ceil(64) as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = tile_grid("gemm", (m, n), (64, 64, 256, 0));
         let (a_f32, b_f32, out_f32) = (a.dtype.flag(), b.dtype.flag(), out.dtype.flag());
         let mut args = [
             Arg::In(a),
