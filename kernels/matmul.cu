@@ -60,6 +60,19 @@
 //       Any dtype mix (a_f32, b_f32, out_f32 flags), any M, N, K: the SIMT 64x64 tiles of
 //       matmul_generic, with each operand's tile load coalesced along whichever of its two
 //       dimensions is contiguous. grid = (ceil(N / 64), ceil(M / 64)), block = 256.
+//   gemm_thin_32x16, gemm_thin_16x32
+//       gemm_generic's contract, for a thin side (M or N <= 64: a LoRA rank) and a long K: a
+//       block owns a 32x16 (thin in N) or 16x32 (thin in M) output tile and its 8 warps split
+//       each 128-deep K chunk, their partial tiles summed in warp order (deterministic).
+//       grid = (ceil(N / TN), ceil(M / TM)), block = 256.
+//   matvec_generic
+//       matmul_generic's contract at decode (M <= 8) for what matvec_bf16 cannot take (f32 LoRA
+//       factors, K % 8 != 0): one block per output feature, 256 threads across K.
+//       grid = N, block = 256.
+//   split_f32_bf16
+//       hi [n], lo [n] (bf16) = a [n] (f32) as hi + lo, |a - hi - lo| <= 2^-18 |a|: gemm's f32 a
+//       (the logits gradient into lm_head) as two bf16 tensor-core GEMMs.     (=)
+//       grid-stride over elements, block = 256.
 //   axpy_{x}[_{y}] (bf16, f32, bf16_f32, f32_bf16: x's dtype, then y's when it differs)
 //       y [n] += alpha * x [n]                                       (+=)
 //       grid-stride over elements, block = 256.
@@ -443,6 +456,164 @@ __device__ __forceinline__ void gemm_strided(const void* __restrict__ a, int a_f
     }
 }
 
+// Products with one thin side and a long K: the LoRA factors' GEMMs (x A^T, dY B, (dY B)^T x,
+// dY^T (x A^T) at rank 8..64). gemm_strided's 64x64 tiles would leave most of a tile idle and give
+// a rank-16 product over 4096 rows only 64 blocks, each walking all of K alone. Here a block owns
+// a TM x TN tile (32x16 or 16x32: 512 outputs) and its 8 warps split every 128-deep K chunk, 16 k
+// each, every lane a 4x4 micro-tile read as float4s; the next chunk's loads are in flight (in
+// registers) while the warps work on this one. At the end the 8 warps' partial tiles are summed
+// in shared memory in warp order: one fixed summation order, no atomics.
+constexpr int kThinBK = 128;
+
+// PER elements of op(p) (row stride rs, k stride ks) for rows [row0, row0 + T) and k in
+// [k0, k0 + kThinBK), zero past `rows` and K, walking whichever dimension is contiguous so the
+// loads coalesce: thread t's element i is (row_t + i drow, kk_t + i dkk). thin_stage puts them
+// at [kk][row] of a (T + 4)-float-row tile.
+template <int T, int PER, typename E>
+__device__ __forceinline__ void thin_fetch_as(float (&r)[PER], const E* __restrict__ p, long long rs, long long ks,
+                                              int rows, int K, int row0, int k0) {
+  const bool k_contig = ks == 1;
+  const int row_t = k_contig ? threadIdx.x / kThinBK : threadIdx.x % T;
+  const int kk_t = k_contig ? threadIdx.x % kThinBK : threadIdx.x / T;
+  const int drow = k_contig ? 256 / kThinBK : 0, dkk = k_contig ? 0 : 256 / T;
+  const E* q = p + (long long)(row0 + row_t) * rs + (long long)(k0 + kk_t) * ks;
+  const long long step = drow * rs + dkk * ks;
+#pragma unroll
+  for (int i = 0; i < PER; i++) {
+    const int gr = row0 + row_t + i * drow, gk = k0 + kk_t + i * dkk;
+    r[i] = (gr < rows && gk < K) ? to_f32(q[i * step]) : 0.0f;
+  }
+}
+
+template <int T, int PER>
+__device__ __forceinline__ void thin_fetch(float (&r)[PER], const void* __restrict__ p, int is_f32, long long rs,
+                                           long long ks, int rows, int K, int row0, int k0) {
+  if (is_f32) {
+    thin_fetch_as<T>(r, static_cast<const float*>(p), rs, ks, rows, K, row0, k0);
+  } else {
+    thin_fetch_as<T>(r, static_cast<const bf16*>(p), rs, ks, rows, K, row0, k0);
+  }
+}
+
+template <int T, int PER>
+__device__ __forceinline__ void thin_stage(float* __restrict__ dst, const float (&r)[PER], bool k_contig) {
+#pragma unroll
+  for (int i = 0; i < PER; i++) {
+    const int e = threadIdx.x + i * 256;
+    const int row = k_contig ? e / kThinBK : e % T;
+    const int kk = k_contig ? e % kThinBK : e / T;
+    dst[kk * (T + 4) + row] = r[i];
+  }
+}
+
+template <int TM, int TN>
+__device__ __forceinline__ void gemm_thin(const void* __restrict__ a, int a_f32, const void* __restrict__ b,
+                                          int b_f32, void* __restrict__ out, int out_f32, int M, int N, int K,
+                                          int trans_a, int trans_b, float scale, int accumulate) {
+  constexpr int WARPS = 8, KW = kThinBK / WARPS;
+  constexpr int TX = TN / 4, TY = TM / 4;
+  static_assert(TX * TY == 32, "one 4x4 micro-tile per lane");
+  constexpr int A_PER = TM * kThinBK / 256, B_PER = TN * kThinBK / 256;
+  constexpr int AS = kThinBK * (TM + 4), BS = kThinBK * (TN + 4);
+  static_assert(AS + BS >= WARPS * TM * TN, "the partial tiles reuse the stages");
+  // Rows padded by 4 floats: float4 reads stay aligned, the k-contiguous stores spread over 8 banks.
+  __shared__ __align__(16) float smem[AS + BS];
+  float* as = smem;
+  float* bs = smem + AS;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ty = lane / TX, tx = lane % TX;
+  const int block_m = blockIdx.y * TM, block_n = blockIdx.x * TN;
+  // (row stride, k stride) of op(a) as [M, K] and of op(b)^T as [N, K].
+  const long long a_rs = trans_a ? 1 : K, a_ks = trans_a ? M : 1;
+  const long long b_rs = trans_b ? K : 1, b_ks = trans_b ? 1 : N;
+  float ra[A_PER], rb[B_PER];
+  thin_fetch<TM>(ra, a, a_f32, a_rs, a_ks, M, K, block_m, 0);
+  thin_fetch<TN>(rb, b, b_f32, b_rs, b_ks, N, K, block_n, 0);
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += kThinBK) {
+    thin_stage<TM>(as, ra, a_ks == 1);
+    thin_stage<TN>(bs, rb, b_ks == 1);
+    __syncthreads();
+    if (k0 + kThinBK < K) {
+      thin_fetch<TM>(ra, a, a_f32, a_rs, a_ks, M, K, block_m, k0 + kThinBK);
+      thin_fetch<TN>(rb, b, b_f32, b_rs, b_ks, N, K, block_n, k0 + kThinBK);
+    }
+#pragma unroll
+    for (int j = 0; j < KW; j++) {
+      const int kk = warp * KW + j;
+      const float4 x = *reinterpret_cast<const float4*>(as + kk * (TM + 4) + ty * 4);
+      const float4 y = *reinterpret_cast<const float4*>(bs + kk * (TN + 4) + tx * 4);
+      const float xv[4] = {x.x, x.y, x.z, x.w}, yv[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[i][c] = fmaf(xv[i], yv[c], acc[i][c]);
+    }
+    __syncthreads();
+  }
+  float* part = smem;  // [WARPS][TM * TN], over the stages (every warp is past the last barrier)
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int c = 0; c < 4; c++) part[warp * TM * TN + (ty * 4 + i) * TN + tx * 4 + c] = acc[i][c];
+  __syncthreads();
+  for (int o = threadIdx.x; o < TM * TN; o += 256) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) v += part[w * TM * TN + o];
+    const int r = block_m + o / TN, c = block_n + o % TN;
+    if (r < M && c < N) store_out(out, out_f32, (long long)r * N + c, v, scale, accumulate);
+  }
+}
+
+// The decode path for operands the bf16 GEMV cannot take (f32 LoRA factors: x A^T at M <= 8,
+// or K % 8 != 0): one block per output feature n, its 256 threads splitting K, summed per warp
+// and then across the warps in order.
+__device__ __forceinline__ void matvec_generic_impl(const void* __restrict__ x, int x_f32, const void* __restrict__ w,
+                                                    int w_f32, void* __restrict__ out, int out_f32, int M, int N,
+                                                    int K, float scale, int accumulate) {
+  constexpr int MAXM = 8, WARPS = 8;
+  __shared__ float part[WARPS][MAXM];
+  const int n = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float acc[MAXM];
+#pragma unroll
+  for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
+#pragma unroll 2
+  for (int k = threadIdx.x; k < K; k += 256) {
+    const float wv = load_side(w, w_f32, (long long)n * K + k);
+#pragma unroll
+    for (int i = 0; i < MAXM; i++)
+      if (i < M) acc[i] = fmaf(load_side(x, x_f32, (long long)i * K + k), wv, acc[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < MAXM; i++) {
+    const float v = warp_sum(acc[i]);
+    if (lane == 0) part[warp][i] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float v = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; wi++) v += part[wi][threadIdx.x];
+    store_out(out, out_f32, (long long)threadIdx.x * N + n, v, scale, accumulate);
+  }
+}
+
+// a = hi + lo with hi = bf16(a) and lo = bf16(a - hi): 16 significant bits, |a - hi - lo| <=
+// 2^-18 |a|. Lets an f32 operand ride the bf16 tensor cores as two GEMMs (the logits gradient
+// through lm_head). lo is 0 where hi is not finite (inf - inf would make it NaN).
+__device__ __forceinline__ void split_bf16_impl(const float* __restrict__ a, bf16* __restrict__ hi,
+                                                bf16* __restrict__ lo, long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float v = a[i];
+    const bf16 h = __float2bfloat16_rn(v);
+    const float hf = __bfloat162float(h);
+    hi[i] = h;
+    lo[i] = __float2bfloat16_rn(isfinite(hf) ? v - hf : 0.0f);
+  }
+}
+
 template <typename TX, typename TY>
 __device__ __forceinline__ void axpy_impl(float alpha, const TX* __restrict__ x, TY* __restrict__ y, long long n) {
   const long long stride = (long long)gridDim.x * blockDim.x;
@@ -548,6 +719,31 @@ extern "C" __global__ void __launch_bounds__(256)
     gemm_generic(const void* __restrict__ a, int a_f32, const void* __restrict__ b, int b_f32, void* __restrict__ out,
                  int out_f32, int M, int N, int K, int trans_a, int trans_b, float scale, int accumulate) {
   gemm_strided(a, a_f32, b, b_f32, out, out_f32, M, N, K, trans_a, trans_b, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_thin_32x16(const void* __restrict__ a, int a_f32, const void* __restrict__ b, int b_f32,
+                    void* __restrict__ out, int out_f32, int M, int N, int K, int trans_a, int trans_b, float scale,
+                    int accumulate) {
+  gemm_thin<32, 16>(a, a_f32, b, b_f32, out, out_f32, M, N, K, trans_a, trans_b, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_thin_16x32(const void* __restrict__ a, int a_f32, const void* __restrict__ b, int b_f32,
+                    void* __restrict__ out, int out_f32, int M, int N, int K, int trans_a, int trans_b, float scale,
+                    int accumulate) {
+  gemm_thin<16, 32>(a, a_f32, b, b_f32, out, out_f32, M, N, K, trans_a, trans_b, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    matvec_generic(const void* __restrict__ x, int x_f32, const void* __restrict__ w, int w_f32,
+                   void* __restrict__ out, int out_f32, int M, int N, int K, float scale, int accumulate) {
+  matvec_generic_impl(x, x_f32, w, w_f32, out, out_f32, M, N, K, scale, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    split_f32_bf16(const float* __restrict__ a, bf16* __restrict__ hi, bf16* __restrict__ lo, long long n) {
+  split_bf16_impl(a, hi, lo, n);
 }
 
 #define AXPY_ENTRY(NAME, TX, TY)                                                                     \

@@ -490,6 +490,69 @@ fn cases<'a, B: OpTimer>(
         });
         out.extend(alternative);
     }
+    // A rank-16 LoRA pair's GEMMs on the q projection (factors in f32, one thin side): the
+    // forward's x A^T, the backward's dY B and dA += (dY B)^T x, and x A^T at decode.
+    {
+        let r = 16;
+        let a_f = be.upload_f32(&random(r * d, &mut rng, 0.02))?;
+        let b_f = be.upload_f32(&random(qd * r, &mut rng, 0.02))?;
+        let x = up(t * d, &mut rng)?;
+        let mut xa = be.alloc(t * r)?;
+        out.push(Case {
+            op: "matmul lora x A^T",
+            shape: format!("[{t}, {d}] x [{r}, {d}]^T f32"),
+            flops: 2.0 * (t * r * d) as f64,
+            bytes: (t * d + t * r) as f64 * wb + (r * d * 4) as f64,
+            run: Box::new(move || be.matmul(&x, &a_f, &mut xa, t, r, d, 1.0, false)),
+            vendor: None,
+        });
+        let dy = up(t * qd, &mut rng)?;
+        let mut tt = be.alloc(t * r)?;
+        out.push(Case {
+            op: "gemm lora dY B",
+            shape: format!("[{t}, {qd}] x [{qd}, {r}] f32"),
+            flops: 2.0 * (t * qd * r) as f64,
+            bytes: (t * qd + t * r) as f64 * wb + (qd * r * 4) as f64,
+            run: Box::new(move || be.gemm(&dy, &b_f, &mut tt, t, r, qd, false, false, 1.0, false)),
+            vendor: None,
+        });
+        let (tt, x) = (up(t * r, &mut rng)?, up(t * d, &mut rng)?);
+        let mut ga = be.alloc_f32(r * d)?;
+        out.push(Case {
+            op: "gemm lora dA += (dY B)^T x",
+            shape: format!("[{t}, {r}]^T x [{t}, {d}] -> f32"),
+            flops: 2.0 * (r * d * t) as f64,
+            bytes: (t * r + t * d) as f64 * wb + (2 * r * d * 4) as f64,
+            run: Box::new(move || be.gemm(&tt, &x, &mut ga, r, d, t, true, false, 1.0, true)),
+            vendor: None,
+        });
+        let a_f = be.upload_f32(&random(r * d, &mut rng, 0.02))?;
+        let x = up(d, &mut rng)?;
+        let mut xa = be.alloc(r)?;
+        out.push(Case {
+            op: "matmul lora x A^T (decode)",
+            shape: format!("[1, {d}] x [{r}, {d}]^T f32"),
+            flops: 2.0 * (r * d) as f64,
+            bytes: (d + r) as f64 * wb + (r * d * 4) as f64,
+            run: Box::new(move || be.matmul(&x, &a_f, &mut xa, 1, r, d, 1.0, false)),
+            vendor: None,
+        });
+    }
+    // The f32 logits gradient (retain KL, the attack's CE) back through lm_head: dX = dZ W.
+    {
+        let rows = t.min(1024);
+        let dz = be.upload_f32(&random(rows * v, &mut rng, 1e-3))?;
+        let w = be.upload(&random(v * d, &mut rng, 0.02))?;
+        let mut dx = be.alloc(rows * d)?;
+        out.push(Case {
+            op: "gemm lm_head dX = dZ W (f32 dZ)",
+            shape: format!("[{rows}, {v}] f32 x [{v}, {d}]"),
+            flops: 2.0 * (rows * v * d) as f64,
+            bytes: (rows * v * 4) as f64 + (v * d + rows * d) as f64 * wb,
+            run: Box::new(move || be.gemm(&dz, &w, &mut dx, rows, d, v, false, false, 1.0, false)),
+            vendor: None,
+        });
+    }
     // RoPE on q, SwiGLU and its backward.
     {
         let mut q = up(t * qd, &mut rng)?;

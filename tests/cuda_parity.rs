@@ -13,7 +13,9 @@
 #![cfg(feature = "cuda")]
 
 use repshield::backend::cpu::{self, CpuBackend};
-use repshield::backend::cuda::{self, CudaBackend, CudaBuf, DType, GemmKernel, MatmulKernel};
+use repshield::backend::cuda::{
+    self, CudaBackend, CudaBuf, DType, GemmKernel, MatmulKernel, ThinTile,
+};
 use repshield::backend::{AttnShape, Backend, BackwardOps};
 use repshield::llama::{generate, GenerateOptions, Llama, LogitsMode, Sampling};
 use repshield::model::{HostTensor, ModelConfig, ModelWeights, RopeScaling};
@@ -188,6 +190,9 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
     };
     let mut expected: Vec<(String, &str)> = vec![
         ("gemm_generic".into(), "pipipiiiiiifi"),
+        ("gemm_thin_32x16".into(), "pipipiiiiiifi"),
+        ("gemm_thin_16x32".into(), "pipipiiiiiifi"),
+        ("matvec_generic".into(), "pipipiiiifi"),
         ("adamw_step".into(), "ppifpppfffffddd"),
         ("row_stats".into(), "pipiipip"),
         ("row_combine".into(), "piipippippipi"),
@@ -417,6 +422,8 @@ fn matmul_matches_cpu_on_every_path() {
         (37, 257, 200),   // ragged m and n, k not a multiple of the 32-wide stage
         (130, 129, 1000), // ragged everything, long k (pipeline wraps several times)
         (17, 33, 29),     // k % 8 != 0: SIMT path
+        (5, 40, 29),      // k % 8 != 0 at decode: the generic GEMV
+        (300, 16, 1000),  // LoRA x A^T (f32 A): thin in n, ragged k
         (1500, 1600, 72), // >= 132 tiles of 128x128
         (1700, 2600, 24), // >= 132 tiles of 128x256 (the TMA kernel on Hopper)
     ];
@@ -442,8 +449,11 @@ fn matmul_matches_cpu_on_every_path() {
     };
     let mut expected = vec![
         MatmulKernel::Matvec,
+        MatmulKernel::MatvecGeneric,
         MatmulKernel::TensorCore64,
         big,
+        MatmulKernel::Thin(ThinTile::Rows32Cols16),
+        MatmulKernel::Thin(ThinTile::Rows16Cols32),
         MatmulKernel::Generic,
     ];
     // And those that fill every SM with 128x256 tiles the TMA kernel, where it is loaded.
@@ -457,8 +467,10 @@ fn matmul_matches_cpu_on_every_path() {
     // accumulating), m = 0 or n = 0 touches nothing.
     for kernel in [
         MatmulKernel::Matvec,
+        MatmulKernel::MatvecGeneric,
         MatmulKernel::TensorCore64,
         MatmulKernel::TensorCore128,
+        MatmulKernel::Thin(ThinTile::Rows32Cols16),
         MatmulKernel::Generic,
     ] {
         for shape in [(5, 7, 0), (0, 7, 8), (6, 0, 8)] {
@@ -1664,6 +1676,8 @@ fn gemm_matches_cpu_with_every_transpose() {
         // 128x256 tiles: Hopper's TMA kernel.
         GemmKernel::WgmmaTmaNn128x256 => "tma-nn",
         GemmKernel::TensorCoreNn64 => "nn64",
+        GemmKernel::Thin(_) => "thin",
+        GemmKernel::SplitF32 => "split",
         GemmKernel::Generic => "generic",
     };
     for &(m, n, k) in shapes {
@@ -1699,12 +1713,119 @@ fn gemm_matches_cpu_with_every_transpose() {
         );
     }
     let tma = g.has_kernel(GemmKernel::WgmmaTmaNn128x256.entry());
-    let expected = ["projection", "nn128", "nn64", "generic", "tma-nn"];
-    for kernel in &expected[..if tma { 5 } else { 4 }] {
+    let expected = ["projection", "nn128", "nn64", "generic", "thin", "tma-nn"];
+    for kernel in &expected[..if tma { 6 } else { 5 }] {
         assert!(
             used.contains(kernel),
             "no shape exercised the {kernel} gemm"
         );
+    }
+}
+
+/// The thin-side SIMT kernel (the LoRA factors' GEMMs) through both tiles at the shapes of a
+/// rank-r adapter's forward and gradients, ragged everywhere: K below one 128-deep chunk, K
+/// not a multiple of it, the thin side past one tile, every transpose and dtype mix. Its 8
+/// warps' partial sums meet in a fixed order, so a rerun is bit-identical.
+#[test]
+fn thin_gemms_match_cpu_and_rerun_bit_identically() {
+    let Some(g) = gpu() else { return };
+    // (m, n, k, trans_a, trans_b, a, b): t = dY B, u = x A^T, dA = t^T x, dB = dY^T u, and
+    // the odd corners.
+    let (bf, f) = (DType::BF16, DType::F32);
+    let cases: &[(usize, usize, usize, bool, bool, DType, DType)] = &[
+        (300, 16, 1000, false, false, bf, f), // t = dY B, rank 16
+        (300, 16, 1000, false, true, bf, f),  // u = x A^T
+        (16, 520, 300, true, false, bf, bf),  // dA = t^T x
+        (520, 16, 300, true, false, bf, bf),  // dB = dY^T u
+        (70, 40, 129, false, false, f, f),    // thin side past one tile, k = a chunk + 1
+        (9, 33, 100, true, true, f, bf),      // k under one chunk, both transposed
+        (1, 1, 256, false, false, bf, bf),    // one element, two whole chunks
+    ];
+    for &(m, n, k, ta, tb, ad, bd) in cases {
+        for tile in [ThinTile::Rows32Cols16, ThinTile::Rows16Cols32] {
+            for (od, scale, accumulate) in [(DType::F32, 1.0f32, false), (DType::BF16, 0.5, true)] {
+                check_gemm(
+                    &g,
+                    Some(GemmKernel::Thin(tile)),
+                    (m, n, k),
+                    (ad, bd, od),
+                    (ta, tb),
+                    scale,
+                    accumulate,
+                    53,
+                );
+            }
+        }
+    }
+    // The dispatch takes it for a rank-16 adapter's gradient shapes.
+    assert_eq!(
+        g.gemm_kernel(16, 4096, 4096, true, false, bf, bf),
+        GemmKernel::Thin(ThinTile::Rows16Cols32)
+    );
+    assert_eq!(
+        g.gemm_kernel(4096, 16, 4096, false, false, bf, f),
+        GemmKernel::Thin(ThinTile::Rows32Cols16)
+    );
+    // Rerun: the same bits.
+    let (m, n, k) = (16, 200, 700);
+    let a = up(&g, &random(m * k, 5, 1.0, bf), bf);
+    let b = up(&g, &random(k * n, 6, 1.0, f), f);
+    let run = || {
+        let mut out = poisoned(&g, m * n, DType::F32);
+        g.gemm_using(
+            GemmKernel::Thin(ThinTile::Rows16Cols32),
+            &a,
+            &b,
+            &mut out,
+            m,
+            n,
+            k,
+            true,
+            false,
+            1.0,
+            false,
+        );
+        g.download(&out).unwrap()
+    };
+    let (first, second) = (run(), run());
+    assert!(
+        first
+            .iter()
+            .zip(&second)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "gemm_thin_16x32 gave different bits on a rerun"
+    );
+}
+
+/// `a b` with an f32 a and a bf16 b (the f32 logits gradient through lm_head) as bf16 hi + lo
+/// on the tensor cores: within f32 tolerance of the CPU's f32 product, into f32 and bf16 outs,
+/// accumulating or not; and the dispatch's choice at lm_head-like sizes.
+#[test]
+fn f32_a_gemm_splits_onto_tensor_cores() {
+    let Some(g) = gpu() else { return };
+    let (bf, f) = (DType::BF16, DType::F32);
+    assert_eq!(
+        g.gemm_kernel(256, 576, 49152, false, false, f, bf),
+        GemmKernel::SplitF32
+    );
+    for (m, n, k) in [(100, 72, 1000), (130, 136, 520), (9, 8, 24)] {
+        for (od, scale, accumulate) in [
+            (f, 1.0f32, false),
+            (f, 0.5, true),
+            (bf, 1.0, false),
+            (bf, 0.5, true),
+        ] {
+            check_gemm(
+                &g,
+                Some(GemmKernel::SplitF32),
+                (m, n, k),
+                (f, bf, od),
+                (false, false),
+                scale,
+                accumulate,
+                59,
+            );
+        }
     }
 }
 

@@ -172,6 +172,14 @@ def main():
         "matvec qkv (decode)": lambda: gemm_case(1, qd + 2 * kvd, d),
         "matmul square": lambda: gemm_case(sq, sq, sq),
         "gemm dX = dY W (down)": lambda: (lambda dy, w: lambda: dy @ w)(rnd(t, d), rnd(d, ff, scale=0.02)),
+        # PEFT's LoRA in bf16: the same thin products through cuBLAS.
+        "matmul lora x A^T": lambda: gemm_case(t, 16, d),
+        "gemm lora dY B": lambda: (lambda dy, b: lambda: dy @ b)(rnd(t, qd), rnd(qd, 16, scale=0.02)),
+        "gemm lora dA += (dY B)^T x": lambda: (lambda tt, x: lambda: tt.t() @ x)(rnd(t, 16), rnd(t, d)),
+        "matmul lora x A^T (decode)": lambda: gemm_case(1, 16, d),
+        # Autograd's dX through an lm_head with a bf16 weight: the gradient in bf16.
+        "gemm lm_head dX = dZ W (f32 dZ)": lambda: (lambda dz, w: lambda: dz @ w)(
+            rnd(min(t, 1024), v, scale=1e-3), rnd(v, d, scale=0.02)),
         "rope (q)": rope_case,
         "swiglu": lambda: (lambda g, u: lambda: F.silu(g) * u)(rnd(t, ff), rnd(t, ff)),
         "swiglu_bwd": swiglu_bwd_case,

@@ -241,7 +241,8 @@ without_wgmma() {
 # compute-sanitizer memcheck and racecheck on the tensor-core GEMMs, both attention paths and
 # the replayed decode (QUICK_SANITIZER_S, 75 each), then `bench kernels` at the llama3-8b shape
 # for the GEMMs (the 4096^3 square one and the dX one with the mma.sync kernel beside them,
-# cuBLASLt beside the projections),
+# cuBLASLt beside the projections, a LoRA pair's thin GEMMs, the f32 logits gradient through
+# lm_head),
 # attention and the norms (QUICK_KERNELS_S, 100), then `bench generate` at the smollm2 shape
 # (QUICK_GENERATE_S, 100), both with PyTorch / transformers alongside when python has torch.
 # OUT/summary.md collects the headlines; each step's full log sits next to it.

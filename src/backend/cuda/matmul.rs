@@ -24,7 +24,46 @@ pub enum MatmulKernel {
     TensorCore128,
     TensorCore64,
     Matvec,
+    /// The decode GEMV for operands the bf16 one cannot take (f32 LoRA factors, K % 8 != 0).
+    MatvecGeneric,
+    /// SIMT for a thin side and a long K (the LoRA factors' `x A^T` outside decode).
+    Thin(ThinTile),
     Generic,
+}
+
+/// The output tile of `gemm_thin_*` (kernels/matmul.cu): 32 rows x 16 columns when the
+/// product is thin in N, 16 x 32 when it is thin in M.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThinTile {
+    Rows32Cols16,
+    Rows16Cols32,
+}
+
+impl ThinTile {
+    pub fn entry(self) -> &'static str {
+        match self {
+            ThinTile::Rows32Cols16 => "gemm_thin_32x16",
+            ThinTile::Rows16Cols32 => "gemm_thin_16x32",
+        }
+    }
+
+    fn dims(self) -> (usize, usize) {
+        match self {
+            ThinTile::Rows32Cols16 => (32, 16),
+            ThinTile::Rows16Cols32 => (16, 32),
+        }
+    }
+}
+
+/// The thin-side SIMT kernel for a product the tensor cores cannot take, where it beats the
+/// 64x64 SIMT tiles: a side of at most 64 (a LoRA rank) against a K of 128 or more, where the
+/// 64x64 tiles would idle most of each tile and give too few blocks, each walking all of K.
+pub fn thin_tile(m: usize, n: usize, k: usize) -> Option<ThinTile> {
+    (m.min(n) <= 64 && k >= 128).then_some(if n <= m {
+        ThinTile::Rows32Cols16
+    } else {
+        ThinTile::Rows16Cols32
+    })
 }
 
 impl MatmulKernel {
@@ -35,6 +74,8 @@ impl MatmulKernel {
             MatmulKernel::TensorCore128 => "matmul_bf16_128x128",
             MatmulKernel::TensorCore64 => "matmul_bf16_64x64",
             MatmulKernel::Matvec => "matvec_bf16",
+            MatmulKernel::MatvecGeneric => "matvec_generic",
+            MatmulKernel::Thin(tile) => tile.entry(),
             MatmulKernel::Generic => "matmul_generic",
         }
     }
@@ -55,6 +96,14 @@ pub enum GemmKernel {
     /// `a b` with bf16 operands, b `[K, N]` row-major (dX = dY W): tensor cores, b read k-major.
     TensorCoreNn128,
     TensorCoreNn64,
+    /// What the tensor cores cannot take, with a thin side and a long K (the LoRA factors'
+    /// GEMMs and their gradients): SIMT, see [`thin_tile`].
+    Thin(ThinTile),
+    /// `a b` with an f32 a and a bf16 b (the f32 logits gradient through lm_head): a split
+    /// into bf16 `hi + lo` (`split_f32_bf16`, 2^-18 relative), then two tensor-core GEMMs
+    /// (the kernel a bf16 a would get) summed in f32. Takes a transient `[m, k]` bf16 pair,
+    /// the size of a itself, and an f32 `[m, n]` when out is bf16.
+    SplitF32,
     /// Anything else (a transposed, f32 operands, ragged 16-byte chunks): SIMT.
     Generic,
 }
@@ -67,6 +116,8 @@ impl GemmKernel {
             GemmKernel::WgmmaNn128 => "gemm_nn_bf16_wgmma_128x128",
             GemmKernel::TensorCoreNn128 => "gemm_nn_bf16_128x128",
             GemmKernel::TensorCoreNn64 => "gemm_nn_bf16_64x64",
+            GemmKernel::Thin(tile) => tile.entry(),
+            GemmKernel::SplitF32 => "split_f32_bf16",
             GemmKernel::Generic => "gemm_generic",
         }
     }
@@ -133,12 +184,17 @@ impl CudaBackend {
         a: DType,
         b: DType,
     ) -> GemmKernel {
-        if trans_a || a != DType::BF16 || b != DType::BF16 || !k.is_multiple_of(8) {
-            GemmKernel::Generic
+        let simt = || thin_tile(m, n, k).map_or(GemmKernel::Generic, GemmKernel::Thin);
+        let nn_chunks = !trans_a && !trans_b && k.is_multiple_of(8) && n.is_multiple_of(8);
+        if nn_chunks && a == DType::F32 && b == DType::BF16 && m.min(n) > 64 && k >= 512 {
+            // Two bf16 tensor-core GEMMs beat one in f32 SIMT by far at these sizes.
+            GemmKernel::SplitF32
+        } else if trans_a || a != DType::BF16 || b != DType::BF16 || !k.is_multiple_of(8) {
+            simt()
         } else if trans_b {
             GemmKernel::Projection(self.matmul_kernel(m, n, k, a, b))
         } else if !n.is_multiple_of(8) {
-            GemmKernel::Generic
+            simt()
         } else if m.div_ceil(128) * n.div_ceil(256) >= self.sm_count()
             && self.has_kernel(GemmKernel::WgmmaTmaNn128x256.entry())
         {
@@ -157,10 +213,15 @@ impl CudaBackend {
     /// The kernel `matmul` uses for `[m, k] x [n, k]^T` with these operand dtypes: tensor cores
     /// need bf16 x and w and 16-byte k-chunks; on Hopper the TMA kernel's 128x256 tiles once
     /// they fill every SM; 128x128 tiles once those do (with wgmma where the Hopper kernel is
-    /// loaded), else 64x64 for more blocks.
+    /// loaded), else 64x64 for more blocks. Other operands (f32 LoRA factors) run SIMT: the
+    /// generic GEMV at decode, else [`thin_tile`]'s kernel where it applies, else 64x64 tiles.
     pub fn matmul_kernel(&self, m: usize, n: usize, k: usize, x: DType, w: DType) -> MatmulKernel {
         if x != DType::BF16 || w != DType::BF16 || !k.is_multiple_of(8) {
-            MatmulKernel::Generic
+            if m <= MATVEC_MAX_M {
+                MatmulKernel::MatvecGeneric
+            } else {
+                thin_tile(m, n, k).map_or(MatmulKernel::Generic, MatmulKernel::Thin)
+            }
         } else if m <= MATVEC_MAX_M {
             MatmulKernel::Matvec
         } else if m.div_ceil(128) * n.div_ceil(256) >= self.sm_count()
@@ -196,7 +257,7 @@ impl CudaBackend {
 
     /// `matmul` through a chosen kernel (tests and benchmarks compare the paths), which must
     /// be able to take the shape: the tensor-core kernels need bf16 x and w and k % 8 == 0,
-    /// the GEMV m <= 8, the Hopper kernel a GPU that loaded it.
+    /// the GEMVs m <= 8, the Hopper kernel a GPU that loaded it; the SIMT ones take anything.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_using(
         &self,
@@ -225,7 +286,16 @@ impl CudaBackend {
             "matmul: {} is not loaded on this GPU (compute capability 9.0 only)",
             kernel.entry()
         );
-        if kernel != MatmulKernel::Generic {
+        let simt = matches!(
+            kernel,
+            MatmulKernel::Generic | MatmulKernel::MatvecGeneric | MatmulKernel::Thin(_)
+        );
+        if let MatmulKernel::Thin(tile) = kernel {
+            // x w^T is gemm's (false, true).
+            let gemm = GemmKernel::Thin(tile);
+            return self.gemm_using(gemm, x, w, out, m, n, k, false, true, scale, accumulate);
+        }
+        if !simt {
             assert!(
                 x.dtype == DType::BF16 && w.dtype == DType::BF16 && k.is_multiple_of(8),
                 "matmul: {} needs bf16 x and w and k % 8 == 0 (k = {k})",
@@ -233,10 +303,11 @@ impl CudaBackend {
             );
         }
         assert!(
-            kernel != MatmulKernel::Matvec || m <= MATVEC_MAX_M,
-            "matmul: the GEMV takes m <= {MATVEC_MAX_M}, not {m}"
+            !matches!(kernel, MatmulKernel::Matvec | MatmulKernel::MatvecGeneric)
+                || m <= MATVEC_MAX_M,
+            "matmul: the GEMVs take m <= {MATVEC_MAX_M}, not {m}"
         );
-        if kernel != MatmulKernel::Generic {
+        if !simt {
             // 16-byte cp.async / vector loads: whole-allocation buffers are 256-byte aligned,
             // and k % 8 == 0 keeps every row on a 16-byte boundary.
             assert!(
@@ -259,7 +330,14 @@ impl CudaBackend {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
+            // A block per output feature.
+            MatmulKernel::MatvecGeneric => LaunchConfig {
+                grid_dim: (n_i as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
             MatmulKernel::Generic => tiles((64, 64, 256, 0)),
+            MatmulKernel::Thin(_) => unreachable!("ran as gemm above"),
         };
         let shape = [
             Arg::I32(m_i),
@@ -271,7 +349,7 @@ impl CudaBackend {
         // x and w as each kernel takes them: with their dtype flags (SIMT), as TMA tensor maps
         // (the Hopper TMA kernel), or as bf16 pointers.
         let operands = match kernel {
-            MatmulKernel::Generic => vec![
+            MatmulKernel::Generic | MatmulKernel::MatvecGeneric => vec![
                 Arg::In(x),
                 Arg::I32(x.dtype.flag()),
                 Arg::In(w),
@@ -289,8 +367,8 @@ impl CudaBackend {
             .chain(shape)
             .collect::<Vec<_>>();
         // SAFETY: every entry takes (x and w as above, void* out, int out_f32, int M, int N,
-        // int K, float scale, int accumulate): matmul_generic(const void* x, int, const void* w,
-        // int, ...), matmul_bf16_wgmma_tma_128x256(TensorMap x, TensorMap w, ...) with maps of
+        // int K, float scale, int accumulate): matmul_generic and matvec_generic(const void* x,
+        // int, const void* w, int, ...), matmul_bf16_wgmma_tma_128x256(TensorMap x, TensorMap w, ...) with maps of
         // exactly x [m, k] and w [n, k], the others (const bf16* x, const bf16* w, ...). Sizes,
         // and for the bf16 kernels dtypes, k % 8 == 0 and 16-byte alignment, checked above.
         unsafe { self.launch(name, cfg, &mut args) };
@@ -640,15 +718,24 @@ impl CudaBackend {
             assert!(!trans_a && trans_b, "gemm: the projection GEMM takes a b^T");
             return self.matmul_using(kn, a, b, out, m, n, k, scale, accumulate);
         }
-        if kernel != GemmKernel::Generic {
+        // The tensor-core `a b` kernels (the split one runs through them) read a's and b's rows
+        // in 16-byte chunks.
+        let nn_chunks = !trans_a
+            && !trans_b
+            && b.dtype == DType::BF16
+            && k.is_multiple_of(8)
+            && n.is_multiple_of(8);
+        if kernel == GemmKernel::SplitF32 {
+            assert!(
+                nn_chunks && a.dtype == DType::F32,
+                "gemm: the split GEMM takes f32 a times bf16 b with k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
+            );
+            return self.gemm_split_f32(a, b, out, m, n, k, scale, accumulate);
+        }
+        if !matches!(kernel, GemmKernel::Generic | GemmKernel::Thin(_)) {
             let name = kernel.entry();
             assert!(
-                !trans_a
-                    && !trans_b
-                    && a.dtype == DType::BF16
-                    && b.dtype == DType::BF16
-                    && k.is_multiple_of(8)
-                    && n.is_multiple_of(8),
+                nn_chunks && a.dtype == DType::BF16,
                 "gemm: {name} takes bf16 a b with k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
             );
             // The kernels that are not loaded on every GPU.
@@ -700,7 +787,11 @@ impl CudaBackend {
             unsafe { self.launch(name, cfg, &mut args) };
             return;
         }
-        let cfg = tile_grid("gemm", (m, n), (64, 64, 256, 0));
+        let (tile_m, tile_n) = match kernel {
+            GemmKernel::Thin(tile) => tile.dims(),
+            _ => (64, 64),
+        };
+        let cfg = tile_grid("gemm", (m, n), (tile_m, tile_n, 256, 0));
         let (a_f32, b_f32, out_f32) = (a.dtype.flag(), b.dtype.flag(), out.dtype.flag());
         let mut args = [
             Arg::In(a),
@@ -717,10 +808,68 @@ impl CudaBackend {
             Arg::F32(scale),
             Arg::I32(accumulate as i32),
         ];
-        // SAFETY: gemm_generic(const void* a, int, const void* b, int, void* out, int, int M,
-        // int N, int K, int trans_a, int trans_b, float scale, int accumulate); sizes checked
-        // above (a and b hold m*k and k*n values whichever way they are transposed).
-        unsafe { self.launch(GemmKernel::Generic.entry(), cfg, &mut args) };
+        // SAFETY: gemm_generic and gemm_thin_*(const void* a, int, const void* b, int,
+        // void* out, int, int M, int N, int K, int trans_a, int trans_b, float scale,
+        // int accumulate); sizes checked above (a and b hold m*k and k*n values whichever way
+        // they are transposed).
+        unsafe { self.launch(kernel.entry(), cfg, &mut args) };
+    }
+
+    /// [`GemmKernel::SplitF32`]: `a = hi + lo` in bf16, then `hi b + lo b` on the tensor-core
+    /// kernel a bf16 `a b` of this shape gets, accumulated in f32 (in out, or in an f32
+    /// temporary added to a bf16 out once, so out is rounded once).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_split_f32(
+        &self,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        out: &mut CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let bf16 = DType::BF16;
+        let inner = self.gemm_kernel(m, n, k, false, false, bf16, bf16);
+        let alloc = |len: usize, dtype: DType| {
+            self.alloc_dtype(len, dtype)
+                .unwrap_or_else(|e| panic!("gemm: the f32 a's bf16 halves and sum: {e:#}"))
+        };
+        let (mut hi, mut lo) = (alloc(m * k, bf16), alloc(m * k, bf16));
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (m * k).div_ceil(256 * 4).clamp(1, self.sm_count() * 8) as u32,
+                1,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let len = (m * k) as i64;
+        let mut args = [
+            Arg::In(a),
+            Arg::Out(&mut hi),
+            Arg::Out(&mut lo),
+            Arg::I64(len),
+        ];
+        // SAFETY: split_f32_bf16(const float* a, bf16* hi, bf16* lo, long long n); a is f32
+        // (the caller checked), hi and lo bf16, all of m * k values.
+        unsafe { self.launch("split_f32_bf16", cfg, &mut args) };
+        if out.dtype == DType::F32 {
+            self.gemm_using(inner, &hi, b, out, m, n, k, false, false, scale, accumulate);
+            self.gemm_using(inner, &lo, b, out, m, n, k, false, false, scale, true);
+        } else {
+            let mut sum = alloc(m * n, DType::F32);
+            self.gemm_using(inner, &hi, b, &mut sum, m, n, k, false, false, scale, false);
+            self.gemm_using(inner, &lo, b, &mut sum, m, n, k, false, false, scale, true);
+            if !accumulate {
+                self.stream()
+                    .memset_zeros(&mut *out.data)
+                    .unwrap_or_else(|e| panic!("gemm: zeroing out: {e}"));
+            }
+            self.axpy_impl(1.0, &sum, out);
+        }
     }
 
     /// `y += alpha * x`; x and y may differ in dtype (a bf16 gradient into an f32 sum).

@@ -72,7 +72,7 @@ pub use device::{ArenaUse, CudaBackend, CudaBuf, DType};
 #[cfg(feature = "cuda")]
 pub use graph::{StepChoice, StepGraph, StepState};
 #[cfg(feature = "cuda")]
-pub use matmul::{GemmKernel, MatmulKernel, MATVEC_MAX_M};
+pub use matmul::{thin_tile, GemmKernel, MatmulKernel, ThinTile, MATVEC_MAX_M};
 
 /// Every entry point the launchers may ask for (the `_{dtype}` variants spelled out); a test
 /// checks each against the embedded PTX, so a renamed kernel fails without a GPU.
@@ -100,6 +100,7 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "matvec_qkv_bf16",
     "matvec_swiglu_bf16",
     "matmul_generic",
+    "matvec_generic",
     "add_bias_bf16",
     "add_bias_f32",
     "rope_bf16",
@@ -131,6 +132,9 @@ pub const KERNEL_ENTRIES: &[&str] = &[
     "gemm_nn_bf16_128x128",
     "gemm_nn_bf16_64x64",
     "gemm_generic",
+    "gemm_thin_32x16",
+    "gemm_thin_16x32",
+    "split_f32_bf16",
     "row_stats",
     "row_combine",
     "axpy_bf16",
