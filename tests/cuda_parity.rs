@@ -1797,34 +1797,39 @@ fn thin_gemms_match_cpu_and_rerun_bit_identically() {
     );
 }
 
-/// `a b` with an f32 a and a bf16 b (the f32 logits gradient through lm_head) as bf16 hi + lo
-/// on the tensor cores: within f32 tolerance of the CPU's f32 product, into f32 and bf16 outs,
-/// accumulating or not; and the dispatch's choice at lm_head-like sizes.
+/// `a b` with one operand f32 and the other bf16 (the f32 logits gradient through lm_head, a
+/// latent adversary's f32 D) as bf16 hi + lo on the tensor cores: within f32 tolerance of the
+/// CPU's f32 product, into f32 and bf16 outs, accumulating or not; and the dispatch's choice at
+/// lm_head-like sizes.
 #[test]
-fn f32_a_gemm_splits_onto_tensor_cores() {
+fn gemm_with_one_f32_operand_splits_onto_tensor_cores() {
     let Some(g) = gpu() else { return };
     let (bf, f) = (DType::BF16, DType::F32);
-    assert_eq!(
-        g.gemm_kernel(256, 576, 49152, false, false, f, bf),
-        GemmKernel::SplitF32
-    );
-    for (m, n, k) in [(100, 72, 1000), (130, 136, 520), (9, 8, 24)] {
-        for (od, scale, accumulate) in [
-            (f, 1.0f32, false),
-            (f, 0.5, true),
-            (bf, 1.0, false),
-            (bf, 0.5, true),
-        ] {
-            check_gemm(
-                &g,
-                Some(GemmKernel::SplitF32),
-                (m, n, k),
-                (f, bf, od),
-                (false, false),
-                scale,
-                accumulate,
-                59,
-            );
+    for (ad, bd) in [(f, bf), (bf, f)] {
+        assert_eq!(
+            g.gemm_kernel(256, 576, 49152, false, false, ad, bd),
+            GemmKernel::SplitF32
+        );
+    }
+    for (ad, bd) in [(f, bf), (bf, f)] {
+        for (m, n, k) in [(100, 72, 1000), (130, 136, 520), (9, 8, 24)] {
+            for (od, scale, accumulate) in [
+                (f, 1.0f32, false),
+                (f, 0.5, true),
+                (bf, 1.0, false),
+                (bf, 0.5, true),
+            ] {
+                check_gemm(
+                    &g,
+                    Some(GemmKernel::SplitF32),
+                    (m, n, k),
+                    (ad, bd, od),
+                    (false, false),
+                    scale,
+                    accumulate,
+                    59,
+                );
+            }
         }
     }
 }

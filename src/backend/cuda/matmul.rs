@@ -99,10 +99,11 @@ pub enum GemmKernel {
     /// What the tensor cores cannot take, with a thin side and a long K (the LoRA factors'
     /// GEMMs and their gradients): SIMT, see [`thin_tile`].
     Thin(ThinTile),
-    /// `a b` with an f32 a and a bf16 b (the f32 logits gradient through lm_head): a split
-    /// into bf16 `hi + lo` (`split_f32_bf16`, 2^-18 relative), then two tensor-core GEMMs
-    /// (the kernel a bf16 a would get) summed in f32. Takes a transient `[m, k]` bf16 pair,
-    /// the size of a itself, and an f32 `[m, n]` when out is bf16.
+    /// `a b` with one operand f32 and the other bf16 (the f32 logits gradient through
+    /// lm_head; a latent adversary's f32 `D`): the f32 one split into bf16 `hi + lo`
+    /// (`split_f32_bf16`, 2^-18 relative), then two tensor-core GEMMs (the kernel bf16
+    /// operands would get) summed in f32. Takes a transient bf16 pair the size of the split
+    /// operand, and an f32 `[m, n]` when out is bf16.
     SplitF32,
     /// Anything else (a transposed, f32 operands, ragged 16-byte chunks): SIMT.
     Generic,
@@ -186,7 +187,11 @@ impl CudaBackend {
     ) -> GemmKernel {
         let simt = || thin_tile(m, n, k).map_or(GemmKernel::Generic, GemmKernel::Thin);
         let nn_chunks = !trans_a && !trans_b && k.is_multiple_of(8) && n.is_multiple_of(8);
-        if nn_chunks && a == DType::F32 && b == DType::BF16 && m.min(n) > 64 && k >= 512 {
+        let one_f32 = matches!(
+            (a, b),
+            (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+        );
+        if nn_chunks && one_f32 && m.min(n) > 64 && k >= 512 {
             // Two bf16 tensor-core GEMMs beat one in f32 SIMT by far at these sizes.
             GemmKernel::SplitF32
         } else if trans_a || a != DType::BF16 || b != DType::BF16 || !k.is_multiple_of(8) {
@@ -720,22 +725,18 @@ impl CudaBackend {
         }
         // The tensor-core `a b` kernels (the split one runs through them) read a's and b's rows
         // in 16-byte chunks.
-        let nn_chunks = !trans_a
-            && !trans_b
-            && b.dtype == DType::BF16
-            && k.is_multiple_of(8)
-            && n.is_multiple_of(8);
+        let nn_chunks = !trans_a && !trans_b && k.is_multiple_of(8) && n.is_multiple_of(8);
         if kernel == GemmKernel::SplitF32 {
             assert!(
-                nn_chunks && a.dtype == DType::F32,
-                "gemm: the split GEMM takes f32 a times bf16 b with k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
+                nn_chunks && (a.dtype == DType::F32) != (b.dtype == DType::F32),
+                "gemm: the split GEMM takes a b with one operand f32 and the other bf16, k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
             );
             return self.gemm_split_f32(a, b, out, m, n, k, scale, accumulate);
         }
         if !matches!(kernel, GemmKernel::Generic | GemmKernel::Thin(_)) {
             let name = kernel.entry();
             assert!(
-                nn_chunks && a.dtype == DType::BF16,
+                nn_chunks && a.dtype == DType::BF16 && b.dtype == DType::BF16,
                 "gemm: {name} takes bf16 a b with k % 8 == 0 and n % 8 == 0 (k = {k}, n = {n})"
             );
             // The kernels that are not loaded on every GPU.
@@ -815,9 +816,9 @@ impl CudaBackend {
         unsafe { self.launch(kernel.entry(), cfg, &mut args) };
     }
 
-    /// [`GemmKernel::SplitF32`]: `a = hi + lo` in bf16, then `hi b + lo b` on the tensor-core
-    /// kernel a bf16 `a b` of this shape gets, accumulated in f32 (in out, or in an f32
-    /// temporary added to a bf16 out once, so out is rounded once).
+    /// [`GemmKernel::SplitF32`]: the f32 operand as `hi + lo` in bf16, then `hi b + lo b` (or
+    /// `a hi + a lo`) on the tensor-core kernel bf16 operands of this shape get, accumulated
+    /// in f32 (in out, or in an f32 temporary added to a bf16 out once, so out is rounded once).
     #[allow(clippy::too_many_arguments)]
     fn gemm_split_f32(
         &self,
@@ -834,35 +835,42 @@ impl CudaBackend {
         let inner = self.gemm_kernel(m, n, k, false, false, bf16, bf16);
         let alloc = |len: usize, dtype: DType| {
             self.alloc_dtype(len, dtype)
-                .unwrap_or_else(|e| panic!("gemm: the f32 a's bf16 halves and sum: {e:#}"))
+                .unwrap_or_else(|e| panic!("gemm: the f32 operand's bf16 halves and sum: {e:#}"))
         };
-        let (mut hi, mut lo) = (alloc(m * k, bf16), alloc(m * k, bf16));
+        let split_a = a.dtype == DType::F32;
+        let f32_side = if split_a { a } else { b };
+        let (mut hi, mut lo) = (alloc(f32_side.len, bf16), alloc(f32_side.len, bf16));
         let cfg = LaunchConfig {
             grid_dim: (
-                (m * k).div_ceil(256 * 4).clamp(1, self.sm_count() * 8) as u32,
+                f32_side.len.div_ceil(256 * 4).clamp(1, self.sm_count() * 8) as u32,
                 1,
                 1,
             ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let len = (m * k) as i64;
+        let len = f32_side.len as i64;
         let mut args = [
-            Arg::In(a),
+            Arg::In(f32_side),
             Arg::Out(&mut hi),
             Arg::Out(&mut lo),
             Arg::I64(len),
         ];
-        // SAFETY: split_f32_bf16(const float* a, bf16* hi, bf16* lo, long long n); a is f32
-        // (the caller checked), hi and lo bf16, all of m * k values.
+        // SAFETY: split_f32_bf16(const float* a, bf16* hi, bf16* lo, long long n); the split
+        // operand is f32 (the caller checked), hi and lo bf16 of its length.
         unsafe { self.launch("split_f32_bf16", cfg, &mut args) };
+        // The two halves' products, the second accumulating onto the first.
+        let halves = |sum: &mut CudaBuf, first_accumulates: bool| {
+            for (half, acc) in [(&hi, first_accumulates), (&lo, true)] {
+                let (x, y) = if split_a { (half, b) } else { (a, half) };
+                self.gemm_using(inner, x, y, sum, m, n, k, false, false, scale, acc);
+            }
+        };
         if out.dtype == DType::F32 {
-            self.gemm_using(inner, &hi, b, out, m, n, k, false, false, scale, accumulate);
-            self.gemm_using(inner, &lo, b, out, m, n, k, false, false, scale, true);
+            halves(out, accumulate);
         } else {
             let mut sum = alloc(m * n, DType::F32);
-            self.gemm_using(inner, &hi, b, &mut sum, m, n, k, false, false, scale, false);
-            self.gemm_using(inner, &lo, b, &mut sum, m, n, k, false, false, scale, true);
+            halves(&mut sum, false);
             if !accumulate {
                 self.stream()
                     .memset_zeros(&mut *out.data)
