@@ -109,6 +109,27 @@ pub trait OpTimer: BackwardOps {
     ) -> Vec<&'static str> {
         Vec::new()
     }
+    /// Whether the backend has a general SIMT GEMM that the thin-side and split-f32 products
+    /// used to run ([`OpTimer::simt_gemm`]), to time next to them.
+    fn has_simt_gemm(&self) -> bool {
+        false
+    }
+    /// `gemm`'s contract (scale 1) through that SIMT kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn simt_gemm(
+        &self,
+        _a: &Self::Buf,
+        _b: &Self::Buf,
+        _out: &mut Self::Buf,
+        _m: usize,
+        _n: usize,
+        _k: usize,
+        _trans_a: bool,
+        _trans_b: bool,
+        _accumulate: bool,
+    ) {
+        unreachable!("has_simt_gemm said there is none")
+    }
     /// Runs kernel `which` of `alternative_gemms`.
     #[allow(clippy::too_many_arguments)]
     fn run_alternative_gemm(
@@ -183,6 +204,36 @@ impl OpTimer for crate::backend::cuda::CudaBackend {
         let (_, kernel) = cuda_alternatives(self, m, n, k, trans_b)[which];
         self.gemm_using(kernel, a, b, out, m, n, k, false, trans_b, 1.0, false)
     }
+    fn has_simt_gemm(&self) -> bool {
+        true
+    }
+    fn simt_gemm(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        out: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        use crate::backend::cuda::GemmKernel;
+        self.gemm_using(
+            GemmKernel::Generic,
+            a,
+            b,
+            out,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            1.0,
+            accumulate,
+        )
+    }
     #[cfg(feature = "cublaslt")]
     fn vendor_gemm(&self) -> Option<std::result::Result<String, String>> {
         Some(
@@ -230,6 +281,17 @@ struct Case<'a> {
     /// The same op through the vendor library, on the same buffers (projection GEMMs).
     vendor: Option<Box<dyn FnMut() -> Result<()> + 'a>>,
 }
+
+/// A thin or split product's row: (its label, the label of the SIMT row before it), shape,
+/// operands (a, b), out, (m, n, k, trans_a, trans_b, accumulate), bytes.
+type ThinCase<T> = (
+    (&'static str, &'static str),
+    String,
+    (T, T),
+    T,
+    (usize, usize, usize, bool, bool, bool),
+    f64,
+);
 
 /// A GEMM's operands and output, shared by the rows that time it.
 type Operands<'b, T> = (&'b Rc<T>, &'b Rc<T>, &'b Rc<RefCell<T>>);
@@ -491,67 +553,113 @@ fn cases<'a, B: OpTimer>(
         out.extend(alternative);
     }
     // A rank-16 LoRA pair's GEMMs on the q projection (factors in f32, one thin side): the
-    // forward's x A^T, the backward's dY B and dA += (dY B)^T x, and x A^T at decode.
+    // forward's x A^T, the backward's dY B and dA += (dY B)^T x, and x A^T at decode; then the
+    // f32 logits gradient (retain KL, the attack's CE) back through lm_head, dX = dZ W. Each
+    // with the general SIMT kernel it used to take on the same buffers, where there is one.
     {
         let r = 16;
-        let a_f = be.upload_f32(&random(r * d, &mut rng, 0.02))?;
-        let b_f = be.upload_f32(&random(qd * r, &mut rng, 0.02))?;
-        let x = up(t * d, &mut rng)?;
-        let mut xa = be.alloc(t * r)?;
-        out.push(Case {
-            op: "matmul lora x A^T",
-            shape: format!("[{t}, {d}] x [{r}, {d}]^T f32"),
-            flops: 2.0 * (t * r * d) as f64,
-            bytes: (t * d + t * r) as f64 * wb + (r * d * 4) as f64,
-            run: Box::new(move || be.matmul(&x, &a_f, &mut xa, t, r, d, 1.0, false)),
-            vendor: None,
-        });
-        let dy = up(t * qd, &mut rng)?;
-        let mut tt = be.alloc(t * r)?;
-        out.push(Case {
-            op: "gemm lora dY B",
-            shape: format!("[{t}, {qd}] x [{qd}, {r}] f32"),
-            flops: 2.0 * (t * qd * r) as f64,
-            bytes: (t * qd + t * r) as f64 * wb + (qd * r * 4) as f64,
-            run: Box::new(move || be.gemm(&dy, &b_f, &mut tt, t, r, qd, false, false, 1.0, false)),
-            vendor: None,
-        });
-        let (tt, x) = (up(t * r, &mut rng)?, up(t * d, &mut rng)?);
-        let mut ga = be.alloc_f32(r * d)?;
-        out.push(Case {
-            op: "gemm lora dA += (dY B)^T x",
-            shape: format!("[{t}, {r}]^T x [{t}, {d}] -> f32"),
-            flops: 2.0 * (r * d * t) as f64,
-            bytes: (t * r + t * d) as f64 * wb + (2 * r * d * 4) as f64,
-            run: Box::new(move || be.gemm(&tt, &x, &mut ga, r, d, t, true, false, 1.0, true)),
-            vendor: None,
-        });
-        let a_f = be.upload_f32(&random(r * d, &mut rng, 0.02))?;
-        let x = up(d, &mut rng)?;
-        let mut xa = be.alloc(r)?;
-        out.push(Case {
-            op: "matmul lora x A^T (decode)",
-            shape: format!("[1, {d}] x [{r}, {d}]^T f32"),
-            flops: 2.0 * (r * d) as f64,
-            bytes: (d + r) as f64 * wb + (r * d * 4) as f64,
-            run: Box::new(move || be.matmul(&x, &a_f, &mut xa, 1, r, d, 1.0, false)),
-            vendor: None,
-        });
-    }
-    // The f32 logits gradient (retain KL, the attack's CE) back through lm_head: dX = dZ W.
-    {
         let rows = t.min(1024);
-        let dz = be.upload_f32(&random(rows * v, &mut rng, 1e-3))?;
-        let w = be.upload(&random(v * d, &mut rng, 0.02))?;
-        let mut dx = be.alloc(rows * d)?;
-        out.push(Case {
-            op: "gemm lm_head dX = dZ W (f32 dZ)",
-            shape: format!("[{rows}, {v}] f32 x [{v}, {d}]"),
-            flops: 2.0 * (rows * v * d) as f64,
-            bytes: (rows * v * 4) as f64 + (v * d + rows * d) as f64 * wb,
-            run: Box::new(move || be.gemm(&dz, &w, &mut dx, rows, d, v, false, false, 1.0, false)),
-            vendor: None,
-        });
+        let f32_bytes = |n: usize| (n * 4) as f64;
+        let thin: [ThinCase<B::Buf>; 5] = [
+            (
+                (
+                    "matmul lora x A^T",
+                    "matmul lora x A^T, 64x64 SIMT (before)",
+                ),
+                format!("[{t}, {d}] x [{r}, {d}]^T f32"),
+                (
+                    up(t * d, &mut rng)?,
+                    be.upload_f32(&random(r * d, &mut rng, 0.02))?,
+                ),
+                be.alloc(t * r)?,
+                (t, r, d, false, true, false),
+                (t * d + t * r) as f64 * wb + f32_bytes(r * d),
+            ),
+            (
+                ("gemm lora dY B", "gemm lora dY B, 64x64 SIMT (before)"),
+                format!("[{t}, {qd}] x [{qd}, {r}] f32"),
+                (
+                    up(t * qd, &mut rng)?,
+                    be.upload_f32(&random(qd * r, &mut rng, 0.02))?,
+                ),
+                be.alloc(t * r)?,
+                (t, r, qd, false, false, false),
+                (t * qd + t * r) as f64 * wb + f32_bytes(qd * r),
+            ),
+            (
+                (
+                    "gemm lora dA += (dY B)^T x",
+                    "gemm lora dA += (dY B)^T x, 64x64 SIMT (before)",
+                ),
+                format!("[{t}, {r}]^T x [{t}, {d}] -> f32"),
+                (up(t * r, &mut rng)?, up(t * d, &mut rng)?),
+                be.alloc_f32(r * d)?,
+                (r, d, t, true, false, true),
+                (t * r + t * d) as f64 * wb + f32_bytes(2 * r * d),
+            ),
+            (
+                (
+                    "matmul lora x A^T (decode)",
+                    "matmul lora x A^T (decode), 64x64 SIMT (before)",
+                ),
+                format!("[1, {d}] x [{r}, {d}]^T f32"),
+                (
+                    up(d, &mut rng)?,
+                    be.upload_f32(&random(r * d, &mut rng, 0.02))?,
+                ),
+                be.alloc(r)?,
+                (1, r, d, false, true, false),
+                (d + r) as f64 * wb + f32_bytes(r * d),
+            ),
+            (
+                (
+                    "gemm lm_head dX = dZ W (f32 dZ)",
+                    "gemm lm_head dX = dZ W (f32 dZ), 64x64 SIMT (before)",
+                ),
+                format!("[{rows}, {v}] f32 x [{v}, {d}]"),
+                (
+                    be.upload_f32(&random(rows * v, &mut rng, 1e-3))?,
+                    up(v * d, &mut rng)?,
+                ),
+                be.alloc(rows * d)?,
+                (rows, d, v, false, false, false),
+                f32_bytes(rows * v) + (v * d + rows * d) as f64 * wb,
+            ),
+        ];
+        for ((op, before), shape, (a, b), o, dims, bytes) in thin {
+            let (m, n, k, ta, tb, acc) = dims;
+            let (a, b, o) = (Rc::new(a), Rc::new(b), Rc::new(RefCell::new(o)));
+            let flops = 2.0 * (m * n * k) as f64;
+            let operands = (a.clone(), b.clone(), o.clone());
+            out.push(Case {
+                op,
+                shape: shape.clone(),
+                flops,
+                bytes,
+                // x w^T through `matmul` (its decode GEMV), the rest through `gemm`.
+                run: Box::new(move || {
+                    let (a, b, o) = (&operands.0, &operands.1, &mut operands.2.borrow_mut());
+                    if tb {
+                        be.matmul(a, b, o, m, n, k, 1.0, acc)
+                    } else {
+                        be.gemm(a, b, o, m, n, k, ta, tb, 1.0, acc)
+                    }
+                }),
+                vendor: None,
+            });
+            if be.has_simt_gemm() {
+                out.push(Case {
+                    op: before,
+                    shape,
+                    flops,
+                    bytes,
+                    run: Box::new(move || {
+                        be.simt_gemm(&a, &b, &mut o.borrow_mut(), m, n, k, ta, tb, acc)
+                    }),
+                    vendor: None,
+                });
+            }
+        }
     }
     // RoPE on q, SwiGLU and its backward.
     {
