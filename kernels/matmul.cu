@@ -67,8 +67,9 @@
 //       grid = (ceil(N / TN), ceil(M / TM)), block = 256.
 //   matvec_generic
 //       matmul_generic's contract at decode (M <= 8) for what matvec_bf16 cannot take (f32 LoRA
-//       factors, K % 8 != 0): one block per output feature, 256 threads across K.
-//       grid = N, block = 256.
+//       factors, K % 8 != 0), plus `tpf`: the threads per output feature, 256 (a block each:
+//       few features, e.g. a LoRA rank) or 32 (a warp each), striding K.
+//       grid = ceil(N / (256 / tpf)), block = 256.
 //   split_f32_bf16
 //       hi [n], lo [n] (bf16) = a [n] (f32) as hi + lo, |a - hi - lo| <= 2^-18 |a|: gemm's f32 a
 //       (the logits gradient into lm_head) as two bf16 tensor-core GEMMs.     (=)
@@ -567,28 +568,46 @@ __device__ __forceinline__ void gemm_thin(const void* __restrict__ a, int a_f32,
 }
 
 // The decode path for operands the bf16 GEMV cannot take (f32 LoRA factors: x A^T at M <= 8,
-// or K % 8 != 0): one block per output feature n, its 256 threads splitting K, summed per warp
-// and then across the warps in order.
+// or K % 8 != 0): `tpf` threads per output feature (256 / tpf features a block), striding K;
+// summed per warp, then (tpf = 256) across the warps in order. A rank-16 x A^T has 16
+// features, too few for a warp each to keep the loads in flight, so the launcher gives each a
+// whole block; wide products (f32 weights) get a warp per feature.
 __device__ __forceinline__ void matvec_generic_impl(const void* __restrict__ x, int x_f32, const void* __restrict__ w,
                                                     int w_f32, void* __restrict__ out, int out_f32, int M, int N,
-                                                    int K, float scale, int accumulate) {
+                                                    int K, float scale, int accumulate, int tpf) {
   constexpr int MAXM = 8, WARPS = 8;
   __shared__ float part[WARPS][MAXM];
-  const int n = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = threadIdx.x % tpf, n = blockIdx.x * (256 / tpf) + threadIdx.x / tpf;
   float acc[MAXM];
 #pragma unroll
   for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
+  if (n < N) {
 #pragma unroll 2
-  for (int k = threadIdx.x; k < K; k += 256) {
-    const float wv = load_side(w, w_f32, (long long)n * K + k);
+    for (int k = t; k < K; k += tpf) {
+      const float wv = load_side(w, w_f32, (long long)n * K + k);
 #pragma unroll
-    for (int i = 0; i < MAXM; i++)
-      if (i < M) acc[i] = fmaf(load_side(x, x_f32, (long long)i * K + k), wv, acc[i]);
+      for (int i = 0; i < MAXM; i++)
+        if (i < M) acc[i] = fmaf(load_side(x, x_f32, (long long)i * K + k), wv, acc[i]);
+    }
   }
+  // Every lane of a warp shares its feature (tpf >= 32), so the shuffles see whole warps.
 #pragma unroll
   for (int i = 0; i < MAXM; i++) {
-    const float v = warp_sum(acc[i]);
-    if (lane == 0) part[warp][i] = v;
+    if (i < M) acc[i] = warp_sum(acc[i]);
+  }
+  if (tpf == 32) {
+    if (n < N && lane < M) {
+      float v = 0.0f;
+#pragma unroll
+      for (int i = 0; i < MAXM; i++) v = i == lane ? acc[i] : v;
+      store_out(out, out_f32, (long long)lane * N + n, v, scale, accumulate);
+    }
+    return;
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < MAXM; i++) part[warp][i] = acc[i];
   }
   __syncthreads();
   if (threadIdx.x < M) {
@@ -737,8 +756,8 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(256)
     matvec_generic(const void* __restrict__ x, int x_f32, const void* __restrict__ w, int w_f32,
-                   void* __restrict__ out, int out_f32, int M, int N, int K, float scale, int accumulate) {
-  matvec_generic_impl(x, x_f32, w, w_f32, out, out_f32, M, N, K, scale, accumulate);
+                   void* __restrict__ out, int out_f32, int M, int N, int K, float scale, int accumulate, int tpf) {
+  matvec_generic_impl(x, x_f32, w, w_f32, out, out_f32, M, N, K, scale, accumulate, tpf);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

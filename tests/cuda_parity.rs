@@ -192,7 +192,7 @@ fn backward_and_optimizer_kernels_have_the_launchers_signatures() {
         ("gemm_generic".into(), "pipipiiiiiifi"),
         ("gemm_thin_32x16".into(), "pipipiiiiiifi"),
         ("gemm_thin_16x32".into(), "pipipiiiiiifi"),
-        ("matvec_generic".into(), "pipipiiiifi"),
+        ("matvec_generic".into(), "pipipiiiifii"),
         ("adamw_step".into(), "ppifpppfffffddd"),
         ("row_stats".into(), "pipiipip"),
         ("row_combine".into(), "piipippippipi"),

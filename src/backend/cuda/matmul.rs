@@ -323,6 +323,9 @@ impl CudaBackend {
         let (m_i, n_i, k_i) = (int(m, "matmul m"), int(n, "matmul n"), int(k, "matmul k"));
         let (out_f32, acc_i) = (out.dtype.flag(), accumulate as i32);
         let name = kernel.entry();
+        // matvec_generic's threads per output feature: a block each while there are fewer
+        // features than SMs (a LoRA rank), else a warp each.
+        let matvec_tpf = if n < self.sm_count() { 256 } else { 32 };
         // (rows, columns) of the output tile, threads, dynamic shared memory.
         let tiles = |tile| tile_grid("matmul", (m, n), tile);
         let cfg = match kernel {
@@ -335,9 +338,8 @@ impl CudaBackend {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
-            // A block per output feature.
             MatmulKernel::MatvecGeneric => LaunchConfig {
-                grid_dim: (n_i as u32, 1, 1),
+                grid_dim: (n.div_ceil(256 / matvec_tpf) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -371,9 +373,12 @@ impl CudaBackend {
             .chain([Arg::Out(out), Arg::I32(out_f32)])
             .chain(shape)
             .collect::<Vec<_>>();
+        if kernel == MatmulKernel::MatvecGeneric {
+            args.push(Arg::I32(matvec_tpf as i32));
+        }
         // SAFETY: every entry takes (x and w as above, void* out, int out_f32, int M, int N,
         // int K, float scale, int accumulate): matmul_generic and matvec_generic(const void* x,
-        // int, const void* w, int, ...), matmul_bf16_wgmma_tma_128x256(TensorMap x, TensorMap w, ...) with maps of
+        // int, const void* w, int, ..., then int tpf), matmul_bf16_wgmma_tma_128x256(TensorMap x, TensorMap w, ...) with maps of
         // exactly x [m, k] and w [n, k], the others (const bf16* x, const bf16* w, ...). Sizes,
         // and for the bf16 kernels dtypes, k % 8 == 0 and 16-byte alignment, checked above.
         unsafe { self.launch(name, cfg, &mut args) };
