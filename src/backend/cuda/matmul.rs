@@ -6,6 +6,7 @@ use super::device::{
     int, Arg, CudaBackend, CudaBuf, DType, TensorMap, GEMM_128_SMEM, GEMM_NN_128_SMEM,
     GEMM_TMA_SMEM, GEMM_WGMMA_SMEM,
 };
+use super::swiglu::elementwise_config;
 use cudarc::driver::sys;
 use cudarc::driver::LaunchConfig;
 
@@ -378,8 +379,9 @@ impl CudaBackend {
         }
         // SAFETY: every entry takes (x and w as above, void* out, int out_f32, int M, int N,
         // int K, float scale, int accumulate): matmul_generic and matvec_generic(const void* x,
-        // int, const void* w, int, ..., then int tpf), matmul_bf16_wgmma_tma_128x256(TensorMap x, TensorMap w, ...) with maps of
-        // exactly x [m, k] and w [n, k], the others (const bf16* x, const bf16* w, ...). Sizes,
+        // int, const void* w, int, ..., then int tpf), matmul_bf16_wgmma_tma_128x256(TensorMap
+        // x, TensorMap w, ...) with maps of exactly x [m, k] and w [n, k], the others
+        // (const bf16* x, const bf16* w, ...). Sizes,
         // and for the bf16 kernels dtypes, k % 8 == 0 and 16-byte alignment, checked above.
         unsafe { self.launch(name, cfg, &mut args) };
     }
@@ -845,15 +847,8 @@ impl CudaBackend {
         let split_a = a.dtype == DType::F32;
         let f32_side = if split_a { a } else { b };
         let (mut hi, mut lo) = (alloc(f32_side.len, bf16), alloc(f32_side.len, bf16));
-        let cfg = LaunchConfig {
-            grid_dim: (
-                f32_side.len.div_ceil(256 * 4).clamp(1, self.sm_count() * 8) as u32,
-                1,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        // A thread takes 4 f32 values per wave (elementwise_config), grid-striding past that.
+        let cfg = elementwise_config(self, f32_side.len, 4);
         let len = f32_side.len as i64;
         let mut args = [
             Arg::In(f32_side),
